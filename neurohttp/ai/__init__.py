@@ -1,0 +1,1 @@
+"""The AI side: tokenizer, providers (model backends) and the model registry."""

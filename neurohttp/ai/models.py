@@ -1,0 +1,35 @@
+"""Public model names mapped to provider instances, from `[models.*]`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .providers.echo import EchoProvider
+
+BUILTIN_PROVIDERS: dict[str, Callable[[dict[str, Any]], Any]] = {"echo": EchoProvider}
+
+
+class UnknownModel(KeyError):
+    pass
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, dict[str, Any]],
+                 extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+        factories = {**BUILTIN_PROVIDERS, **(extra_providers or {})}
+        self.models: dict[str, Any] = {}
+        for name, options in models.items():
+            self.models[name] = factories[options.get("provider", "echo")](options)
+        self.default = "echo" if "echo" in self.models else next(iter(self.models))
+
+    def get(self, name: str | None) -> tuple[str, Any]:
+        """(public name, provider) for `name`, the default model when None."""
+        key = name or self.default
+        try:
+            return key, self.models[key]
+        except KeyError:
+            raise UnknownModel(key) from None
+
+    def names(self) -> list[str]:
+        return list(self.models)

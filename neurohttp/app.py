@@ -1,0 +1,131 @@
+"""The application: routes, request/response hooks and token filters.
+
+Handlers take a Request and return a Response, a StreamingResponse, or an
+awaitable of one of those (an `async def` handler). The connection calls
+`App.handle` and never looks at routes itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .errors import error_response
+from .messages import Request, Response, StreamingResponse
+
+log = logging.getLogger("neurohttp")
+
+Result = Response | StreamingResponse | Awaitable[Response | StreamingResponse]
+Handler = Callable[[Request], Result]
+
+
+class App:
+    """Routing table and hooks shared by core routes and plugins."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, dict[str, Handler]] = {}
+        self.before_hooks: list[Callable[[Request], Any]] = []
+        self.after_hooks: list[Callable[[Request, Any], Any]] = []
+        self.token_filters: list[Callable[[Request, str], str | None]] = []
+        self.providers: dict[str, Callable[[dict], Any]] = {}
+        self._allow: dict[str, str] = {}
+
+    # ------------------------------------------------------------ registration
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        methods = self.routes.setdefault(path, {})
+        methods[method.upper()] = handler
+        if "GET" in methods and "HEAD" not in methods:
+            methods["HEAD"] = methods["GET"]
+        self._allow[path] = ", ".join(sorted(methods))
+
+    def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            self.add_route(method, path, fn)
+            return fn
+        return deco
+
+    def before_request(self, fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        self.before_hooks.append(fn)
+        return fn
+
+    def after_response(self, fn: Callable[[Request, Any], Any]) -> Callable[[Request, Any], Any]:
+        self.after_hooks.append(fn)
+        return fn
+
+    def on_token(self, fn: Callable[[Request, str], str | None]) -> Callable[[Request, str], str | None]:
+        self.token_filters.append(fn)
+        return fn
+
+    def add_provider(self, name: str, factory: Callable[[dict], Any]) -> None:
+        self.providers[name] = factory
+
+    # ------------------------------------------------------------ dispatch
+    def handle(self, req: Request) -> Result:
+        """Route `req`; never raises (a failing handler becomes a 500)."""
+        if self.before_hooks or self.after_hooks:
+            return self._handle_hooked(req)
+        methods = self.routes.get(req.path)
+        if methods is None:
+            return error_response(req, 404, f"no route for {req.path}")
+        handler = methods.get(req.method)
+        if handler is None:
+            return self.method_not_allowed(req)
+        try:
+            return handler(req)
+        except Exception:
+            log.exception("handler for %s %s failed", req.method, req.path)
+            return error_response(req, 500, "internal server error")
+
+    def method_not_allowed(self, req: Request) -> Response:
+        allow = self._allow.get(req.path, "")
+        return error_response(req, 405, f"method {req.method} not allowed on {req.path}",
+                              headers={"Allow": allow})
+
+    def _handle_hooked(self, req: Request) -> Result:
+        for hook in self.before_hooks:
+            try:
+                early = hook(req)
+            except Exception:
+                log.exception("before_request hook failed")
+                return error_response(req, 500, "internal server error")
+            if inspect.isawaitable(early):
+                return self._finish_async(req, early, from_hook=True)
+            if early is not None:
+                return self._after(req, early)
+        methods = self.routes.get(req.path)
+        if methods is None:
+            return self._after(req, error_response(req, 404, f"no route for {req.path}"))
+        handler = methods.get(req.method)
+        if handler is None:
+            return self._after(req, self.method_not_allowed(req))
+        try:
+            result = handler(req)
+        except Exception:
+            log.exception("handler for %s %s failed", req.method, req.path)
+            return self._after(req, error_response(req, 500, "internal server error"))
+        if inspect.isawaitable(result):
+            return self._finish_async(req, result, from_hook=False)
+        return self._after(req, result)
+
+    async def _finish_async(self, req: Request, pending: Awaitable[Any], from_hook: bool) -> Any:
+        result = await pending
+        if from_hook and result is None:
+            # an async before_request hook let the request through
+            handler = self.routes.get(req.path, {}).get(req.method)
+            if handler is None:
+                return self._after(req, self.method_not_allowed(req) if req.path in self.routes
+                                   else error_response(req, 404, f"no route for {req.path}"))
+            result = handler(req)
+            if inspect.isawaitable(result):
+                result = await result
+        return self._after(req, result)
+
+    def _after(self, req: Request, resp: Any) -> Any:
+        for hook in self.after_hooks:
+            try:
+                hook(req, resp)
+            except Exception:
+                log.exception("after_response hook failed")
+        return resp

@@ -1,0 +1,254 @@
+"""Configuration: a TOML file checked against a schema, every key optional.
+
+The schema below is the single source of truth for keys, types, defaults and
+checks; `conf/neurohttp.toml` documents the same keys (a test keeps the two in
+step). Errors name the file and the dotted key, like nginx -t does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    type: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+    return check
+
+
+def parse_bind(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:8080', '[::1]:8080', ':8080' or '8080' -> (host, port)."""
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"bad address {addr!r}: expected [IPv6]:PORT")
+    elif addr.count(":") == 1:
+        host, _, port = addr.partition(":")
+    elif addr.isdigit():
+        host, port = "", addr
+    else:
+        raise ValueError(f"bad address {addr!r}: expected HOST:PORT")
+    host = host or "0.0.0.0"
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"bad address {addr!r}: host must be an IP address") from None
+    else:
+        host = "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad address {addr!r}: port must be 0-65535")
+    return host, int(port)
+
+
+def _bind_list(v: Any) -> str | None:
+    if not v:
+        return "needs at least one address"
+    for a in v:
+        if not isinstance(a, str):
+            return "must be a list of 'HOST:PORT' strings"
+        try:
+            parse_bind(a)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _cidr_list(v: Any) -> str | None:
+    for a in v:
+        try:
+            ipaddress.ip_network(a, strict=False)
+        except (TypeError, ValueError):
+            return f"{a!r} is not an IP network"
+    return None
+
+
+NUM = (int, float)
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "bind": Key(list, ["127.0.0.1:8080"], _bind_list),
+        "workers": Key(int, 0, _non_negative),
+        "backlog": Key(int, 2048, _positive),
+        "max_connections": Key(int, 10000, _positive),
+        "max_header_bytes": Key(int, 16384, _positive),
+        "max_body_bytes": Key(int, 8 * 1024 * 1024, _non_negative),
+        "header_timeout": Key(NUM, 10.0, _positive),
+        "body_timeout": Key(NUM, 30.0, _positive),
+        "keepalive_timeout": Key(NUM, 5.0, _non_negative),
+        "graceful_timeout": Key(NUM, 30.0, _non_negative),
+        "worker_timeout": Key(NUM, 30.0, _positive),
+        "max_requests": Key(int, 0, _non_negative),
+        "max_requests_jitter": Key(int, 0, _non_negative),
+        "max_worker_rss_mb": Key(int, 0, _non_negative),
+        "max_pipeline": Key(int, 32, _positive),
+        "write_buffer_bytes": Key(int, 256 * 1024, _positive),
+        "pid_file": Key(str, "neurohttpd.pid"),
+        "loop": Key(str, "auto", _one_of("auto", "uvloop", "asyncio")),
+    },
+    "log": {
+        "level": Key(str, "info", _one_of("debug", "info", "warning", "error")),
+        "error_log": Key(str, "-"),
+        "access_log": Key(str, ""),
+    },
+    "stats": {
+        "allow": Key(list, [], _cidr_list),
+    },
+}
+
+# Keys every [models.<name>] table may have, by provider.
+MODEL_KEYS: dict[str, dict[str, Key]] = {
+    "echo": {
+        "provider": Key(str, "echo"),
+        "token_delay_ms": Key(NUM, 0, _non_negative),
+        "response": Key(str, ""),
+    },
+}
+
+DEFAULT_MODELS: dict[str, dict[str, Any]] = {"echo": {"provider": "echo", "token_delay_ms": 0}}
+
+
+class Section:
+    """Attribute access to one checked table (`cfg.server.bind`)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"Section({self.__dict__!r})"
+
+
+class Config:
+    """A checked configuration: one Section per schema table plus `models`."""
+
+    server: Section
+    log: Section
+    stats: Section
+
+    def __init__(self, path: str | None, sections: dict[str, Section],
+                 models: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        for name, sec in sections.items():
+            setattr(self, name, sec)
+        self.models = models
+
+    @property
+    def binds(self) -> list[tuple[str, int]]:
+        return [parse_bind(a) for a in self.server.bind]
+
+    @property
+    def worker_count(self) -> int:
+        return self.server.workers or os.cpu_count() or 1
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return "a number"
+    return {int: "an integer", str: "a string", list: "a list", bool: "true or false",
+            dict: "a table"}.get(t, t.__name__)
+
+
+def _check_value(where: str, key: str, spec: Key, value: Any) -> Any:
+    # bool is an int subclass in Python; TOML true must not pass as a number.
+    if isinstance(value, bool) and spec.type is not bool:
+        raise ConfigError(f"{where}: {key} must be {_type_name(spec.type)}, got {value!r}")
+    if spec.type is list and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, spec.type):
+        raise ConfigError(f"{where}: {key} must be {_type_name(spec.type)}, got {value!r}")
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise ConfigError(f"{where}: {key} {problem} (got {value!r})")
+    return value
+
+
+def _check_table(where: str, prefix: str, keys: dict[str, Key], table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{prefix}] must be a table")
+    for k in table:
+        if k not in keys:
+            raise ConfigError(f"{where}: unknown key '{prefix}.{k}'")
+    out = {}
+    for k, spec in keys.items():
+        if k in table:
+            out[k] = _check_value(where, f"{prefix}.{k}", spec, table[k])
+        else:
+            out[k] = list(spec.default) if isinstance(spec.default, list) else spec.default
+    return out
+
+
+def _check_models(where: str, models: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(models, dict):
+        raise ConfigError(f"{where}: [models] must be a table of model tables")
+    out = {}
+    for name, table in models.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: models.{name} must be a table")
+        provider = table.get("provider", "echo")
+        keys = MODEL_KEYS.get(provider)
+        if keys is None:
+            raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "
+                              f"(known: {', '.join(sorted(MODEL_KEYS))})")
+        out[name] = _check_table(where, f"models.{name}", keys, table)
+    return out
+
+
+def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
+    """Check a parsed TOML document; raise ConfigError naming the key and file."""
+    where = path or "<defaults>"
+    sections = {}
+    for k in data:
+        if k not in SCHEMA and k != "models":
+            raise ConfigError(f"{where}: unknown section or key '{k}'")
+    for name, keys in SCHEMA.items():
+        sections[name] = Section(_check_table(where, name, keys, data.get(name, {})))
+    models = _check_models(where, data["models"]) if "models" in data else {}
+    if not models:
+        models = _check_models(where, DEFAULT_MODELS)
+    return Config(path, sections, models)
+
+
+def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load and check `path` (None: embedded defaults), then apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        path = os.path.abspath(path)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    return from_dict(data, path)

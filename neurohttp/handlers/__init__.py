@@ -1,0 +1,1 @@
+"""Route handlers: Request in, Response out; no protocol details here."""

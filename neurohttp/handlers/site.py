@@ -1,0 +1,73 @@
+"""GET / (the home page), GET /health and GET /stats."""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+from .. import __version__
+from ..messages import Request, Response
+from ..stats import layout as L
+from ..stats.snapshot import stats_document
+
+if TYPE_CHECKING:
+    from ..worker.worker import Worker
+
+_JSON = "application/json"
+
+
+class SiteHandlers:
+    def __init__(self, ctx: Worker) -> None:
+        self.ctx = ctx
+        self._health_second = -1
+        self._health = b""
+
+    def register(self, app) -> None:
+        app.add_route("GET", "/", self.index)
+        app.add_route("GET", "/health", self.health)
+        app.add_route("GET", "/stats", self.stats)
+
+    def uptime(self, now: float) -> int:
+        return max(0, int(now) - self.ctx.block.words[L.H_STARTED])
+
+    def health(self, req: Request) -> Response:
+        now = time.time()
+        sec = int(now)
+        if sec != self._health_second:
+            # uptime and the worker count change at most once a second: build once
+            self._health = orjson.dumps({
+                "status": "ok", "version": __version__, "uptime": self.uptime(now),
+                "workers": self.ctx.block.words[L.H_WORKERS]})
+            self._health_second = sec
+        return Response(self._health, 200, None, _JSON)
+
+    def stats(self, req: Request) -> Response:
+        return Response(orjson.dumps(stats_document(self.ctx.block)), 200, None, _JSON)
+
+    def index(self, req: Request) -> Response:
+        up = self.uptime(time.time())
+        models = ", ".join(html.escape(m) for m in self.ctx.models.names())
+        links = "".join(
+            f'<li><a href="{p}"><code>{m} {p}</code></a> &mdash; {html.escape(d)}</li>'
+            for m, p, d in (
+                ("GET", "/health", "liveness, version, uptime, workers"),
+                ("GET", "/stats", "request, latency and token counters across workers"),
+                ("POST", "/v1/chat", 'the seed API: {"prompt": "..."}'),
+            ))
+        page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>NeuroHTTP {__version__}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:42rem;margin:2rem auto;padding:0 1rem;
+line-height:1.5}}code{{background:#f3f3f3;padding:0 .2em}}</style></head>
+<body><h1>NeuroHTTP</h1>
+<p>An AI-native HTTP server. Version <b>{__version__}</b>, up <b>{up}</b> s,
+<b>{self.ctx.block.words[L.H_WORKERS]}</b> workers. Models: {models}.</p>
+<ul>{links}</ul>
+<pre>curl -s localhost/v1/chat -d '{{"prompt":"Hello"}}'</pre>
+</body></html>
+"""
+        return Response.html(page)

@@ -1,0 +1,1 @@
+"""The master process: binds, forks, supervises, handles signals, owns shared memory."""

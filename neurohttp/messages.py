@@ -1,0 +1,193 @@
+"""Request and response objects as handlers and plugins see them.
+
+Nothing here knows about sockets or HTTP framing: the connection builds a
+Request from parsed bytes and turns a Response back into bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import orjson
+
+
+class Headers(MutableMapping[str, str]):
+    """Case-insensitive header mapping built lazily from the raw (name, value) list.
+
+    Repeated request headers are joined with ", " (RFC 9110 5.3).
+    """
+
+    __slots__ = ("_raw", "_map")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]] | None = None) -> None:
+        self._raw = raw or []
+        self._map: dict[str, str] | None = None
+
+    def _build(self) -> dict[str, str]:
+        m: dict[str, str] = {}
+        for name, value in self._raw:
+            k = name.decode("latin-1").lower()
+            v = value.decode("latin-1")
+            m[k] = f"{m[k]}, {v}" if k in m else v
+        self._map = m
+        return m
+
+    def __getitem__(self, key: str) -> str:
+        return (self._map if self._map is not None else self._build())[key.lower()]
+
+    def __setitem__(self, key: str, value: str) -> None:
+        (self._map if self._map is not None else self._build())[key.lower()] = value
+
+    def __delitem__(self, key: str) -> None:
+        del (self._map if self._map is not None else self._build())[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map if self._map is not None else self._build())
+
+    def __len__(self) -> int:
+        return len(self._map if self._map is not None else self._build())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return (self._map if self._map is not None else self._build()).get(key.lower(), default)
+
+    def __contains__(self, key: object) -> bool:
+        m = self._map if self._map is not None else self._build()
+        return isinstance(key, str) and key.lower() in m
+
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return self._raw
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self)!r})"
+
+
+class Request:
+    """One HTTP request with its whole body."""
+
+    __slots__ = ("method", "target", "version", "_raw_headers", "_headers", "body", "client",
+                 "keep_alive", "_path", "_query_string", "_query", "_json", "state")
+
+    def __init__(self, method: str, target: bytes, version: str,
+                 raw_headers: list[tuple[bytes, bytes]], body: bytes, client: str,
+                 keep_alive: bool) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self._raw_headers = raw_headers
+        self._headers: Headers | None = None
+        self.body = body
+        self.client = client
+        self.keep_alive = keep_alive
+        self._path: str | None = None
+        self._query_string = ""
+        self._query: dict[str, str] | None = None
+        self._json: Any = _UNSET
+        self.state: dict[str, Any] | None = None  # per-request scratch space for plugins
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = Headers(self._raw_headers)
+        return self._headers
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._raw_headers
+
+    def _split_target(self) -> str:
+        t = self.target
+        if t[:1] != b"/":
+            # absolute-form (RFC 9112 3.2.2): keep only the path and query
+            if t[:7].lower() == b"http://" or t[:8].lower() == b"https://":
+                rest = t.split(b"//", 1)[1]
+                slash = rest.find(b"/")
+                t = rest[slash:] if slash >= 0 else b"/"
+        path, _, qs = t.partition(b"?")
+        p = path.decode("latin-1")
+        if "%" in p:
+            p = unquote(p, encoding="utf-8", errors="replace")
+        self._path = p
+        self._query_string = qs.decode("latin-1")
+        return p
+
+    @property
+    def path(self) -> str:
+        return self._path if self._path is not None else self._split_target()
+
+    @property
+    def query_string(self) -> str:
+        if self._path is None:
+            self._split_target()
+        return self._query_string
+
+    @property
+    def query(self) -> dict[str, str]:
+        if self._query is None:
+            self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
+        return self._query
+
+    def json(self) -> Any:
+        """The body parsed as JSON (whatever the Content-Type); raises ValueError."""
+        if self._json is _UNSET:
+            self._json = orjson.loads(self.body)
+        return self._json
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target.decode('latin-1')!r} from {self.client}>"
+
+
+_UNSET = object()
+
+
+class Response:
+    """A complete response. `headers` is a plain mutable dict; Content-Length,
+    Transfer-Encoding and Connection are the server's to set."""
+
+    __slots__ = ("body", "status", "headers", "content_type")
+
+    def __init__(self, body: bytes | str = b"", status: int = 200,
+                 headers: dict[str, str] | None = None,
+                 content_type: str = "text/plain") -> None:
+        self.body = body.encode() if isinstance(body, str) else body
+        self.status = status
+        self.headers = {} if headers is None else headers
+        self.content_type = content_type
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return cls(orjson.dumps(obj), status, headers, "application/json")
+
+    @classmethod
+    def html(cls, text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return cls(text.encode(), status, headers, "text/html; charset=utf-8")
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.content_type} {len(self.body)} bytes>"
+
+
+class StreamingResponse:
+    """A response whose body is produced over time: each item of `chunks` is sent
+    at once (chunked framing on HTTP/1.1), nothing is buffered.
+
+    `on_close(cancelled)` runs once when the stream ends, whether it finished
+    or the client went away.
+    """
+
+    __slots__ = ("chunks", "status", "headers", "content_type", "on_close", "idle_ping",
+                 "idle_after")
+
+    def __init__(self, chunks: AsyncIterator[bytes], status: int = 200,
+                 headers: dict[str, str] | None = None,
+                 content_type: str = "application/octet-stream",
+                 on_close: Callable[[bool], None] | None = None,
+                 idle_ping: bytes | None = None, idle_after: float = 0.0) -> None:
+        self.chunks = chunks
+        self.status = status
+        self.headers = {} if headers is None else headers
+        self.content_type = content_type
+        self.on_close = on_close
+        # bytes to send when the stream has been idle for idle_after seconds (SSE ": ping")
+        self.idle_ping = idle_ping
+        self.idle_after = idle_after

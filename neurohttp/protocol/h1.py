@@ -1,0 +1,242 @@
+"""HTTP/1.1 request parsing, sans-IO: bytes in, complete Requests out.
+
+httptools (llhttp, strict mode) does the tokenising and already refuses most
+smuggling vectors: CL together with TE, duplicate Content-Length, a
+Transfer-Encoding whose last coding is not chunked, bad chunk sizes, obs-fold,
+bare CR, control bytes in header values, whitespace before the colon. This
+module adds what llhttp leaves to the server: the head and body size limits,
+the HTTP version and Host rules, Expect: 100-continue and Upgrade.
+
+No socket calls here: `feed()` returns the requests completed by the bytes it
+was given and raises HttpError for input that must be refused (the caller
+answers it with `error.status` and closes the connection).
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from ..messages import Request
+
+# Interned method names: avoid a decode per request for the common ones.
+_METHODS = {m.encode(): m for m in
+            ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
+
+PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_UPGRADE_BODY, PHASE_DONE = 0, 1, 2, 3, 4
+
+
+class HttpError(Exception):
+    """Input the server must refuse: answer `status` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class H1Parser:
+    """Parses a stream of HTTP/1.x requests from one connection.
+
+    Attributes the I/O layer reads between feeds:
+      phase         PHASE_* of the message in progress
+      head_started  time (as passed to feed) the current head's first byte came
+      body_started  time the current head completed
+      continue_pending  the current request awaits "100 Continue"
+      upgrade       set to (request, leftover bytes) when a request asked to
+                    switch protocols; the parser accepts no more input then
+    """
+
+    def __init__(self, client: str, max_header_bytes: int, max_body_bytes: int) -> None:
+        self.client = client
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._p = httptools.HttpRequestParser(self)
+        self.phase = PHASE_IDLE
+        self.head_started = 0.0
+        self.body_started = 0.0
+        self.continue_pending = False
+        self.upgrade: tuple[Request, bytes] | None = None
+        self._now = 0.0
+        self._done: list[Request] = []
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0           # bytes of head seen through callbacks
+        self._head_bytes = 0          # bytes of head seen through whole chunks
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._pending: Request | None = None  # head parsed, body in progress
+        self._upgrade_remaining = 0
+
+    # ------------------------------------------------------------ input
+    def feed(self, data: bytes, now: float) -> list[Request]:
+        """Parse `data`; return the requests it completed, oldest first."""
+        if self.phase >= PHASE_UPGRADE_BODY:
+            return self._feed_after_upgrade(data)
+        self._now = now
+        started_in_head = self.phase == PHASE_HEAD
+        done_before = len(self._done)
+        try:
+            self._p.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            return self._on_upgrade(data[e.args[0]:])
+        except httptools.HttpParserCallbackError as e:
+            err = e.__context__
+            if isinstance(err, HttpError):
+                raise err from None
+            raise
+        except httptools.HttpParserInvalidMethodError:
+            raise HttpError(400, "invalid request method") from None
+        except httptools.HttpParserInvalidURLError:
+            raise HttpError(400, "invalid request target") from None
+        except httptools.HttpParserError as e:
+            raise HttpError(400, str(e) or "malformed request") from None
+        if self.phase == PHASE_HEAD:
+            # The head is still incomplete: bound what llhttp buffers for it.
+            if started_in_head and len(self._done) == done_before:
+                self._head_bytes += len(data)
+            else:
+                self._head_bytes = self._head_size
+            if self._head_bytes > self.max_header_bytes:
+                raise HttpError(431, "request header fields too large")
+        done = self._done
+        if done:
+            self._done = []
+        return done
+
+    # ------------------------------------------------------------ httptools callbacks
+    def on_message_begin(self) -> None:
+        self.phase = PHASE_HEAD
+        self.head_started = self._now
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.phase != PHASE_HEAD:
+            return  # chunked trailer fields: accepted and ignored
+        self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_header_bytes:
+            raise HttpError(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        p = self._p
+        version = p.get_http_version()
+        if version != "1.1" and version != "1.0":
+            if version in ("2.0", "3.0"):
+                raise HttpError(505, f"HTTP/{version} is not supported over this connection")
+            raise HttpError(400, f"unsupported HTTP version {version}")
+        hosts = 0
+        length = -1
+        expect = False
+        chunked = False
+        for name, value in self._headers:
+            n = len(name)
+            if n == 4:
+                if name.lower() == b"host":
+                    hosts += 1
+            elif n == 14:
+                if name.lower() == b"content-length":
+                    length = int(value)  # llhttp has checked it is digits, and only one
+            elif n == 6:
+                if name.lower() == b"expect":
+                    if value.lower() != b"100-continue":
+                        raise HttpError(417, "only 'Expect: 100-continue' is supported")
+                    expect = True
+            elif n == 17 and name.lower() == b"transfer-encoding":
+                chunked = True  # llhttp has checked that chunked is the final coding
+        if hosts != 1 and (hosts or version == "1.1"):
+            raise HttpError(400, "exactly one Host header is required" if hosts
+                            else "missing Host header")
+        if chunked and version == "1.0":
+            raise HttpError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+        if length > self.max_body_bytes:
+            raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
+        method = p.get_method()
+        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
+                                version, self._headers, b"", self.client,
+                                p.should_keep_alive())
+        self._body = []
+        self._body_len = 0
+        self.phase = PHASE_BODY
+        self.body_started = self._now
+        self.continue_pending = expect and (length > 0 or chunked)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.max_body_bytes:
+            raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
+        self._body.append(body)
+        self.continue_pending = False
+
+    def on_message_complete(self) -> None:
+        req = self._pending
+        if req is None:  # cannot happen with llhttp; keep the invariant explicit
+            raise HttpError(400, "malformed request")
+        if self._body:
+            req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            self._body = []
+        self._pending = None
+        self.phase = PHASE_IDLE
+        self.continue_pending = False
+        self._done.append(req)
+
+    # ------------------------------------------------------------ Upgrade
+    def _on_upgrade(self, rest: bytes) -> list[Request]:
+        """llhttp stops at a request that asks to switch protocols (or CONNECT)."""
+        done = self._done
+        self._done = []
+        req = done.pop() if done else self._pending
+        if req is None:
+            raise HttpError(400, "malformed upgrade request")
+        req.keep_alive = False
+        if req.method == "CONNECT":
+            self.phase = PHASE_DONE
+            return done + [req]
+        self.upgrade = (req, rest)
+        # Whoever does not take the upgrade answers the request as plain HTTP;
+        # llhttp has not consumed a Content-Length body, so collect it here.
+        length = 0
+        for name, value in req.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                length = int(value)
+            elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                raise HttpError(400, "a chunked body with Upgrade is not supported")
+        self._upgrade_remaining = length
+        self._body = []
+        self._pending = req
+        self.phase = PHASE_UPGRADE_BODY
+        if length == 0:
+            self.phase = PHASE_DONE
+            self._pending = None
+            return done + [req]
+        return done + self._feed_after_upgrade(rest)
+
+    def take_upgrade(self) -> tuple[Request, bytes] | None:
+        """The caller switches protocols: hand over the request and the bytes after it."""
+        up = self.upgrade
+        self.upgrade = None
+        self._pending = None
+        self.phase = PHASE_DONE
+        return up
+
+    def _feed_after_upgrade(self, data: bytes) -> list[Request]:
+        if self.phase != PHASE_UPGRADE_BODY or self._pending is None:
+            return []  # the connection closes after this request: ignore the rest
+        self.upgrade = None  # a request with a body is never switched
+        take = data[:self._upgrade_remaining]
+        self._upgrade_remaining -= len(take)
+        self._body.append(take)
+        if self._upgrade_remaining:
+            return []
+        req = self._pending
+        req.body = b"".join(self._body)
+        self._pending = None
+        self._body = []
+        self.phase = PHASE_DONE
+        return [req]

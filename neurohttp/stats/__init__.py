@@ -1,0 +1,1 @@
+"""Shared-memory request statistics: layout, block lifecycle, readers."""

@@ -1,0 +1,1 @@
+"""Worker processes: the event loop, HTTP connections and the worker lifecycle."""

@@ -1,0 +1,407 @@
+"""One client connection: socket I/O around the sans-IO parser and serialiser.
+
+Requests are answered strictly in order (pipelining): a synchronous handler's
+response is written at once; an async handler or a stream makes the connection
+busy and later requests wait in `queue`. Reading pauses while unsent output is
+above the write-buffer bound or the queue is long, so a client cannot make the
+worker buffer without limit. Timeouts are checked by the worker's sweep, not
+by a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from bisect import bisect_right
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from ..errors import error_response
+from ..messages import Request, Response, StreamingResponse
+from ..protocol import serialize as ser
+from ..protocol.h1 import PHASE_BODY, PHASE_HEAD, PHASE_IDLE, H1Parser, HttpError
+from ..stats import layout as L
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("neurohttp")
+
+_BOUNDS = L.BUCKET_BOUNDS_US
+_S_REQUESTS, _S_RESPONSES, _S_STATUS = L.S_REQUESTS, L.S_RESPONSES, L.S_STATUS
+_S_BYTES_IN, _S_BYTES_OUT, _S_HIST = L.S_BYTES_IN, L.S_BYTES_OUT, L.S_HIST
+_S_LAT_SUM, _S_LAT_MAX = L.S_LATENCY_SUM_US, L.S_LATENCY_MAX_US
+_response_head = ser.response_head
+_Response = Response
+
+LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
+
+
+class HttpConnection(asyncio.Protocol):
+    __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
+                 "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
+                 "closed", "current", "eof")
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.slot = worker.slot
+        self.transport: Any = None
+        self.parser: H1Parser | None = None
+        self.queue: deque[tuple[Request, float]] = deque()
+        self.busy = False           # an async handler or a stream owns the connection
+        self.closing = False        # answer what is in flight with Connection: close, then close
+        self.lingering = 0.0        # >0: output is done, input is dropped until this time
+        self.write_paused = False
+        self.read_paused = False
+        self.idle_since = 0.0
+        self.fresh = True           # no request yet: the header timeout applies to the wait
+        self.task: asyncio.Task | None = None
+        self.drain_waiter: asyncio.Future | None = None
+        self.closed = False
+        self.current: Request | None = None
+        self.eof = False            # the client half-closed its side
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        w = self.w
+        s = self.slot
+        s[L.S_CONNECTIONS] += 1
+        s[L.S_ACTIVE_CONNECTIONS] += 1
+        w.connections.add(self)
+        self.idle_since = monotonic()
+        peer = transport.get_extra_info("peername")
+        client = peer[0] if peer else ""
+        self.parser = H1Parser(client, w.max_header_bytes, w.max_body_bytes)
+        transport.set_write_buffer_limits(high=w.write_buffer_bytes)
+        if len(w.connections) > w.max_connections or w.draining:
+            # Over the per-worker cap (or shutting down): refuse politely.
+            resp = error_response(None, 503, "server busy, try again",
+                                  headers={"Retry-After": "1"})
+            self._write_simple(resp, keep_alive=False, http10=False, head_only=False, t0=self.idle_since)
+            self._close()
+
+    def data_received(self, data: bytes) -> None:
+        s = self.slot
+        s[_S_BYTES_IN] += len(data)
+        if self.lingering or self.closing and not self.busy and not self.queue:
+            return
+        now = monotonic()
+        parser = self.parser
+        try:
+            reqs = parser.feed(data, now)
+        except HttpError as e:
+            self._protocol_error(e, now)
+            return
+        if reqs:
+            self.fresh = False
+            s[_S_REQUESTS] += len(reqs)
+            if self.busy or self.queue:
+                for r in reqs:
+                    self.queue.append((r, now))
+                if len(self.queue) > self.w.max_pipeline:
+                    self._pause_reading()
+            else:
+                handle = self._handle
+                for i, r in enumerate(reqs):
+                    handle(r, now)
+                    if self.busy or self.closing:
+                        for later in reqs[i + 1:]:
+                            self.queue.append((later, now))
+                        break
+        if parser.continue_pending and not self.busy and not self.queue:
+            parser.continue_pending = False
+            self.transport.write(ser.CONTINUE)
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: answer what it sent, then close (returning None
+        # closes now when nothing is in flight).
+        self.eof = True
+        if (self.busy or self.queue) and not self.lingering:
+            self.closing = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
+        self.w.connections.discard(self)
+        self.queue.clear()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+        self.w.on_connection_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if len(self.queue) <= self.w.max_pipeline:
+            self._resume_reading()
+
+    # ------------------------------------------------------------ dispatch
+    def _handle(self, req: Request, t0: float) -> None:
+        self.current = req
+        try:
+            result = self.w.app.handle(req)
+        except Exception:  # App.handle catches handler errors; this is a bug guard
+            log.exception("dispatch failed")
+            result = error_response(req, 500, "internal server error")
+        if type(result) is _Response:
+            self._send(req, result, t0)
+            return
+        self.busy = True
+        self.task = self.w.loop.create_task(self._run_async(req, result, t0))
+
+    async def _run_async(self, req: Request, result: Any, t0: float) -> None:
+        try:
+            if inspect.isawaitable(result):
+                try:
+                    result = await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("handler for %s %s failed", req.method, req.path)
+                    result = error_response(req, 500, "internal server error")
+            if isinstance(result, StreamingResponse):
+                await self._stream(req, result, t0)
+            elif isinstance(result, Response):
+                self._send(req, result, t0)
+            else:
+                log.error("handler for %s %s returned %r", req.method, req.path, type(result))
+                self._send(req, error_response(req, 500, "internal server error"), t0)
+        except asyncio.CancelledError:
+            return  # the client went away, or the worker is stopping
+        except Exception:
+            log.exception("response for %s %s failed", req.method, req.path)
+            self._close()
+            return
+        finally:
+            self.task = None
+        self.busy = False
+        self._after_response()
+
+    def _after_response(self) -> None:
+        """Continue with queued pipelined requests once the connection is free."""
+        queue = self.queue
+        while queue and not self.busy and not self.closing and not self.closed:
+            req, t0 = queue.popleft()
+            self._handle(req, t0)
+        if self.read_paused and not self.write_paused and len(queue) <= self.w.max_pipeline:
+            self._resume_reading()
+        if not self.busy and not queue and not self.closed:
+            parser = self.parser
+            if self.closing and not self.lingering:
+                self._close()
+            elif parser.continue_pending:
+                parser.continue_pending = False
+                self.transport.write(ser.CONTINUE)
+
+    # ------------------------------------------------------------ responses
+    def _keep_alive(self, req: Request) -> bool:
+        return req.keep_alive and not self.closing and not self.w.draining
+
+    def _send(self, req: Request, resp: Response, t0: float) -> None:
+        keep = req.keep_alive and not self.closing and not self.w.draining
+        try:
+            self._write_simple(resp, keep, req.version == "1.0", req.method == "HEAD", t0)
+        except ValueError as e:  # a handler set an invalid header or status
+            log.error("bad response from handler for %s %s: %s", req.method, req.path, e)
+            self._write_simple(error_response(req, 500, "internal server error"), False,
+                               req.version == "1.0", req.method == "HEAD", t0)
+            keep = False
+        if not keep:
+            self.closing = True
+            if not self.busy:
+                self._close()
+
+    def _write_simple(self, resp: Response, keep_alive: bool, http10: bool, head_only: bool,
+                      t0: float) -> None:
+        body = resp.body
+        status = resp.status
+        head = _response_head(status, resp.content_type, resp.headers, len(body), keep_alive,
+                              http10)
+        data = head if head_only or status == 304 or status < 200 or status == 204 else head + body
+        t1 = monotonic()
+        us = int((t1 - t0) * 1e6)
+        s = self.slot
+        # Counted before the bytes go out: a client that has read this response
+        # sees it in any later /stats.
+        s[_S_RESPONSES] += 1
+        s[_S_STATUS + status // 100] += 1
+        s[_S_BYTES_OUT] += len(data)
+        s[_S_LAT_SUM] += us
+        s[_S_HIST + bisect_right(_BOUNDS, us)] += 1
+        if us > s[_S_LAT_MAX]:
+            s[_S_LAT_MAX] = us
+        self.idle_since = t1
+        self.transport.write(data)
+
+    async def _stream(self, req: Request, resp: StreamingResponse, t0: float) -> None:
+        """Send a streamed body chunk by chunk, waiting whenever the client reads slowly."""
+        http10 = req.version == "1.0"
+        keep = self._keep_alive(req) and not http10
+        head_only = req.method == "HEAD"
+        s = self.slot
+        s[L.S_STREAMS] += 1
+        s[L.S_STREAMS_ACTIVE] += 1
+        cancelled = True
+        try:
+            head = ser.stream_head(resp.status, resp.content_type, resp.headers, keep, http10)
+            s[_S_BYTES_OUT] += len(head)
+            self.transport.write(head)
+            if not head_only:
+                frame = (lambda b: b) if http10 else ser.chunk
+                async for piece in resp.chunks:
+                    if not piece:
+                        continue
+                    data = frame(piece)
+                    s[_S_BYTES_OUT] += len(data)
+                    self.transport.write(data)
+                    if self.write_paused:
+                        await self._drain()
+            cancelled = False
+            tail = b"" if http10 or head_only else ser.LAST_CHUNK
+            self._count_response(resp.status, len(tail), t0)
+            if tail:
+                self.transport.write(tail)
+        finally:
+            s[L.S_STREAMS_ACTIVE] -= 1
+            if cancelled:
+                s[L.S_STREAMS_CANCELLED] += 1
+            if resp.on_close is not None:
+                try:
+                    resp.on_close(cancelled)
+                except Exception:
+                    log.exception("stream on_close failed")
+            if cancelled:
+                aclose = getattr(resp.chunks, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:
+                        pass
+        if not keep:
+            self.closing = True
+
+    def _count_response(self, status: int, nbytes: int, t0: float) -> None:
+        t1 = monotonic()
+        us = int((t1 - t0) * 1e6)
+        s = self.slot
+        s[_S_RESPONSES] += 1
+        s[_S_STATUS + status // 100] += 1
+        s[_S_BYTES_OUT] += nbytes
+        s[_S_LAT_SUM] += us
+        s[_S_HIST + bisect_right(_BOUNDS, us)] += 1
+        if us > s[_S_LAT_MAX]:
+            s[_S_LAT_MAX] = us
+        self.idle_since = t1
+
+    async def _drain(self) -> None:
+        if not self.write_paused:
+            return
+        waiter = self.drain_waiter = self.w.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.drain_waiter = None
+
+    # ------------------------------------------------------------ errors, closing
+    def _protocol_error(self, e: HttpError, now: float) -> None:
+        """Refuse unparseable input: answer after what is in flight, then close."""
+        self.slot[L.S_ERRORS_PARSE] += 1
+        self.slot[_S_REQUESTS] += 1
+        self.queue.clear()
+        resp = error_response(None, e.status, e.message)
+        if self.busy:
+            # a response is still streaming: it cannot be followed by another one
+            self.closing = True
+            self._pause_reading()
+            return
+        self._write_simple(resp, False, False, False, now)
+        self.closing = True
+        self._close()
+
+    def _close(self) -> None:
+        """Close after the output drains, reading and dropping input meanwhile, so a
+        client still sending (a refused body, pipelined requests) gets our answer
+        instead of a reset."""
+        if self.closed or self.lingering:
+            return
+        self.closing = True
+        self.lingering = monotonic() + LINGER_SECONDS
+        t = self.transport
+        if self.eof:
+            t.close()  # the client has finished sending: nothing to drain
+            return
+        self._resume_reading()
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+            else:
+                t.close()
+        except (OSError, RuntimeError):
+            t.close()
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.transport.abort()
+
+    # ------------------------------------------------------------ timers (the worker's sweep)
+    def check_timeouts(self, now: float) -> None:
+        w = self.w
+        if self.lingering:
+            if now > self.lingering:
+                self.transport.close()
+                self.lingering = 0.0
+            return
+        if self.busy or self.queue:
+            return
+        phase = self.parser.phase
+        if phase == PHASE_IDLE:
+            if self.fresh:
+                if now - self.idle_since > w.header_timeout:
+                    self._timeout_error()
+            elif now - self.idle_since > w.keepalive_timeout:
+                self.transport.close()  # idle keep-alive: close quietly, as nginx does
+        elif phase == PHASE_HEAD:
+            if now - self.parser.head_started > w.header_timeout:
+                self._timeout_error()
+        elif phase == PHASE_BODY:
+            if now - self.parser.body_started > w.body_timeout:
+                self._timeout_error()
+
+    def _timeout_error(self) -> None:
+        self.slot[_S_REQUESTS] += 1
+        self.slot[L.S_ERRORS_PARSE] += 1
+        resp = error_response(None, 408, "request not received in time")
+        self._write_simple(resp, False, False, False, monotonic())
+        self._close()
+
+    def shutdown(self) -> None:
+        """The worker stops: close now if idle, else after the response in flight."""
+        self.closing = True
+        if not self.busy and not self.queue and self.parser.phase == PHASE_IDLE:
+            if not self.lingering:
+                self.transport.close()

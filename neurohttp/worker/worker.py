@@ -1,0 +1,172 @@
+"""A worker process: an event loop serving HTTP on the sockets the master gave it.
+
+It writes only its own stats slot, stamps a heartbeat there every tick, and
+stops gracefully on SIGTERM (stop accepting, finish what is in flight within
+graceful_timeout) or at once on SIGINT/SIGQUIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from ..ai.models import ModelRegistry
+from ..app import App
+from ..config import Config
+from ..handlers.chat import SeedChat
+from ..handlers.site import SiteHandlers
+from ..protocol.serialize import clock
+from ..stats import layout as L
+from ..stats.block import StatsBlock
+from .connection import HttpConnection
+
+log = logging.getLogger("neurohttp")
+
+TICK = 0.5  # seconds between sweeps (timeouts), heartbeats and Date refreshes
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """uvloop when asked for or available ("auto"), else asyncio's epoll selector loop."""
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+            return uvloop.new_event_loop()
+        except ImportError:
+            if kind == "uvloop":
+                raise
+    return asyncio.SelectorEventLoop()
+
+
+class Worker:
+    def __init__(self, cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
+                 sockets: list[socket.socket], master_pid: int) -> None:
+        self.cfg = cfg
+        self.block = block
+        self.slot_index = slot_index
+        self.slot = block.slot(slot_index)
+        self.worker_id = worker_id
+        self.sockets = sockets
+        self.master_pid = master_pid
+        srv = cfg.server
+        self.max_header_bytes = srv.max_header_bytes
+        self.max_body_bytes = srv.max_body_bytes
+        self.header_timeout = srv.header_timeout
+        self.body_timeout = srv.body_timeout
+        self.keepalive_timeout = srv.keepalive_timeout
+        self.max_connections = srv.max_connections
+        self.max_pipeline = srv.max_pipeline
+        self.write_buffer_bytes = srv.write_buffer_bytes
+        self.graceful_timeout = srv.graceful_timeout
+        self.connections: set[HttpConnection] = set()
+        self.draining = False
+        self.servers: list[Any] = []
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._stopped: asyncio.Future | None = None
+        self.app = App()
+        self.models = ModelRegistry(cfg.models, self.app.providers)
+        SiteHandlers(self).register(self.app)
+        SeedChat(self).register(self.app)
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        self.loop = new_event_loop(self.cfg.server.loop)
+        asyncio.set_event_loop(self.loop)
+        try:
+            return self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> int:
+        loop = self.loop
+        self._stopped = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.begin_drain)
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, self.quick_exit)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        for sig in (signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
+        backlog = self.cfg.server.backlog
+        for sock in self.sockets:
+            self.servers.append(await loop.create_server(
+                lambda: HttpConnection(self), sock=sock, backlog=backlog))
+        s = self.slot
+        s[L.S_PID] = os.getpid()
+        s[L.S_STATE] = L.STATE_READY
+        self._tick()
+        log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
+        await self._stopped
+        await self._drain()
+        return 0
+
+    def _tick(self) -> None:
+        """Heartbeat, Date refresh and timeout sweep, every TICK seconds."""
+        now_wall = time.time()
+        clock.tick(now_wall)
+        self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
+        now = time.monotonic()
+        for conn in list(self.connections):
+            try:
+                conn.check_timeouts(now)
+            except Exception:
+                log.exception("timeout check failed")
+        if os.getppid() != self.master_pid and not self.draining:
+            log.warning("worker %d: master %d is gone, stopping", self.worker_id, self.master_pid)
+            self.begin_drain()
+        # wake just after the next half-second boundary so Date is never a second stale
+        delay = TICK - (now_wall % TICK) + 0.001
+        self.loop.call_later(delay, self._tick)
+
+    def begin_drain(self) -> None:
+        """Stop accepting; let in-flight requests and streams finish."""
+        if self.draining:
+            return
+        self.draining = True
+        self.slot[L.S_STATE] = L.STATE_DRAINING
+        for srv in self.servers:
+            srv.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.graceful_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        await asyncio.sleep(0)
+
+    def on_connection_closed(self) -> None:
+        pass
+
+    def reopen_logs(self) -> None:
+        from .. import logs
+        logs.reopen()
+
+    def quick_exit(self) -> None:
+        os._exit(0)
+
+
+def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
+               sockets: list[socket.socket], master_pid: int) -> int:
+    """Entry point in the forked child; returns the exit status."""
+    try:
+        from setproctitle import setproctitle
+        setproctitle(f"neurohttpd: worker {worker_id}")
+    except ImportError:
+        pass
+    try:
+        worker = Worker(cfg, block, slot_index, worker_id, sockets, master_pid)
+        return worker.run()
+    except Exception:
+        log.exception("worker %d failed", worker_id)
+        sys.stderr.flush()
+        return 1

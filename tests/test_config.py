@@ -1,0 +1,103 @@
+"""Configuration: defaults, the shipped file, and errors that name key and file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from server import ROOT
+
+from neurohttp import config
+
+CONF = ROOT / "conf" / "neurohttp.toml"
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neurohttp", *args], capture_output=True,
+                          text=True, timeout=30, cwd=cwd, env={"PYTHONPATH": str(ROOT),
+                                                              "PATH": "/usr/bin:/bin"})
+
+
+def test_shipped_config_lists_every_key_with_its_default():
+    data = tomllib.loads(CONF.read_text())
+    for section, keys in config.SCHEMA.items():
+        assert section in data, f"[{section}] missing from {CONF}"
+        for key, spec in keys.items():
+            assert key in data[section], f"{section}.{key} missing from {CONF}"
+            assert data[section][key] == spec.default, f"{section}.{key} differs from the default"
+    for key in config.MODEL_KEYS["echo"]:
+        assert key in data["models"]["echo"]
+
+
+def test_every_key_has_a_comment():
+    lines = CONF.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-z_]+ = ", line):
+            j = i - 1
+            while j >= 0 and re.match(r"^[a-z_]+ = ", lines[j]):
+                j -= 1  # a group of related keys may share one comment
+            assert lines[j].startswith("#"), f"no comment above {line!r}"
+
+
+def test_shipped_config_equals_embedded_defaults():
+    shipped = config.load(str(CONF))
+    embedded = config.load(None)
+    for section in config.SCHEMA:
+        assert getattr(shipped, section).as_dict() == getattr(embedded, section).as_dict()
+    assert shipped.models == embedded.models
+
+
+def test_defaults():
+    cfg = config.load(None)
+    assert cfg.binds == [("127.0.0.1", 8080)]
+    assert cfg.worker_count >= 1
+    assert cfg.server.max_header_bytes == 16384
+    assert cfg.server.max_body_bytes == 8 * 1024 * 1024
+    assert cfg.server.header_timeout == 10 and cfg.server.keepalive_timeout == 5
+    assert list(cfg.models) == ["echo"]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[server]\nbogus = 1\n", "unknown key 'server.bogus'"),
+    ("[nosuch]\nx = 1\n", "unknown section or key 'nosuch'"),
+    ("[server]\nworkers = \"two\"\n", "server.workers must be an integer"),
+    ("[server]\nworkers = -1\n", "server.workers must be >= 0"),
+    ("[server]\nworkers = true\n", "server.workers must be an integer"),
+    ("[server]\nbind = [\"127.0.0.1\"]\n", "server.bind"),
+    ("[server]\nbind = [\"127.0.0.1:99999\"]\n", "port must be 0-65535"),
+    ("[server]\nloop = \"fast\"\n", "server.loop must be one of"),
+    ("[log]\nlevel = \"loud\"\n", "log.level must be one of"),
+    ("[stats]\nallow = [\"not-a-net\"]\n", "stats.allow"),
+    ("[models.m]\nprovider = \"nope\"\n", "models.m.provider: unknown provider"),
+    ("[models.echo]\ntoken_delay = 3\n", "unknown key 'models.echo.token_delay'"),
+    ("[server\n", "invalid TOML"),
+])
+def test_errors_name_key_and_file(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(path))
+    assert needle in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_bind_forms():
+    assert config.parse_bind("[::1]:8080") == ("::1", 8080)
+    assert config.parse_bind(":9000") == ("0.0.0.0", 9000)
+    assert config.parse_bind("localhost:80") == ("127.0.0.1", 80)
+    with pytest.raises(ValueError):
+        config.parse_bind("example.com:80")
+
+
+def test_check_command(tmp_path):
+    good = run_cli("check", "-c", str(CONF))
+    assert good.returncode == 0 and "valid" in good.stdout
+    assert run_cli("check").returncode == 0  # the embedded defaults
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nworkers = 2\nfrobnicate = true\n")
+    r = run_cli("check", "-c", str(bad))
+    assert r.returncode == 1
+    assert "server.frobnicate" in r.stderr and str(bad) in r.stderr
