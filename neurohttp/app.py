@@ -26,6 +26,9 @@ class App:
 
     def __init__(self) -> None:
         self.routes: dict[str, dict[str, Handler]] = {}
+        # The same tables keyed by the raw request target, so the common request
+        # ("/health", no query, no escapes) is routed without decoding its path.
+        self.raw_routes: dict[bytes, dict[str, Handler]] = {}
         self.before_hooks: list[Callable[[Request], Any]] = []
         self.after_hooks: list[Callable[[Request, Any], Any]] = []
         self.token_filters: list[Callable[[Request, str], str | None]] = []
@@ -35,6 +38,8 @@ class App:
     # ------------------------------------------------------------ registration
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         methods = self.routes.setdefault(path, {})
+        if path.isascii() and "%" not in path:
+            self.raw_routes[path.encode()] = methods
         methods[method.upper()] = handler
         if "GET" in methods and "HEAD" not in methods:
             methods["HEAD"] = methods["GET"]
@@ -66,9 +71,11 @@ class App:
         """Route `req`; never raises (a failing handler becomes a 500)."""
         if self.before_hooks or self.after_hooks:
             return self._handle_hooked(req)
-        methods = self.routes.get(req.path)
+        methods = self.raw_routes.get(req.target)
         if methods is None:
-            return error_response(req, 404, f"no route for {req.path}")
+            methods = self.routes.get(req.path)
+            if methods is None:
+                return error_response(req, 404, f"no route for {req.path}")
         handler = methods.get(req.method)
         if handler is None:
             return self.method_not_allowed(req)
@@ -123,6 +130,10 @@ class App:
         return self._after(req, result)
 
     def _after(self, req: Request, resp: Any) -> Any:
+        if self.after_hooks and type(resp) is Response:
+            # handlers may share one Response between requests (e.g. /health's
+            # per-second cache): hooks change a copy, never the shared object
+            resp = Response(resp.body, resp.status, dict(resp.headers), resp.content_type)
         for hook in self.after_hooks:
             try:
                 hook(req, resp)

@@ -64,37 +64,42 @@ class Headers(MutableMapping[str, str]):
 
 
 class Request:
-    """One HTTP request with its whole body."""
+    """One HTTP request with its whole body.
 
-    __slots__ = ("method", "target", "version", "_raw_headers", "_headers", "body", "client",
-                 "keep_alive", "_path", "_query_string", "_query", "_json", "state")
+    Only what the parser knows is set at construction (this runs once per
+    request); headers, path, query and JSON are computed on first use.
+    """
+
+    __slots__ = ("method", "target", "version", "raw_headers", "body", "client", "keep_alive",
+                 "_headers", "_path", "_query_string", "_query", "_json", "_state")
 
     def __init__(self, method: str, target: bytes, version: str,
-                 raw_headers: list[tuple[bytes, bytes]], body: bytes, client: str,
-                 keep_alive: bool) -> None:
+                 raw_headers: list[tuple[bytes, bytes]], client: str, keep_alive: bool,
+                 body: bytes = b"") -> None:
         self.method = method
         self.target = target
         self.version = version
-        self._raw_headers = raw_headers
-        self._headers: Headers | None = None
-        self.body = body
+        self.raw_headers = raw_headers
         self.client = client
         self.keep_alive = keep_alive
-        self._path: str | None = None
-        self._query_string = ""
-        self._query: dict[str, str] | None = None
-        self._json: Any = _UNSET
-        self.state: dict[str, Any] | None = None  # per-request scratch space for plugins
+        self.body = body
 
     @property
     def headers(self) -> Headers:
-        if self._headers is None:
-            self._headers = Headers(self._raw_headers)
-        return self._headers
+        try:
+            return self._headers
+        except AttributeError:
+            h = self._headers = Headers(self.raw_headers)
+            return h
 
     @property
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return self._raw_headers
+    def state(self) -> dict[str, Any]:
+        """Per-request scratch space for plugins."""
+        try:
+            return self._state
+        except AttributeError:
+            st = self._state = {}
+            return st
 
     def _split_target(self) -> str:
         t = self.target
@@ -114,31 +119,37 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self._path if self._path is not None else self._split_target()
+        try:
+            return self._path
+        except AttributeError:
+            return self._split_target()
 
     @property
     def query_string(self) -> str:
-        if self._path is None:
+        try:
+            return self._query_string
+        except AttributeError:
             self._split_target()
-        return self._query_string
+            return self._query_string
 
     @property
     def query(self) -> dict[str, str]:
-        if self._query is None:
-            self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
-        return self._query
+        try:
+            return self._query
+        except AttributeError:
+            q = self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
+            return q
 
     def json(self) -> Any:
         """The body parsed as JSON (whatever the Content-Type); raises ValueError."""
-        if self._json is _UNSET:
-            self._json = orjson.loads(self.body)
-        return self._json
+        try:
+            return self._json
+        except AttributeError:
+            j = self._json = orjson.loads(self.body)
+            return j
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r} from {self.client}>"
-
-
-_UNSET = object()
 
 
 class Response:

@@ -23,7 +23,7 @@ class SiteHandlers:
     def __init__(self, ctx: Worker) -> None:
         self.ctx = ctx
         self._health_second = -1
-        self._health = b""
+        self._health: Response | None = None
 
     def register(self, app) -> None:
         app.add_route("GET", "/", self.index)
@@ -36,13 +36,13 @@ class SiteHandlers:
     def health(self, req: Request) -> Response:
         now = time.time()
         sec = int(now)
-        if sec != self._health_second:
-            # uptime and the worker count change at most once a second: build once
-            self._health = orjson.dumps({
+        if sec != self._health_second or self._health is None:
+            # uptime changes once a second; the worker count is re-read at the same time
+            self._health = Response(orjson.dumps({
                 "status": "ok", "version": __version__, "uptime": self.uptime(now),
-                "workers": self.ctx.block.words[L.H_WORKERS]})
+                "workers": self.ctx.block.words[L.H_WORKERS]}), 200, None, _JSON)
             self._health_second = sec
-        return Response(self._health, 200, None, _JSON)
+        return self._health
 
     def stats(self, req: Request) -> Response:
         return Response(orjson.dumps(stats_document(self.ctx.block)), 200, None, _JSON)

@@ -74,7 +74,6 @@ class H1Parser:
             return self._feed_after_upgrade(data)
         self._now = now
         started_in_head = self.phase == PHASE_HEAD
-        done_before = len(self._done)
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -90,31 +89,32 @@ class H1Parser:
             raise HttpError(400, "invalid request target") from None
         except httptools.HttpParserError as e:
             raise HttpError(400, str(e) or "malformed request") from None
+        done = self._done
         if self.phase == PHASE_HEAD:
             # The head is still incomplete: bound what llhttp buffers for it.
-            if started_in_head and len(self._done) == done_before:
+            if started_in_head and not done:
                 self._head_bytes += len(data)
             else:
                 self._head_bytes = self._head_size
             if self._head_bytes > self.max_header_bytes:
                 raise HttpError(431, "request header fields too large")
-        done = self._done
         if done:
             self._done = []
         return done
 
     # ------------------------------------------------------------ httptools callbacks
-    def on_message_begin(self) -> None:
-        self.phase = PHASE_HEAD
-        self.head_started = self._now
-        self._url = b""
-        self._headers = []
-        self._head_size = 0
-        self._head_bytes = 0
-
+    # No on_message_begin: a request's head starts with its first target byte,
+    # which saves a callback per request (a partial method alone stays "idle").
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._head_size += len(url)
+        if self.phase == PHASE_IDLE:
+            self.phase = PHASE_HEAD
+            self.head_started = self._now
+            self._url = url
+            self._head_size = len(url)
+            self._head_bytes = 0
+        else:
+            self._url += url
+            self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.phase != PHASE_HEAD:
@@ -126,16 +126,12 @@ class H1Parser:
 
     def on_headers_complete(self) -> None:
         p = self._p
-        version = p.get_http_version()
-        if version != "1.1" and version != "1.0":
-            if version in ("2.0", "3.0"):
-                raise HttpError(505, f"HTTP/{version} is not supported over this connection")
-            raise HttpError(400, f"unsupported HTTP version {version}")
+        headers = self._headers
+        self._headers = []
         hosts = 0
         length = -1
-        expect = False
-        chunked = False
-        for name, value in self._headers:
+        expect = chunked = connection = False
+        for name, value in headers:
             n = len(name)
             if n == 4:
                 if name.lower() == b"host":
@@ -143,6 +139,9 @@ class H1Parser:
             elif n == 14:
                 if name.lower() == b"content-length":
                     length = int(value)  # llhttp has checked it is digits, and only one
+            elif n == 10:
+                if name.lower() == b"connection":
+                    connection = True
             elif n == 6:
                 if name.lower() == b"expect":
                     if value.lower() != b"100-continue":
@@ -150,6 +149,17 @@ class H1Parser:
                     expect = True
             elif n == 17 and name.lower() == b"transfer-encoding":
                 chunked = True  # llhttp has checked that chunked is the final coding
+        keep_alive = p.should_keep_alive()
+        if keep_alive and not connection:
+            # llhttp keeps a request alive without a Connection header only for
+            # HTTP/1.1, so the (costly) version string is not needed here.
+            version = "1.1"
+        else:
+            version = p.get_http_version()
+            if version != "1.1" and version != "1.0":
+                if version in ("2.0", "3.0"):
+                    raise HttpError(505, f"HTTP/{version} is not supported over this connection")
+                raise HttpError(400, f"unsupported HTTP version {version}")
         if hosts != 1 and (hosts or version == "1.1"):
             raise HttpError(400, "exactly one Host header is required" if hosts
                             else "missing Host header")
@@ -159,13 +169,11 @@ class H1Parser:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
         method = p.get_method()
         self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
-                                version, self._headers, b"", self.client,
-                                p.should_keep_alive())
-        self._body = []
-        self._body_len = 0
+                                version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY
         self.body_started = self._now
-        self.continue_pending = expect and (length > 0 or chunked)
+        if expect and (length > 0 or chunked):
+            self.continue_pending = True
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -178,12 +186,15 @@ class H1Parser:
         req = self._pending
         if req is None:  # cannot happen with llhttp; keep the invariant explicit
             raise HttpError(400, "malformed request")
-        if self._body:
-            req.body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        body = self._body
+        if body:
+            req.body = body[0] if len(body) == 1 else b"".join(body)
             self._body = []
+            self._body_len = 0
         self._pending = None
         self.phase = PHASE_IDLE
-        self.continue_pending = False
+        if self.continue_pending:  # e.g. an empty chunked body: no 100 after the answer
+            self.continue_pending = False
         self._done.append(req)
 
     # ------------------------------------------------------------ Upgrade
@@ -209,6 +220,7 @@ class H1Parser:
                 raise HttpError(400, "a chunked body with Upgrade is not supported")
         self._upgrade_remaining = length
         self._body = []
+        self._body_len = 0
         self._pending = req
         self.phase = PHASE_UPGRADE_BODY
         if length == 0:

@@ -30,6 +30,10 @@ _MANAGED = frozenset({"content-length", "transfer-encoding", "connection", "serv
 _ctype_cache: dict[str, bytes] = {}
 
 
+# (status, content type) -> status line + Server + Date + Content-Type, for this second
+_prefixes: dict[tuple[int, str], bytes] = {}
+
+
 class Clock:
     """The `Server` and `Date` lines, rebuilt once a second by the worker's tick."""
 
@@ -45,6 +49,7 @@ class Clock:
             self.second = sec
             self.common = (f"Server: {SERVER_NAME}\r\nDate: "
                            f"{formatdate(sec, usegmt=True)}\r\n").encode()
+            _prefixes.clear()
 
 
 clock = Clock()
@@ -83,12 +88,20 @@ def extra_headers(headers: dict[str, str]) -> bytes:
     return "".join(out).encode("latin-1")
 
 
+def _prefix(status: int, content_type: str) -> bytes:
+    p = status_line(status) + clock.common + (_ctype(content_type) if content_type else b"")
+    if len(_prefixes) < 256:
+        _prefixes[status, content_type] = p
+    return p
+
+
 def response_head(status: int, content_type: str, headers: dict[str, str] | None,
                   length: int, keep_alive: bool, http10: bool) -> bytes:
     """Status line and headers of a response with a known length."""
-    return b"%s%s%sContent-Length: %d\r\n%s%s\r\n" % (
-        status_line(status), clock.common, _ctype(content_type) if content_type else b"",
-        length, _CONN[keep_alive, http10], extra_headers(headers) if headers else b"")
+    prefix = _prefixes.get((status, content_type)) or _prefix(status, content_type)
+    return b"%sContent-Length: %d\r\n%s%s\r\n" % (
+        prefix, length, b"" if keep_alive and not http10 else _CONN[keep_alive, http10],
+        extra_headers(headers) if headers else b"")
 
 
 def stream_head(status: int, content_type: str, headers: dict[str, str] | None,

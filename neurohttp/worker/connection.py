@@ -35,6 +35,7 @@ _S_BYTES_IN, _S_BYTES_OUT, _S_HIST = L.S_BYTES_IN, L.S_BYTES_OUT, L.S_HIST
 _S_LAT_SUM, _S_LAT_MAX = L.S_LATENCY_SUM_US, L.S_LATENCY_MAX_US
 _response_head = ser.response_head
 _Response = Response
+_NO_BODY = frozenset([*range(100, 200), 204, 304])
 
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
 
@@ -42,11 +43,12 @@ LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
-                 "closed", "current", "eof")
+                 "closed", "current", "eof", "app")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
         self.slot = worker.slot
+        self.app = worker.app
         self.transport: Any = None
         self.parser: H1Parser | None = None
         self.queue: deque[tuple[Request, float]] = deque()
@@ -80,14 +82,12 @@ class HttpConnection(asyncio.Protocol):
             # Over the per-worker cap (or shutting down): refuse politely.
             resp = error_response(None, 503, "server busy, try again",
                                   headers={"Retry-After": "1"})
-            self._write_simple(resp, keep_alive=False, http10=False, head_only=False, t0=self.idle_since)
-            self._close()
+            self._send(None, resp, self.idle_since)
 
     def data_received(self, data: bytes) -> None:
-        s = self.slot
-        s[_S_BYTES_IN] += len(data)
-        if self.lingering or self.closing and not self.busy and not self.queue:
-            return
+        self.slot[_S_BYTES_IN] += len(data)
+        if self.closing and (self.lingering or not (self.busy or self.queue)):
+            return  # closing: nothing more will be answered
         now = monotonic()
         parser = self.parser
         try:
@@ -97,23 +97,27 @@ class HttpConnection(asyncio.Protocol):
             return
         if reqs:
             self.fresh = False
-            s[_S_REQUESTS] += len(reqs)
+            self.slot[_S_REQUESTS] += len(reqs)
             if self.busy or self.queue:
-                for r in reqs:
-                    self.queue.append((r, now))
-                if len(self.queue) > self.w.max_pipeline:
-                    self._pause_reading()
+                self._enqueue(reqs, now)
+            elif len(reqs) == 1:
+                self._handle(reqs[0], now)
             else:
-                handle = self._handle
                 for i, r in enumerate(reqs):
-                    handle(r, now)
+                    self._handle(r, now)
                     if self.busy or self.closing:
-                        for later in reqs[i + 1:]:
-                            self.queue.append((later, now))
+                        self._enqueue(reqs[i + 1:], now)
                         break
         if parser.continue_pending and not self.busy and not self.queue:
             parser.continue_pending = False
             self.transport.write(ser.CONTINUE)
+
+    def _enqueue(self, reqs: list[Request], now: float) -> None:
+        queue = self.queue
+        for r in reqs:
+            queue.append((r, now))
+        if len(queue) > self.w.max_pipeline:
+            self._pause_reading()
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what it sent, then close (returning None
@@ -154,15 +158,15 @@ class HttpConnection(asyncio.Protocol):
     def _handle(self, req: Request, t0: float) -> None:
         self.current = req
         try:
-            result = self.w.app.handle(req)
+            result = self.app.handle(req)
         except Exception:  # App.handle catches handler errors; this is a bug guard
             log.exception("dispatch failed")
             result = error_response(req, 500, "internal server error")
         if type(result) is _Response:
             self._send(req, result, t0)
-            return
-        self.busy = True
-        self.task = self.w.loop.create_task(self._run_async(req, result, t0))
+        else:
+            self.busy = True
+            self.task = self.w.loop.create_task(self._run_async(req, result, t0))
 
     async def _run_async(self, req: Request, result: Any, t0: float) -> None:
         try:
@@ -209,49 +213,54 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.write(ser.CONTINUE)
 
     # ------------------------------------------------------------ responses
-    def _keep_alive(self, req: Request) -> bool:
-        return req.keep_alive and not self.closing and not self.w.draining
-
-    def _send(self, req: Request, resp: Response, t0: float) -> None:
-        keep = req.keep_alive and not self.closing and not self.w.draining
+    def _send(self, req: Request | None, resp: Response, t0: float) -> None:
+        """Write a complete response (req None: an error before any request parsed)."""
+        if req is None:
+            keep = http10 = head_only = False
+        else:
+            keep = req.keep_alive and not self.closing
+            http10 = req.version == "1.0"
+            head_only = req.method == "HEAD"
+        body = resp.body
+        status = resp.status
         try:
-            self._write_simple(resp, keep, req.version == "1.0", req.method == "HEAD", t0)
+            head = _response_head(status, resp.content_type, resp.headers, len(body), keep, http10)
         except ValueError as e:  # a handler set an invalid header or status
-            log.error("bad response from handler for %s %s: %s", req.method, req.path, e)
-            self._write_simple(error_response(req, 500, "internal server error"), False,
-                               req.version == "1.0", req.method == "HEAD", t0)
-            keep = False
+            log.error("bad response from handler for %r: %s", req, e)
+            resp = error_response(req, 500, "internal server error")
+            body, status, keep = resp.body, 500, False
+            head = _response_head(status, resp.content_type, None, len(body), keep, http10)
+        if head_only or status in _NO_BODY:
+            body = b""
+        self._account(status, len(head) + len(body), t0)
+        if len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
         if not keep:
             self.closing = True
             if not self.busy:
                 self._close()
 
-    def _write_simple(self, resp: Response, keep_alive: bool, http10: bool, head_only: bool,
-                      t0: float) -> None:
-        body = resp.body
-        status = resp.status
-        head = _response_head(status, resp.content_type, resp.headers, len(body), keep_alive,
-                              http10)
-        data = head if head_only or status == 304 or status < 200 or status == 204 else head + body
+    def _account(self, status: int, nbytes: int, t0: float) -> None:
+        """Count a response. Done before its last bytes are handed to the socket,
+        so a client that has read it sees it in any later /stats."""
         t1 = monotonic()
         us = int((t1 - t0) * 1e6)
         s = self.slot
-        # Counted before the bytes go out: a client that has read this response
-        # sees it in any later /stats.
         s[_S_RESPONSES] += 1
         s[_S_STATUS + status // 100] += 1
-        s[_S_BYTES_OUT] += len(data)
+        s[_S_BYTES_OUT] += nbytes
         s[_S_LAT_SUM] += us
         s[_S_HIST + bisect_right(_BOUNDS, us)] += 1
         if us > s[_S_LAT_MAX]:
             s[_S_LAT_MAX] = us
         self.idle_since = t1
-        self.transport.write(data)
 
     async def _stream(self, req: Request, resp: StreamingResponse, t0: float) -> None:
         """Send a streamed body chunk by chunk, waiting whenever the client reads slowly."""
         http10 = req.version == "1.0"
-        keep = self._keep_alive(req) and not http10
+        keep = req.keep_alive and not self.closing and not http10
         head_only = req.method == "HEAD"
         s = self.slot
         s[L.S_STREAMS] += 1
@@ -273,7 +282,7 @@ class HttpConnection(asyncio.Protocol):
                         await self._drain()
             cancelled = False
             tail = b"" if http10 or head_only else ser.LAST_CHUNK
-            self._count_response(resp.status, len(tail), t0)
+            self._account(resp.status, len(tail), t0)
             if tail:
                 self.transport.write(tail)
         finally:
@@ -294,19 +303,6 @@ class HttpConnection(asyncio.Protocol):
                         pass
         if not keep:
             self.closing = True
-
-    def _count_response(self, status: int, nbytes: int, t0: float) -> None:
-        t1 = monotonic()
-        us = int((t1 - t0) * 1e6)
-        s = self.slot
-        s[_S_RESPONSES] += 1
-        s[_S_STATUS + status // 100] += 1
-        s[_S_BYTES_OUT] += nbytes
-        s[_S_LAT_SUM] += us
-        s[_S_HIST + bisect_right(_BOUNDS, us)] += 1
-        if us > s[_S_LAT_MAX]:
-            s[_S_LAT_MAX] = us
-        self.idle_since = t1
 
     async def _drain(self) -> None:
         if not self.write_paused:
@@ -329,9 +325,7 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
             self._pause_reading()
             return
-        self._write_simple(resp, False, False, False, now)
-        self.closing = True
-        self._close()
+        self._send(None, resp, now)
 
     def _close(self) -> None:
         """Close after the output drains, reading and dropping input meanwhile, so a
@@ -395,9 +389,7 @@ class HttpConnection(asyncio.Protocol):
     def _timeout_error(self) -> None:
         self.slot[_S_REQUESTS] += 1
         self.slot[L.S_ERRORS_PARSE] += 1
-        resp = error_response(None, 408, "request not received in time")
-        self._write_simple(resp, False, False, False, monotonic())
-        self._close()
+        self._send(None, error_response(None, 408, "request not received in time"), monotonic())
 
     def shutdown(self) -> None:
         """The worker stops: close now if idle, else after the response in flight."""

@@ -1,0 +1,97 @@
+"""Python cost of one keep-alive request through the real connection code, with no
+sockets: a fake transport records writes. This isolates what our code costs
+(parser callbacks, routing, handler, serialisation, stats) from the kernel.
+
+    python loadtests/micro_hotpath.py [--n 200000]
+
+Prints ns per request (best of 5 runs) for GET /health and POST /v1/chat.
+Used to compare hot-path changes; end-to-end numbers come from bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from neurohttp import config  # noqa: E402
+from neurohttp.stats.block import StatsBlock  # noqa: E402
+from neurohttp.worker.connection import HttpConnection  # noqa: E402
+from neurohttp.worker.worker import Worker  # noqa: E402
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.out = 0
+
+    def write(self, data: bytes) -> None:
+        self.out += len(data)
+
+    def get_extra_info(self, name: str):
+        return ("127.0.0.1", 5555) if name == "peername" else None
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+REQUESTS = {
+    "GET /health": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
+    "POST /v1/chat": (b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                      b"Content-Length: 18\r\nContent-Type: application/json\r\n\r\n"
+                      b'{"prompt":"Hello"}'),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
+    args = ap.parse_args()
+    cfg = config.load(None)
+    block = StatsBlock.create("neurohttp-microbench", 4)
+    try:
+        idx = block.reserve_slot(1, 1)
+        w = Worker(cfg, block, idx, 1, [], 0)
+        w.loop = asyncio.new_event_loop()
+        from neurohttp.ai import tokenizer
+        tokenizer.preload()
+        for name, raw in REQUESTS.items():
+            if args.only and name != args.only:
+                continue
+            conn = HttpConnection(w)
+            t = FakeTransport()
+            conn.connection_made(t)
+            best = float("inf")
+            for _ in range(args.runs):
+                t0 = time.perf_counter_ns()
+                for _ in range(args.n):
+                    conn.data_received(raw)
+                best = min(best, (time.perf_counter_ns() - t0) / args.n)
+            print(f"{name:16s} {best:7.0f} ns/request  ({t.out // max(1, args.runs * args.n)} bytes out)")
+    finally:
+        del conn
+        block.unlink()
+
+
+if __name__ == "__main__":
+    main()
