@@ -26,10 +26,10 @@ class ModelRegistry:
     def get(self, name: str | None) -> tuple[str, Any]:
         """(public name, provider) for `name`, the default model when None."""
         key = name or self.default
-        try:
-            return key, self.models[key]
-        except KeyError:
-            raise UnknownModel(key) from None
+        provider = self.models.get(key)
+        if provider is None:
+            raise UnknownModel(key)
+        return key, provider
 
     def names(self) -> list[str]:
         return list(self.models)

@@ -22,8 +22,15 @@ def encoding() -> Any:
     if _enc is None:
         with _lock:
             if _enc is None:
+                import gc
+
                 import tiktoken
-                _enc = tiktoken.get_encoding(_ENCODING)
+                enc = tiktoken.get_encoding(_ENCODING)
+                # The Rust core keeps its own copy of the ranks; the Python dict
+                # (~15 MiB) is only used to pickle the Encoding.
+                enc._mergeable_ranks = {}
+                gc.collect()
+                _enc = enc
     return _enc
 
 

@@ -77,9 +77,9 @@ class SeedChat:
             sse = "text/event-stream" in (req.headers.get("accept") or "")
             return self._stream(req, name, provider, messages, params, prompt_tokens, sse)
         if not self.filters:
-            toks = provider.complete_now(messages, params)
-            if toks is not None:
-                return self._answer(name, "".join(toks), prompt_tokens)
+            text = provider.complete_now(messages, params)
+            if text is not None:
+                return self._answer(name, text, prompt_tokens)
         return self._collect(req, name, provider, messages, params, prompt_tokens)
 
     def _answer(self, name: str, text: str, prompt_tokens: int) -> Response:
@@ -87,7 +87,8 @@ class SeedChat:
         self.slot[L.S_TOKENS_OUT] += completion
         return Response(orjson.dumps({
             "response": text, "model": name, "timestamp": int(time.time()),
-            "usage": usage(prompt_tokens, completion)}), 200, None, _JSON)
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}), 200, None, _JSON)
 
     async def _tokens(self, req: Request, provider: Any, messages: list, params: dict) -> AsyncIterator[str]:
         """The provider's tokens through the plugins' on_token filters."""

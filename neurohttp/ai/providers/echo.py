@@ -36,9 +36,13 @@ class EchoProvider:
             toks = toks[:limit]
         return toks
 
-    def complete_now(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> list[str] | None:
+    def complete_now(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> str | None:
         """The whole answer at once, when there is no pacing to honour."""
-        return None if self.delay else self.tokens(messages, params)
+        if self.delay:
+            return None
+        if params.get("max_tokens") is None:
+            return self.answer
+        return "".join(self.tokens(messages, params))
 
     async def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> AsyncIterator[str]:
         delay = self.delay
