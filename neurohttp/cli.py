@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -64,38 +65,46 @@ def start(config_path: str | None, bind: tuple[str, ...], workers: int | None,
     cfg = _load(config_path, overrides)
     from . import logs
     logs.setup(cfg.log.level, cfg.log.error_log)
-    if daemon:
-        _daemonize(cfg.server.pid_file)
+    notify_fd = _daemonize() if daemon else -1
     from .master.arbiter import Master
-    sys.exit(Master(cfg, overrides).run())
+    sys.exit(Master(cfg, overrides, notify_fd=notify_fd).run())
 
 
-def _daemonize(pid_path: str) -> None:
-    """Double fork; the parent returns once the master has written its pid file."""
-    old = pidfile.read(pid_path)
+def _daemonize() -> int:
+    """Double fork. The original process waits on a pipe until the master reports
+    that it started (or why it could not), prints that and exits with 0 or 1;
+    the master continues detached. Returns the pipe's write end (the master's)."""
+    r, w = os.pipe()
     pid = os.fork()
     if pid > 0:
-        deadline = time.monotonic() + 15
+        os.close(w)
+        chunks = []
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            new = pidfile.read(pid_path)
-            if new and new != old:
-                click.echo(f"neurohttpd started: master pid {new}")
-                os._exit(0)
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done and os.waitstatus_to_exitcode(status) != 0:
-                os._exit(1)
-            time.sleep(0.05)
-        click.echo("neurohttpd: the master did not start within 15 s", err=True)
+            ready, _, _ = select.select([r], [], [], 0.5)
+            if ready:
+                b = os.read(r, 4096)
+                if not b:
+                    break  # the master closed its end: started or failed, it said which
+                chunks.append(b)
+        os.waitpid(pid, 0)
+        msg = b"".join(chunks).decode(errors="replace").strip()
+        if msg.startswith("ok "):
+            click.echo(f"neurohttpd started: master pid {msg[3:]}")
+            os._exit(0)
+        click.echo(f"neurohttpd: {msg.removeprefix('error ') or 'the master did not start'}",
+                   err=True)
         os._exit(1)
+    os.close(r)
     os.setsid()
     if os.fork() > 0:
-        os._exit(0)
+        os._exit(0)  # the master is not a session leader, so it can never get a terminal
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
+    for fd in (0, 1, 2):
+        # Detached: errors go to the error log (set error_log to a file with --daemon).
         os.dup2(devnull, fd)
-    # Detached: errors go to the error log (set error_log to a file with --daemon).
-    os.dup2(devnull, 2)
     os.close(devnull)
+    return w
 
 
 @main.command()

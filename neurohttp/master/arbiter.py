@@ -54,8 +54,9 @@ class WorkerProc:
 
 
 class Master:
-    def __init__(self, cfg: Config, overrides: dict | None = None) -> None:
+    def __init__(self, cfg: Config, overrides: dict | None = None, notify_fd: int = -1) -> None:
         self.cfg = cfg
+        self.notify_fd = notify_fd   # --daemon: tell the waiting `start` how it went
         self.overrides = overrides or {}
         self.pid = os.getpid()
         self.block: StatsBlock | None = None
@@ -90,6 +91,9 @@ class Master:
         except BlockInUse as e:
             self._close_listeners()
             raise StartupError(str(e)) from None
+        if self.block.stale_pid >= 0:
+            log.warning("replaced the stale stats block %s left by master pid %d",
+                        self.block.shm.name, self.block.stale_pid)
         try:
             pidfile.write(pid_path, self.pid)
         except OSError as e:
@@ -115,6 +119,15 @@ class Master:
         log.info("neurohttpd master %d listening on %s with %d workers", self.pid,
                  ", ".join(lst.address for lst in self.listeners), self.target)
 
+    def _notify(self, msg: str) -> None:
+        if self.notify_fd >= 0:
+            try:
+                os.write(self.notify_fd, msg.encode())
+            except OSError:
+                pass
+            os.close(self.notify_fd)
+            self.notify_fd = -1
+
     def _record_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)
 
@@ -124,7 +137,12 @@ class Master:
             self.start()
         except StartupError as e:
             log.error("%s", e)
+            self._notify(f"error {e}")
             return 1
+        except BaseException as e:
+            self._notify(f"error {e!r}")
+            raise
+        self._notify(f"ok {self.pid}")
         try:
             self._maintain()
             while True:

@@ -61,6 +61,7 @@ class StatsBlock:
     def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self.shm = shm
         self.owner = owner
+        self.stale_pid = -1  # create(): >= 0 when a dead master's block was replaced
         self.words = shm.buf.cast("Q")
         self.nslots = self.words[L.H_NSLOTS]
         self.slot_words = self.words[L.H_SLOT_WORDS]
@@ -71,6 +72,7 @@ class StatsBlock:
         """Create the block; replace a stale one whose master is dead."""
         nslots = worker_slots + 1
         size = L.block_words(nslots) * 8
+        stale_pid = -1
         try:
             shm = _open(name, create=True, size=size)
         except FileExistsError:
@@ -80,8 +82,10 @@ class StatsBlock:
             if pid and pid != os.getpid() and pid_alive(pid):
                 raise BlockInUse(f"stats block /dev/shm/{name} belongs to running master pid {pid}") from None
             _unlink(name)
+            stale_pid = pid
             shm = _open(name, create=True, size=size)
         blk = cls(shm, owner=True)
+        blk.stale_pid = stale_pid
         w = blk.words
         w[L.H_NSLOTS] = nslots
         w[L.H_SLOT_WORDS] = L.SLOT_WORDS
