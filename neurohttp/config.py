@@ -88,6 +88,10 @@ def _cidr_list(v: Any) -> str | None:
     return None
 
 
+def _str_list(v: Any) -> str | None:
+    return None if all(isinstance(x, str) and x for x in v) else "must be a list of names"
+
+
 NUM = (int, float)
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -118,6 +122,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "stats": {
         "allow": Key(list, [], _cidr_list),
+    },
+    # Besides these keys, [plugins.<name>] tables hold each plugin's options.
+    "plugins": {
+        "paths": Key(list, ["plugins"], _str_list),
+        "enabled": Key(list, [], _str_list),
     },
 }
 
@@ -152,6 +161,7 @@ class Config:
     server: Section
     log: Section
     stats: Section
+    plugins: Section   # also .options: {plugin name: its [plugins.<name>] table}
 
     def __init__(self, path: str | None, sections: dict[str, Section],
                  models: dict[str, dict[str, Any]]) -> None:
@@ -226,11 +236,22 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     """Check a parsed TOML document; raise ConfigError naming the key and file."""
     where = path or "<defaults>"
     sections = {}
+    plugin_options: dict[str, dict[str, Any]] = {}
     for k in data:
         if k not in SCHEMA and k != "models":
             raise ConfigError(f"{where}: unknown section or key '{k}'")
     for name, keys in SCHEMA.items():
-        sections[name] = Section(_check_table(where, name, keys, data.get(name, {})))
+        table = data.get(name, {})
+        if name == "plugins" and isinstance(table, dict):
+            plugin_options = {k: v for k, v in table.items() if isinstance(v, dict)}
+            table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        sections[name] = Section(_check_table(where, name, keys, table))
+    enabled = sections["plugins"].enabled
+    for k in plugin_options:
+        if k not in enabled:
+            raise ConfigError(f"{where}: [plugins.{k}] configures a plugin that is not in "
+                              f"plugins.enabled")
+    sections["plugins"].options = plugin_options
     models = _check_models(where, data["models"]) if "models" in data else {}
     if not models:
         models = _check_models(where, DEFAULT_MODELS)

@@ -1,10 +1,18 @@
-"""The error log: stderr ("-") or a file, reopened on SIGUSR1 (logrotate's create mode)."""
+"""The error log (stderr or a file, with levels) and the access log (JSON lines);
+both are reopened on SIGUSR1, so logrotate's create mode works."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from time import gmtime as _gmtime
+from time import monotonic as _monotonic
+from time import strftime as _strftime
+from time import time as _time
+from typing import Any
+
+from orjson import dumps as _dumps
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 _handler: logging.Handler | None = None
@@ -45,3 +53,80 @@ def reopen() -> None:
     """Reopen the log file (after logrotate moved it)."""
     if isinstance(_handler, _ReopenableFileHandler):
         _handler.reopen()
+
+
+class AccessLog:
+    """One JSON line per request, written by orjson into a buffer that the
+    worker flushes every tick (and at exit, and when it grows large), so a
+    request costs a dict and a dumps, never a system call.
+
+    The file is opened O_APPEND and each flush is one write(): lines from
+    several workers never interleave.
+    """
+
+    __slots__ = ("path", "fd", "buf", "_sec", "_prefix")
+
+    FLUSH_AT = 256  # lines; bounds the buffer under heavy load
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.buf: list[bytes] = []
+        self._sec = -1
+        self._prefix = ""
+        self._open()
+
+    def _open(self) -> None:
+        d = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(d, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def record(self, req: Any, status: int, nbytes: int, t0: float) -> None:
+        """Log one answered request; `req` is None for input refused before a
+        request could be parsed (400, 408, ...)."""
+        now = _time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = _strftime("%Y-%m-%dT%H:%M:%S", _gmtime(sec))
+        state = req.state if req is not None else None
+        self.buf.append(_dumps({
+            "time": f"{self._prefix}.{int((now - sec) * 1000):03d}Z",
+            "client": req.client if req is not None else None,
+            "method": req.method if req is not None else None,
+            "path": req.path if req is not None else None,
+            "status": status,
+            "bytes": nbytes,
+            "duration": round((_monotonic() - t0) * 1000, 3),
+            "model": state.get("model") if state else None,
+            "tokens": state.get("tokens") if state else None,
+        }))
+        if len(self.buf) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf or self.fd < 0:
+            return
+        data = b"\n".join(self.buf) + b"\n"
+        self.buf.clear()
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                logging.getLogger("neurohttp").exception("access log write failed")
+                return
+            view = view[n:]
+
+    def reopen(self) -> None:
+        """After logrotate moved the file: flush to the old one, open a new one."""
+        self.flush()
+        self.close()
+        self._open()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -78,7 +78,7 @@ class Server:
 
     def __init__(self, tmp: Path, workers: int = 2, config: dict[str, Any] | None = None,
                  bind: str | None = "127.0.0.1:0", extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cli_workers: bool = True) -> None:
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.workers = workers
@@ -86,6 +86,9 @@ class Server:
         self.bind = bind
         self.extra_args = extra_args or []
         self.env = env or {}
+        # False: the worker count comes from the config file only, so a reload can change it
+        # (a -w on the command line wins over the file, at start and on reload).
+        self.cli_workers = cli_workers
         self.pid_file = str(self.tmp / "neurohttpd.pid")
         self.config_path = self.tmp / "neurohttp.toml"
         self.log_path = self.tmp / "server.log"
@@ -101,7 +104,9 @@ class Server:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "neurohttp", "start", "-c", str(self.config_path),
-               "--pid-file", self.pid_file, "-w", str(self.workers)]
+               "--pid-file", self.pid_file]
+        if self.cli_workers:
+            cmd += ["-w", str(self.workers)]
         if self.bind:
             cmd += ["-b", self.bind]
         return cmd + self.extra_args

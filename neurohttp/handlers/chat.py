@@ -73,18 +73,25 @@ class SeedChat:
         messages = [{"role": "user", "content": prompt}]
         prompt_tokens = tokenizer.count(prompt)
         self.slot[L.S_TOKENS_IN] += prompt_tokens
+        if self.ctx.access_log is not None:  # model and tokens for the access log line
+            if req.state is None:
+                req.state = {}
+            req.state["model"] = name
+            req.state["tokens"] = prompt_tokens
         if stream:
             sse = "text/event-stream" in (req.headers.get("accept") or "")
             return self._stream(req, name, provider, messages, params, prompt_tokens, sse)
         if not self.filters:
             text = provider.complete_now(messages, params)
             if text is not None:
-                return self._answer(name, text, prompt_tokens)
+                return self._answer(name, text, prompt_tokens, req)
         return self._collect(req, name, provider, messages, params, prompt_tokens)
 
-    def _answer(self, name: str, text: str, prompt_tokens: int) -> Response:
+    def _answer(self, name: str, text: str, prompt_tokens: int, req: Request) -> Response:
         completion = tokenizer.count(text)
         self.slot[L.S_TOKENS_OUT] += completion
+        if req.state and "tokens" in req.state:
+            req.state["tokens"] += completion
         return Response(orjson.dumps({
             "response": text, "model": name, "timestamp": int(time.time()),
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -107,7 +114,7 @@ class SeedChat:
     async def _collect(self, req: Request, name: str, provider: Any, messages: list,
                        params: dict, prompt_tokens: int) -> Response:
         parts = [tok async for tok in self._tokens(req, provider, messages, params)]
-        return self._answer(name, "".join(parts), prompt_tokens)
+        return self._answer(name, "".join(parts), prompt_tokens, req)
 
     def _stream(self, req: Request, name: str, provider: Any, messages: list, params: dict,
                 prompt_tokens: int, sse: bool) -> StreamingResponse:
@@ -128,6 +135,8 @@ class SeedChat:
                 yield frame({"token": tok})
             completion = tokenizer.count("".join(sent))
             slot[L.S_TOKENS_OUT] += completion  # before the last bytes leave
+            if req.state and "tokens" in req.state:
+                req.state["tokens"] += completion
             counted[0] = True
             yield frame({"done": True, "model": name, "usage": usage(prompt_tokens, completion)})
             if sse:

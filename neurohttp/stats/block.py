@@ -162,6 +162,18 @@ class StatsBlock:
         finally:
             w[L.H_SEQ] += 1
 
+    def write_text(self, index: int, text: str) -> None:
+        """Store a short UTF-8 text in a slot's text area (truncated, NUL-padded)."""
+        data = text.encode("utf-8", "replace")[:L.TEXT_BYTES]
+        start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
+        buf = self.shm.buf
+        buf[start:start + L.TEXT_BYTES] = data.ljust(L.TEXT_BYTES, b"\0")
+
+    def read_text(self, index: int) -> str:
+        start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
+        raw = bytes(self.shm.buf[start:start + L.TEXT_BYTES])
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
     def live_slots(self) -> list[int]:
         return [i for i in range(1, self.nslots) if self.slot(i)[L.S_STATE] != L.STATE_FREE]
 

@@ -72,7 +72,13 @@ HIST_END = S_HIST + N_BUCKETS
 SLOT_WORDS = 1024      # room for the windowed figures that come later
 DEFAULT_WORKER_SLOTS = 128
 
-assert HIST_END <= SLOT_WORDS
+# ---- text at the end of a slot (never summed): in a worker's slot, why it
+# failed or what it was stuck on, for the master to log; in slot 0, the
+# master's own facts as JSON (config path) for `neurohttpd status`.
+S_TEXT = 896
+TEXT_BYTES = (SLOT_WORDS - S_TEXT) * 8
+
+assert HIST_END <= S_TEXT
 
 
 def slot_offset(slot: int, slot_words: int = SLOT_WORDS) -> int:

@@ -78,8 +78,10 @@ class HttpConnection(asyncio.Protocol):
         client = peer[0] if peer else ""
         self.parser = H1Parser(client, w.max_header_bytes, w.max_body_bytes)
         transport.set_write_buffer_limits(high=w.write_buffer_bytes)
-        if len(w.connections) > w.max_connections or w.draining:
-            # Over the per-worker cap (or shutting down): refuse politely.
+        # A connection accepted while draining is served (see data_received): it
+        # was queued on a socket that may be closing for good.
+        if len(w.connections) > w.max_connections:
+            # Over the per-worker cap: refuse politely.
             resp = error_response(None, 503, "server busy, try again",
                                   headers={"Retry-After": "1"})
             self._send(None, resp, self.idle_since)
@@ -96,7 +98,10 @@ class HttpConnection(asyncio.Protocol):
             self._protocol_error(e, now)
             return
         if reqs:
-            self.fresh = False
+            if self.fresh:
+                self.fresh = False
+                if self.w.draining:  # accepted while draining: answer once, with close
+                    self.closing = True
             self.slot[_S_REQUESTS] += len(reqs)
             if self.busy or self.queue:
                 self._enqueue(reqs, now)
@@ -237,6 +242,8 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(head + body)
         else:
             self.transport.writelines((head, body))
+        if self.w.access_log is not None:  # the only cost of the access log when it is off
+            self.w.access_log.record(req, status, len(head) + len(body), t0)
         if not keep:
             self.closing = True
             if not self.busy:
@@ -266,10 +273,12 @@ class HttpConnection(asyncio.Protocol):
         s[L.S_STREAMS] += 1
         s[L.S_STREAMS_ACTIVE] += 1
         cancelled = True
+        sent = 0
         try:
             head = ser.stream_head(resp.status, resp.content_type, resp.headers, keep, http10)
             s[_S_BYTES_OUT] += len(head)
             self.transport.write(head)
+            sent = len(head)
             if not head_only:
                 frame = (lambda b: b) if http10 else ser.chunk
                 async for piece in resp.chunks:
@@ -277,6 +286,7 @@ class HttpConnection(asyncio.Protocol):
                         continue
                     data = frame(piece)
                     s[_S_BYTES_OUT] += len(data)
+                    sent += len(data)
                     self.transport.write(data)
                     if self.write_paused:
                         await self._drain()
@@ -285,6 +295,8 @@ class HttpConnection(asyncio.Protocol):
             self._account(resp.status, len(tail), t0)
             if tail:
                 self.transport.write(tail)
+            if self.w.access_log is not None:
+                self.w.access_log.record(req, resp.status, sent + len(tail), t0)
         finally:
             s[L.S_STREAMS_ACTIVE] -= 1
             if cancelled:
@@ -392,8 +404,19 @@ class HttpConnection(asyncio.Protocol):
         self._send(None, error_response(None, 408, "request not received in time"), monotonic())
 
     def shutdown(self) -> None:
-        """The worker stops: close now if idle, else after the response in flight."""
+        """The worker stops: close now if idle, else after the response in flight.
+
+        A fresh connection (no request yet) is left open: its request may be
+        on the way, and is answered with Connection: close. The worker's drain
+        closes it if it stays silent (close_if_silent)."""
+        if self.fresh and not self.busy and not self.queue:
+            return
         self.closing = True
         if not self.busy and not self.queue and self.parser.phase == PHASE_IDLE:
             if not self.lingering:
                 self.transport.close()
+
+    def close_if_silent(self) -> None:
+        if self.fresh and not self.busy and not self.queue and self.parser.phase == PHASE_IDLE \
+                and not self.lingering and not self.closed:
+            self.transport.close()

@@ -1,8 +1,11 @@
 """A worker process: an event loop serving HTTP on the sockets the master gave it.
 
 It writes only its own stats slot, stamps a heartbeat there every tick, and
-stops gracefully on SIGTERM (stop accepting, finish what is in flight within
-graceful_timeout) or at once on SIGINT/SIGQUIT.
+stops gracefully on SIGTERM (keep accepting for ACCEPT_LINGER so nothing queued
+on a socket that is closing for good is reset, then stop accepting and finish
+what is in flight within graceful_timeout) or at once on SIGINT/SIGQUIT.
+SIGUSR2 (from the master, when the loop missed its heartbeat) logs the request
+the loop is stuck on and the stack.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import signal
 import socket
 import sys
 import time
+import traceback
+from types import FrameType
 from typing import Any
 
 from ..ai.models import ModelRegistry
@@ -21,6 +26,10 @@ from ..app import App
 from ..config import Config
 from ..handlers.chat import SeedChat
 from ..handlers.site import SiteHandlers
+from ..logs import AccessLog
+from ..master.sockets import accept_queue_length
+from ..messages import Request
+from ..plugins import load_plugins
 from ..protocol.serialize import clock
 from ..stats import layout as L
 from ..stats.block import StatsBlock
@@ -29,6 +38,15 @@ from .connection import HttpConnection
 log = logging.getLogger("neurohttp")
 
 TICK = 0.5  # seconds between sweeps (timeouts), heartbeats and Date refreshes
+# On a graceful stop a worker keeps accepting this long, then until its accept
+# queues are empty (at most ACCEPT_LINGER_MAX): when its sockets are closing for
+# good (fewer workers, a removed address, the server stopping) the master has
+# already steered new connections away, and what is queued, or still finishing
+# its handshake, must be served rather than reset.
+ACCEPT_LINGER = 0.3
+ACCEPT_LINGER_MAX = 2.0
+# A connection accepted but still silent this long into a drain is closed.
+FRESH_GRACE = 1.0
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -68,7 +86,11 @@ class Worker:
         self.servers: list[Any] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
+        self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
+            if cfg.log.access_log else None
         self.app = App()
+        # Plugins first: the providers they add must exist when the models are built.
+        load_plugins(self.app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
         self.models = ModelRegistry(cfg.models, self.app.providers)
         SiteHandlers(self).register(self.app)
         SeedChat(self).register(self.app)
@@ -90,6 +112,8 @@ class Worker:
         for sig in (signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, self.quick_exit)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        # A plain handler, not the loop's: it must run while the loop is blocked.
+        signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
         backlog = self.cfg.server.backlog
@@ -103,6 +127,8 @@ class Worker:
         log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
         await self._stopped
         await self._drain()
+        if self.access_log is not None:
+            self.access_log.flush()
         return 0
 
     def _tick(self) -> None:
@@ -110,6 +136,8 @@ class Worker:
         now_wall = time.time()
         clock.tick(now_wall)
         self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
+        if self.access_log is not None:
+            self.access_log.flush()
         now = time.monotonic()
         for conn in list(self.connections):
             try:
@@ -124,21 +152,32 @@ class Worker:
         self.loop.call_later(delay, self._tick)
 
     def begin_drain(self) -> None:
-        """Stop accepting; let in-flight requests and streams finish."""
+        """Answer everything with Connection: close from now on; _drain then
+        stops accepting and lets in-flight requests and streams finish."""
         if self.draining:
             return
         self.draining = True
         self.slot[L.S_STATE] = L.STATE_DRAINING
-        for srv in self.servers:
-            srv.close()
         for conn in list(self.connections):
             conn.shutdown()
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.graceful_timeout
+        start = time.monotonic()
+        await asyncio.sleep(ACCEPT_LINGER)
+        while (any(accept_queue_length(s) for s in self.sockets if s.fileno() >= 0)
+               and time.monotonic() - start < ACCEPT_LINGER_MAX):
+            await asyncio.sleep(0.02)
+        for srv in self.servers:
+            srv.close()
+        deadline = start + self.graceful_timeout
         while self.connections and time.monotonic() < deadline:
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.shutdown()
+                if conn.fresh and now - conn.idle_since > FRESH_GRACE:
+                    conn.close_if_silent()
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
@@ -150,9 +189,32 @@ class Worker:
     def reopen_logs(self) -> None:
         from .. import logs
         logs.reopen()
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def quick_exit(self) -> None:
+        if self.access_log is not None:
+            self.access_log.flush()
         os._exit(0)
+
+    def _dump_stuck(self, signum: int, frame: FrameType | None) -> None:
+        """The master saw no heartbeat: say which request the loop is stuck on
+        (the innermost frame holding a Request) and where, then wait for SIGKILL."""
+        req = None
+        f = frame
+        while f is not None and req is None:
+            for v in f.f_locals.values():
+                if isinstance(v, Request):
+                    req = v
+                    break
+            f = f.f_back
+        where = (f"{req.method} {req.path} from {req.client}" if req is not None
+                 else "no request (outside any handler)")
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        self.block.write_text(self.slot_index, f"stuck on {where}")
+        log.error("worker %d (pid %d) loop blocked, stuck on %s; stack:\n%s",
+                  self.worker_id, os.getpid(), where, stack.rstrip())
+        sys.stderr.flush()
 
 
 def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
@@ -166,7 +228,9 @@ def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
     try:
         worker = Worker(cfg, block, slot_index, worker_id, sockets, master_pid)
         return worker.run()
-    except Exception:
+    except Exception as e:
         log.exception("worker %d failed", worker_id)
+        # for the master, which shows it if no worker can start
+        block.write_text(slot_index, f"{type(e).__name__}: {e}")
         sys.stderr.flush()
         return 1

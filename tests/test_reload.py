@@ -1,0 +1,213 @@
+"""Zero-downtime operations under load: reload (HUP / neurohttpd reload), worker
+count changes (TTIN/TTOU and reload), bind changes, recycling and graceful stop.
+
+Every test runs a Load (tests/load.py): threads opening a fresh connection per
+request. A request whose connection the kernel accepted must get its complete
+answer; `failed` counts those that did not, and must be empty.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from load import Load
+from server import ROOT, wait_for
+
+ADDR = "127.0.0.1"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((ADDR, 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "neurohttp", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+def wait_replaced(srv, old: set[int], n: int, timeout: float = 30) -> list[int]:
+    """Wait until n workers run and none of `old` is among them."""
+    def done():
+        pids = srv.worker_pids()
+        return pids if len(pids) == n and not (set(pids) & old) else None
+    return wait_for(done, timeout, what=f"{n} workers, none of {sorted(old)}")
+
+
+def wait_workers(srv, n: int, timeout: float = 30) -> list[int]:
+    """Wait until exactly n workers run, all ready, and the master has reaped the rest."""
+    def done():
+        pids = srv.worker_pids()
+        if len(pids) != n:
+            return None
+        s = srv.stats()
+        states = [w["state"] for w in s["workers"]]
+        return pids if states == ["ready"] * n and s["master"]["workers"] == n else None
+    return wait_for(done, timeout, what=f"{n} ready workers")
+
+
+def test_reload_under_load_replaces_every_worker_and_loses_nothing(make_server):
+    srv = make_server(workers=2)
+    load = Load([(ADDR, srv.port)]).start()
+    try:
+        load.wait_requests(50)
+        for round_ in range(3):
+            old = set(srv.worker_pids())
+            if round_ == 1:
+                r = cli("reload", "--pid-file", srv.pid_file)  # the command, not just the signal
+                assert r.returncode == 0, r.stderr
+            else:
+                srv.send_signal(signal.SIGHUP)
+            wait_replaced(srv, old, 2)
+            load.wait_requests(50)
+    finally:
+        counts = load.stop()
+    print(dict(counts))
+    assert not load.failed, dict(counts)
+    assert counts["ok"] > 300 and counts["refused"] == 0
+    s = srv.stats()
+    assert s["master"]["reloads"] == 3 and s["master"]["generation"] == 4
+    assert s["master"]["restarts"] == 0  # retired gracefully, none died
+
+
+def test_reload_applies_workers_and_bind_changes(make_server):
+    p1, p2 = free_port(), free_port()
+    cfg = {"server": {"bind": [f"{ADDR}:{p1}"], "workers": 2}}
+    srv = make_server(workers=2, config=cfg, bind=None, cli_workers=False)
+    load = Load([(ADDR, p1)]).start()
+    try:
+        load.wait_requests(30)
+        # 2 -> 3 workers and a second address
+        srv.write_config({"server": {"bind": [f"{ADDR}:{p1}", f"{ADDR}:{p2}"], "workers": 3}})
+        srv.send_signal(signal.SIGHUP)
+        srv.workers = 3
+        wait_workers(srv, 3)
+        # /health is rebuilt once a second
+        wait_for(lambda: srv.get_json("/health")["workers"] == 3, 5, what="/health says 3")
+        srv.port = p2
+        assert srv.request("GET", "/health")[0] == 200
+        load.wait_requests(30)
+        # 3 -> 1 worker and the first address removed, while load runs on the second
+        load.addrs = [(ADDR, p2)]
+        time.sleep(0.2)
+        srv.write_config({"server": {"bind": [f"{ADDR}:{p2}"], "workers": 1}})
+        srv.send_signal(signal.SIGHUP)
+        srv.workers = 1
+        wait_workers(srv, 1)
+        load.wait_requests(100)
+    finally:
+        counts = load.stop()
+    print(dict(counts))
+    assert not load.failed, dict(counts)
+    wait_for(lambda: srv.get_json("/health")["workers"] == 1, 5, what="/health says 1")
+    # the removed address is closed: refused, not hanging
+    import socket
+    with socket.socket() as s:
+        s.settimeout(5)
+        assert s.connect_ex((ADDR, p1)) != 0
+    assert f"on {ADDR}:{p2}" in srv.log().splitlines()[-1] or "generation 3" in srv.log()
+
+
+def test_bad_config_on_reload_keeps_the_running_one(make_server):
+    srv = make_server(workers=2)
+    pids = srv.worker_pids()
+    srv.config_path.write_text("[server]\nworkers = 2\nmax_body_byts = 10\n")
+    # neurohttpd reload -c checks the file first and refuses without signalling
+    r = cli("reload", "-c", str(srv.config_path), "--pid-file", srv.pid_file)
+    assert r.returncode == 1 and "server.max_body_byts" in r.stderr
+    # a bare HUP: the master re-reads, refuses, and keeps serving with the old config
+    srv.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in srv.log(), 10, what="refusal logged")
+    line = next(x for x in srv.log().splitlines() if "reload refused" in x)
+    assert "server.max_body_byts" in line and str(srv.config_path) in line and "ERROR" in line
+    for _ in range(10):
+        assert srv.request("GET", "/health")[0] == 200
+    assert srv.worker_pids() == pids
+    assert srv.stats()["master"]["reloads"] == 0
+
+
+def test_ttin_ttou_under_load(make_server):
+    srv = make_server(workers=2)
+    load = Load([(ADDR, srv.port)]).start()
+    try:
+        load.wait_requests(30)
+        srv.send_signal(signal.SIGTTIN)
+        wait_workers(srv, 3)
+        load.wait_requests(50)
+        for n in (2, 1):
+            srv.send_signal(signal.SIGTTOU)
+            wait_workers(srv, n)
+            load.wait_requests(50)
+        srv.send_signal(signal.SIGTTOU)  # never below one
+        wait_for(lambda: "never fewer than one worker" in srv.log(), 10, what="TTOU refused")
+        load.wait_requests(50)
+        assert len(srv.worker_pids()) == 1
+        srv.send_signal(signal.SIGTTIN)
+        wait_workers(srv, 2)
+        load.wait_requests(50)
+    finally:
+        counts = load.stop()
+    print(dict(counts))
+    assert not load.failed, dict(counts)
+    srv.workers = 2
+
+
+def test_max_requests_recycles_under_load(make_server):
+    srv = make_server(workers=2, config={"server": {"max_requests": 150,
+                                                     "max_requests_jitter": 50}})
+    first = set(srv.worker_pids())
+    load = Load([(ADDR, srv.port)]).start()
+    try:
+        wait_for(lambda: not (set(srv.worker_pids()) & first), 60, what="both workers recycled")
+        load.wait_requests(100)
+    finally:
+        counts = load.stop()
+    print(dict(counts))
+    assert not load.failed, dict(counts)
+    recycled = [x for x in srv.log().splitlines() if "recycled: served" in x]
+    assert len(recycled) >= 2
+    # each worker went within its limit plus what the master saw before its next
+    # check (it looks every 0.2 s at most)
+    for line in recycled:
+        n = int(line.split("served ")[1].split()[0])
+        assert 150 <= n, line
+    s = srv.stats()
+    assert s["master"]["restarts"] == 0  # recycled, not died
+    wait_workers(srv, 2)
+
+
+def test_rss_limit_recycles(make_server):
+    # Any worker is above 1 MiB, so each is recycled (replacement first) about
+    # once a second: the load sees none of it.
+    srv = make_server(workers=1, config={"server": {"max_worker_rss_mb": 1}})
+    load = Load([(ADDR, srv.port)], threads=2).start()
+    try:
+        wait_for(lambda: srv.log().count("recycled: RSS") >= 2, 30, what="RSS recycling")
+        load.wait_requests(50)
+    finally:
+        counts = load.stop()
+    assert not load.failed, dict(counts)
+    assert "over max_worker_rss_mb 1" in srv.log()
+
+
+def test_graceful_stop_under_load_loses_nothing(make_server):
+    srv = make_server(workers=2)
+    load = Load([(ADDR, srv.port)]).start()
+    try:
+        load.wait_requests(100)
+        code = srv.stop(signal.SIGTERM)
+        # keep loading a moment: the port is closed, connections are refused
+        time.sleep(0.3)
+    finally:
+        counts = load.stop()
+    print(dict(counts))
+    assert code == 0
+    assert not load.failed, dict(counts)
+    assert counts["refused"] > 0 and counts["ok"] > 100
