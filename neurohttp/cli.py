@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -153,23 +154,112 @@ def reload(config_path: str | None, pid_file: str | None) -> None:
 @main.command()
 @CONFIG_OPT
 @PIDFILE_OPT
-def status(config_path: str | None, pid_file: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
+def status(config_path: str | None, pid_file: str | None, as_json: bool) -> None:
     """Exit 0 and describe the server while it runs, 3 when it does not."""
     path, pid = _master_pid(config_path, pid_file)
     if pid is None:
-        click.echo(f"neurohttpd is not running (pid file {path})")
+        if as_json:
+            click.echo(json.dumps({"running": False, "pid_file": os.path.abspath(path)}))
+        else:
+            click.echo(f"neurohttpd is not running (pid file {path})")
         sys.exit(3)
+    doc = _status_doc(path, pid)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    m = doc["master"]
+    click.echo(f"neurohttpd is running: master pid {pid}, up {_age(m['uptime'])}, "
+               f"config {m['config'] or '(embedded defaults)'}, {len(doc['workers'])} workers, "
+               f"generation {m.get('generation', '?')}")
+    click.echo(f"  {'WORKER':>6} {'PID':>8} {'STATE':<9} {'AGE':>8} {'REQUESTS':>10} "
+               f"{'RSS':>10} {'CPU':>16}")
+    for w in doc["workers"]:
+        click.echo(f"  {w['id']:>6} {w['pid']:>8} {w['state']:<9} {_age(w['age']):>8} "
+                   f"{w['requests']:>10} {w['rss_mb']:>6.1f} MiB "
+                   f"{w['cpu_s']:>7.2f}s {w['cpu_percent']:>5.1f}%")
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def _status_doc(pid_path: str, pid: int) -> dict:
+    """The master's and workers' figures: the stats block for what the server
+    counts, psutil for memory and CPU (sampled over 0.2 s)."""
     import psutil
+
+    from .stats import layout as L
+    from .stats.block import StatsBlock, block_name
+    from .stats.snapshot import stats_document
+
+    doc: dict = {"running": True, "pid_file": os.path.abspath(pid_path)}
+    info: dict = {}
+    stats: dict = {"workers": [], "master": {}}
     try:
-        kids = psutil.Process(pid).children()
-    except psutil.Error:
-        kids = []
-    click.echo(f"neurohttpd is running: master pid {pid}, {len(kids)} workers")
-    for k in kids:
+        block = StatsBlock.attach(block_name(pid_path))
+    except FileNotFoundError:
+        block = None
+    if block is not None:
         try:
-            click.echo(f"  worker pid {k.pid}: {' '.join(k.cmdline())}")
+            if block.valid():
+                stats = stats_document(block)
+                info = json.loads(block.read_text(0) or "{}")
+        finally:
+            block.close()
+    rows = stats["workers"]
+    if not rows:  # no block: fall back to the master's children
+        try:
+            rows = [{"id": 0, "pid": c.pid, "state": "unknown", "age": 0, "requests": 0}
+                    for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            rows = []
+    procs: dict[int, psutil.Process] = {}
+    for p in [pid] + [w["pid"] for w in rows]:
+        try:
+            procs[p] = psutil.Process(p)
         except psutil.Error:
             pass
+
+    def cpu(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    t0 = time.monotonic()
+    before = {}
+    for p, proc in procs.items():
+        try:
+            before[p] = cpu(proc)
+        except psutil.Error:
+            pass
+    time.sleep(0.2)
+    dt = time.monotonic() - t0
+
+    def figures(p: int) -> dict:
+        proc = procs.get(p)
+        try:
+            assert proc is not None
+            used = cpu(proc)
+            return {"rss_mb": round(proc.memory_info().rss / 1048576, 1), "cpu_s": round(used, 2),
+                    "cpu_percent": round(100 * (used - before.get(p, used)) / dt, 1)}
+        except (psutil.Error, AssertionError):
+            return {"rss_mb": 0.0, "cpu_s": 0.0, "cpu_percent": 0.0}
+
+    started = info.get("started") or stats.get("master", {}).get("started") or time.time()
+    m = stats.get("master", {})
+    doc["master"] = {"pid": pid, "uptime": max(0, int(time.time() - started)),
+                     "config": info.get("config"), "binds": info.get("binds", []),
+                     "generation": m.get("generation"), "reloads": m.get("reloads"),
+                     "restarts": m.get("restarts"), **figures(pid)}
+    doc["workers"] = [{"id": w["id"], "pid": w["pid"], "state": w["state"], "age": w["age"],
+                       "requests": w["requests"], **figures(w["pid"])}
+                      for w in sorted(rows, key=lambda w: (w["id"], w["pid"]))]
+    del L
+    return doc
 
 
 @main.command()

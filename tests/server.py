@@ -144,10 +144,18 @@ class Server:
         return self.proc.pid
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The master's stdout/stderr, then the error log file if the config names one."""
+        out = ""
+        paths = [self.log_path]
+        error_log = self.config.get("log", {}).get("error_log", "-")
+        if error_log not in ("-", ""):
+            paths.append(self.tmp / error_log)  # an absolute path stays as it is
+        for p in paths:
+            try:
+                out += Path(p).read_text(errors="replace")
+            except FileNotFoundError:
+                pass
+        return out
 
     def worker_pids(self) -> list[int]:
         try:

@@ -210,7 +210,8 @@ class Worker:
             f = f.f_back
         where = (f"{req.method} {req.path} from {req.client}" if req is not None
                  else "no request (outside any handler)")
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        # the innermost frames: the handler and what the loop called it from
+        stack = "".join(traceback.format_stack(frame, limit=12)) if frame is not None else ""
         self.block.write_text(self.slot_index, f"stuck on {where}")
         log.error("worker %d (pid %d) loop blocked, stuck on %s; stack:\n%s",
                   self.worker_id, os.getpid(), where, stack.rstrip())
