@@ -193,7 +193,6 @@ def _status_doc(pid_path: str, pid: int) -> dict:
     counts, psutil for memory and CPU (sampled over 0.2 s)."""
     import psutil
 
-    from .stats import layout as L
     from .stats.block import StatsBlock, block_name
     from .stats.snapshot import stats_document
 
@@ -258,7 +257,6 @@ def _status_doc(pid_path: str, pid: int) -> dict:
     doc["workers"] = [{"id": w["id"], "pid": w["pid"], "state": w["state"], "age": w["age"],
                        "requests": w["requests"], **figures(w["pid"])}
                       for w in sorted(rows, key=lambda w: (w["id"], w["pid"]))]
-    del L
     return doc
 
 

@@ -211,3 +211,29 @@ def test_graceful_stop_under_load_loses_nothing(make_server):
     assert code == 0
     assert not load.failed, dict(counts)
     assert counts["refused"] > 0 and counts["ok"] > 100
+
+
+def test_reload_applies_limits_timeouts_and_models(make_server):
+    srv = make_server(workers=2)
+    status, _, body = srv.request("POST", "/v1/chat", body='{"prompt":"' + "x" * 2000 + '"}')
+    assert status == 200 and b"Hello, AI world!" in body
+    old = set(srv.worker_pids())
+    srv.write_config({
+        "server": {"max_body_bytes": 1000, "keepalive_timeout": 0.5},
+        "models": {"echo": {"provider": "echo", "response": "reloaded answer"},
+                   "second": {"provider": "echo"}}})
+    srv.send_signal(signal.SIGHUP)
+    wait_replaced(srv, old, 2)
+    status, _, body = srv.request("POST", "/v1/chat", body='{"prompt":"' + "x" * 2000 + '"}')
+    assert status == 413  # the new body limit
+    status, _, body = srv.request("POST", "/v1/chat", body='{"prompt":"hi"}')
+    assert status == 200 and b"reloaded answer" in body  # the new model table
+    assert srv.request("POST", "/v1/chat", body='{"prompt":"hi","model":"second"}')[0] == 200
+    import socket
+    with socket.create_connection((ADDR, srv.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        s.settimeout(10)
+        assert s.recv(1) == b""  # the new keep-alive timeout closes the idle connection
+        assert time.monotonic() - t0 < 5  # the old one was 5 s
