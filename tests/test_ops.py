@@ -174,9 +174,12 @@ def test_access_log_lines(make_server, tmp_path):
     assert srv.request("POST", "/v1/chat", body='{"prompt":"hi","stream":true}')[0] == 200
     assert srv.request("GET", "/missing")[0] == 404
     srv.raw(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n")  # refused by the parser
-    wait_for(lambda: len(path.read_text().splitlines()) >= 4 + 1, 5, what="access lines")
-    lines = [json.loads(x) for x in path.read_text().splitlines()]
-    chat, stream, missing, bad = [x for x in lines if x["path"] != "/health"][:4]
+    def mine():  # the readiness probes of /health come first; then these four
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        rest = [x for x in lines if x["path"] != "/health"]
+        return (lines, rest) if len(rest) >= 4 else None
+    lines, rest = wait_for(mine, 10, what="four access lines")
+    chat, stream, missing, bad = rest[:4]
     for x in lines:
         assert set(x) == {"time", "client", "method", "path", "status", "bytes", "duration",
                           "model", "tokens"}

@@ -210,7 +210,7 @@ def test_graceful_stop_under_load_loses_nothing(make_server):
     print(dict(counts))
     assert code == 0
     assert not load.failed, dict(counts)
-    assert counts["refused"] > 0 and counts["ok"] > 100
+    assert counts["refused"] > 0 and counts["ok"] >= 100
 
 
 def test_reload_applies_limits_timeouts_and_models(make_server):
