@@ -55,6 +55,9 @@ def reopen() -> None:
         _handler.reopen()
 
 
+_MILLIS = [f".{i:03d}Z" for i in range(1000)]  # the end of the time field, by millisecond
+
+
 class AccessLog:
     """One JSON line per request, written by orjson into a buffer that the
     worker flushes every tick (and at exit, and when it grows large), so a
@@ -89,19 +92,26 @@ class AccessLog:
         if sec != self._sec:
             self._sec = sec
             self._prefix = _strftime("%Y-%m-%dT%H:%M:%S", _gmtime(sec))
-        state = req.state if req is not None else None
-        self.buf.append(_dumps({
-            "time": f"{self._prefix}.{int((now - sec) * 1000):03d}Z",
-            "client": req.client if req is not None else None,
-            "method": req.method if req is not None else None,
-            "path": req.path if req is not None else None,
-            "status": status,
-            "bytes": nbytes,
-            "duration": round((_monotonic() - t0) * 1000, 3),
-            "model": state.get("model") if state else None,
-            "tokens": state.get("tokens") if state else None,
-        }))
-        if len(self.buf) >= self.FLUSH_AT:
+        if req is not None:
+            # The raw target (path and query, as sent), not req.path: that one is
+            # computed on first use, which costs more than the rest of this line.
+            # Handlers put "model" and "tokens" in req.state; read it without
+            # creating it for requests that have none.
+            state = getattr(req, "_state", None)
+            line = {"time": self._prefix + _MILLIS[int((now - sec) * 1000)],
+                    "client": req.client, "method": req.method,
+                    "path": req.target.decode("latin-1"), "status": status, "bytes": nbytes,
+                    "duration": int((_monotonic() - t0) * 1e6) / 1000,
+                    "model": state.get("model") if state else None,
+                    "tokens": state.get("tokens") if state else None}
+        else:
+            line = {"time": self._prefix + _MILLIS[int((now - sec) * 1000)],
+                    "client": None, "method": None, "path": None, "status": status,
+                    "bytes": nbytes, "duration": int((_monotonic() - t0) * 1e6) / 1000,
+                    "model": None, "tokens": None}
+        buf = self.buf
+        buf.append(_dumps(line))
+        if len(buf) >= self.FLUSH_AT:
             self.flush()
 
     def flush(self) -> None:

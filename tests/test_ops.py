@@ -160,7 +160,7 @@ def test_usr1_reopens_error_and_access_logs(make_server, tmp_path):
              len((logs / "access.log").read_text().splitlines()) >= 3, 10,
              what="new access log written")
     new = [json.loads(x) for x in (logs / "access.log").read_text().splitlines()]
-    assert {x["path"] for x in new} == {"/stats"}
+    assert {x["path"] for x in new} == {"/stats?after=rotate"}  # the target as sent
     old = [json.loads(x) for x in (logs / "access.log.1").read_text().splitlines()]
     assert len(old) >= 5 and all(x["path"] == "/health" for x in old)
     assert "log files reopened" in (logs / "error.log").read_text()

@@ -37,6 +37,7 @@ class SeedChat:
         self.slot = ctx.slot
         self.models = ctx.models
         self.filters = ctx.app.token_filters
+        self.log_usage = getattr(ctx, "access_log", None) is not None
 
     def register(self, app) -> None:
         app.add_route("POST", "/v1/chat", self.chat)
@@ -73,11 +74,10 @@ class SeedChat:
         messages = [{"role": "user", "content": prompt}]
         prompt_tokens = tokenizer.count(prompt)
         self.slot[L.S_TOKENS_IN] += prompt_tokens
-        if self.ctx.access_log is not None:  # model and tokens for the access log line
-            if req.state is None:
-                req.state = {}
-            req.state["model"] = name
-            req.state["tokens"] = prompt_tokens
+        if self.log_usage:  # model and tokens for the access log line
+            st = req.state
+            st["model"] = name
+            st["tokens"] = prompt_tokens
         if stream:
             sse = "text/event-stream" in (req.headers.get("accept") or "")
             return self._stream(req, name, provider, messages, params, prompt_tokens, sse)
@@ -90,7 +90,7 @@ class SeedChat:
     def _answer(self, name: str, text: str, prompt_tokens: int, req: Request) -> Response:
         completion = tokenizer.count(text)
         self.slot[L.S_TOKENS_OUT] += completion
-        if req.state and "tokens" in req.state:
+        if self.log_usage:
             req.state["tokens"] += completion
         return Response(orjson.dumps({
             "response": text, "model": name, "timestamp": int(time.time()),
@@ -119,6 +119,7 @@ class SeedChat:
     def _stream(self, req: Request, name: str, provider: Any, messages: list, params: dict,
                 prompt_tokens: int, sse: bool) -> StreamingResponse:
         slot = self.slot
+        log_usage = self.log_usage
         sent: list[str] = []
         counted = [False]
 
@@ -135,7 +136,7 @@ class SeedChat:
                 yield frame({"token": tok})
             completion = tokenizer.count("".join(sent))
             slot[L.S_TOKENS_OUT] += completion  # before the last bytes leave
-            if req.state and "tokens" in req.state:
+            if log_usage:
                 req.state["tokens"] += completion
             counted[0] = True
             yield frame({"done": True, "model": name, "usage": usage(prompt_tokens, completion)})
