@@ -24,13 +24,26 @@ def drain(sock: socket.socket) -> int:
         n += 1
 
 
-def connect_many(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+def connect_many(port: int, n: int, host: str = "127.0.0.1") -> list[socket.socket]:
+    return [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(not has_ipv6(),
+                                                                  reason="no IPv6"))]
 
 
 def spread(lst: Listener, n: int = 60) -> list[int]:
     """Open n connections; how many landed on each socket of the group."""
-    conns = connect_many(lst.port, n)
+    conns = connect_many(lst.port, n, lst.host)
     time.sleep(0.05)
     got = [drain(s) for s in lst.sockets]
     for c in conns:
@@ -38,9 +51,9 @@ def spread(lst: Listener, n: int = 60) -> list[int]:
     return got
 
 
-@pytest.fixture
-def group():
-    lst = Listener("127.0.0.1", 0, 128)
+@pytest.fixture(params=HOSTS)
+def group(request):
+    lst = Listener(request.param, 0, 128)
     lst.ensure(3)
     yield lst
     lst.close()
@@ -59,7 +72,7 @@ def test_steering_picks_only_the_given_sockets(group):
 
 def test_accept_queue_length(group):
     group.steer([0])
-    conns = connect_many(group.port, 5)
+    conns = connect_many(group.port, 5, group.host)
     time.sleep(0.05)
     assert accept_queue_length(group.sockets[0]) == 5
     assert accept_queue_length(group.sockets[1]) == 0
@@ -69,18 +82,19 @@ def test_accept_queue_length(group):
         c.close()
 
 
-def test_refused_socket_keeps_its_queue_and_takes_no_new_connection():
-    lst = Listener("127.0.0.1", 0, 128)
+@pytest.mark.parametrize("host", HOSTS)
+def test_refused_socket_keeps_its_queue_and_takes_no_new_connection(host):
+    lst = Listener(host, 0, 128)
     try:
         lst.ensure(1)
-        queued = connect_many(lst.port, 3)
+        queued = connect_many(lst.port, 3, host)
         time.sleep(0.05)
         refuse_new(lst.sockets[0])
         # A new SYN is dropped: connect() does not complete (the client would retry
         # the SYN a second later, and by then the socket is closed: refused).
-        late = socket.socket()
+        late = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         late.setblocking(False)
-        assert late.connect_ex(("127.0.0.1", lst.port)) in (115, 11)  # EINPROGRESS
+        assert late.connect_ex((host, lst.port)) in (115, 11)  # EINPROGRESS
         time.sleep(0.3)
         assert late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
         with pytest.raises(OSError):
