@@ -237,3 +237,59 @@ def test_reload_applies_limits_timeouts_and_models(make_server):
         s.settimeout(10)
         assert s.recv(1) == b""  # the new keep-alive timeout closes the idle connection
         assert time.monotonic() - t0 < 5  # the old one was 5 s
+
+
+SLEEPER = '''
+import time
+from neurohttp.plugins import Response
+
+def setup(app, options):
+    @app.route("GET", "/sleep")
+    def sleep(request):
+        time.sleep(options.get("seconds", 3))   # blocks the worker's loop
+        return Response("slept")
+'''
+
+
+def test_connections_queued_on_a_removed_address_are_served(make_server, tmp_path):
+    """Connections wait in the accept queue of an address a reload removes,
+    while the only worker on it is busy; the reload retires that worker. It
+    must accept and answer them before it closes the socket for good."""
+    import socket
+    import threading
+    pdir = tmp_path / "plugins"
+    pdir.mkdir()
+    (pdir / "sleeper.py").write_text(SLEEPER)
+    p1, p2 = free_port(), free_port()
+    plugins = {"paths": [str(pdir)], "enabled": ["sleeper"], "sleeper": {"seconds": 3}}
+    srv = make_server(workers=1, bind=None, cli_workers=False, config={
+        "server": {"bind": [f"{ADDR}:{p1}", f"{ADDR}:{p2}"], "workers": 1},
+        "plugins": plugins})
+    [old] = srv.worker_pids()
+    srv.port = p1
+    blocker = threading.Thread(target=lambda: srv.request("GET", "/sleep", timeout=20),
+                               daemon=True)
+    blocker.start()
+    time.sleep(0.3)  # the worker's loop is now asleep in the handler
+    srv.write_config({"server": {"bind": [f"{ADDR}:{p2}"], "workers": 1},
+                      "plugins": plugins})
+    srv.send_signal(signal.SIGHUP)
+    # Queued on p1: the kernel completes the handshakes, nobody accepts yet.
+    queued = []
+    for _ in range(5):
+        s = socket.create_connection((ADDR, p1), timeout=20)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        queued.append(s)
+    # the new worker (on p2 only) is up; the old one is told to retire while asleep
+    wait_for(lambda: "old workers retiring" in srv.log(), 20, what="old worker retiring")
+    from server import read_all
+    answers = [read_all(s, 20) for s in queued]
+    for s in queued:
+        s.close()
+    assert all(a.startswith(b"HTTP/1.1 200") for a in answers), answers
+    blocker.join(20)
+    wait_for(lambda: old not in srv.worker_pids(), 20, what="old worker gone")
+    with socket.socket() as s:  # p1 is closed now
+        assert s.connect_ex((ADDR, p1)) != 0
+    srv.port = p2
+    assert srv.request("GET", "/health")[0] == 200
