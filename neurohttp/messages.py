@@ -83,23 +83,28 @@ class Request:
         self.client = client
         self.keep_alive = keep_alive
         self.body = body
+        # Lazily computed. None, not an unset slot: raising AttributeError to
+        # find out costs more than these stores.
+        self._headers: Headers | None = None
+        self._path: str | None = None
+        self._query: dict[str, str] | None = None
+        self._json: Any = _UNSET
+        self._state: dict[str, Any] | None = None
 
     @property
     def headers(self) -> Headers:
-        try:
-            return self._headers
-        except AttributeError:
+        h = self._headers
+        if h is None:
             h = self._headers = Headers(self.raw_headers)
-            return h
+        return h
 
     @property
     def state(self) -> dict[str, Any]:
         """Per-request scratch space for plugins."""
-        try:
-            return self._state
-        except AttributeError:
+        st = self._state
+        if st is None:
             st = self._state = {}
-            return st
+        return st
 
     def _split_target(self) -> str:
         t = self.target
@@ -119,37 +124,34 @@ class Request:
 
     @property
     def path(self) -> str:
-        try:
-            return self._path
-        except AttributeError:
-            return self._split_target()
+        p = self._path
+        return p if p is not None else self._split_target()
 
     @property
     def query_string(self) -> str:
-        try:
-            return self._query_string
-        except AttributeError:
+        if self._path is None:
             self._split_target()
-            return self._query_string
+        return self._query_string
 
     @property
     def query(self) -> dict[str, str]:
-        try:
-            return self._query
-        except AttributeError:
+        q = self._query
+        if q is None:
             q = self._query = dict(parse_qsl(self.query_string, keep_blank_values=True))
-            return q
+        return q
 
     def json(self) -> Any:
         """The body parsed as JSON (whatever the Content-Type); raises ValueError."""
-        try:
-            return self._json
-        except AttributeError:
+        j = self._json
+        if j is _UNSET:
             j = self._json = orjson.loads(self.body)
-            return j
+        return j
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r} from {self.client}>"
+
+
+_UNSET = object()
 
 
 class Response:
