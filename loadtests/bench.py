@@ -36,7 +36,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_BENCH = ROOT.parent / "shared" / "bench"
+# ../shared beside the checkout (CI, /work/main); worktrees elsewhere use /work/shared
+SHARED_BENCH = next((p for p in (ROOT.parent / "shared" / "bench", Path("/work/shared/bench"))
+                     if p.exists()), ROOT.parent / "shared" / "bench")
 VARIANT_PORTS = {"plain": 8300, "accesslog": 8310, "scrape": 8320}
 
 
