@@ -26,12 +26,25 @@ PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_UPGRADE_BODY, PHASE_DONE = 0, 1, 2, 3,
 
 
 class HttpError(Exception):
-    """Input the server must refuse: answer `status` and close the connection."""
+    """Input the server must refuse: answer `status` and close the connection.
+
+    `requests` holds the requests completed earlier in the same feed: the caller
+    answers them first, so the outcome does not depend on how the bytes were split.
+    `request` is the refused request as far as it was parsed (target and fields),
+    or None, so the refusal can take the route's error shape (JSON under /v1/).
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.requests: list[Request] = []
+        self.request: Request | None = None
+
+
+# llhttp reasons that mean "a well-formed version we do not speak" (505, not 400)
+_VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade",
+                             "Expected HTTP/2 Connection Preface"})
 
 
 class H1Parser:
@@ -62,6 +75,7 @@ class H1Parser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0           # bytes of head seen through callbacks
         self._head_bytes = 0          # bytes of head seen through whole chunks
+        self._framing = 0             # body-phase bytes fed with no body data in them
         self._body: list[bytes] = []
         self._body_len = 0
         self._pending: Request | None = None  # head parsed, body in progress
@@ -69,38 +83,77 @@ class H1Parser:
 
     # ------------------------------------------------------------ input
     def feed(self, data: bytes, now: float) -> list[Request]:
-        """Parse `data`; return the requests it completed, oldest first."""
-        if self.phase >= PHASE_UPGRADE_BODY:
+        """Parse `data`; return the requests it completed, oldest first.
+
+        After an HttpError the parser takes no more input (feed returns []).
+        """
+        phase = self.phase
+        if phase >= PHASE_UPGRADE_BODY:
             return self._feed_after_upgrade(data)
         self._now = now
-        started_in_head = self.phase == PHASE_HEAD
+        body_before = self._body_len
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            return self._on_upgrade(data[e.args[0]:])
+            try:
+                return self._on_upgrade(data[e.args[0]:])
+            except HttpError as err:
+                raise self._fail(err) from None
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
             if isinstance(err, HttpError):
-                raise err from None
+                raise self._fail(err) from None
             raise
         except httptools.HttpParserInvalidMethodError:
-            raise HttpError(400, "invalid request method") from None
+            raise self._fail(HttpError(400, "invalid request method")) from None
         except httptools.HttpParserInvalidURLError:
-            raise HttpError(400, "invalid request target") from None
+            raise self._fail(HttpError(400, "invalid request target")) from None
         except httptools.HttpParserError as e:
-            raise HttpError(400, str(e) or "malformed request") from None
+            reason = str(e)
+            if reason in _VERSION_ERRORS:
+                raise self._fail(HttpError(505, "HTTP version not supported")) from None
+            raise self._fail(HttpError(400, reason or "malformed request")) from None
         done = self._done
-        if self.phase == PHASE_HEAD:
-            # The head is still incomplete: bound what llhttp buffers for it.
-            if started_in_head and not done:
-                self._head_bytes += len(data)
-            else:
-                self._head_bytes = self._head_size
-            if self._head_bytes > self.max_header_bytes:
-                raise HttpError(431, "request header fields too large")
+        end = self.phase
+        if end:
+            # A message is still incomplete: bound what httptools buffers for it
+            # (a partial header or trailer value), counting whole chunks.
+            if end == PHASE_HEAD:
+                if phase == PHASE_HEAD and not done:
+                    self._head_bytes += len(data)
+                else:
+                    self._head_bytes = self._head_size
+                if self._head_bytes > self.max_header_bytes:
+                    raise self._fail(HttpError(431, "request header fields too large"))
+            elif end == PHASE_BODY:
+                # Chunk-size lines, extensions and trailers: only reads that carried
+                # no body data count, so small legitimate chunks never add up.
+                if phase == PHASE_BODY and not done and self._body_len == body_before:
+                    self._framing += len(data)
+                    if self._framing > self.max_header_bytes:
+                        raise self._fail(HttpError(431, "chunk framing or trailer fields too large"))
+                else:
+                    self._framing = 0
         if done:
             self._done = []
         return done
+
+    def _fail(self, err: HttpError) -> HttpError:
+        """Attach the requests completed before `err`; take no more input."""
+        err.requests = self._done
+        self._done = []
+        if self._pending is not None:
+            err.request = self._pending
+        elif self.phase == PHASE_HEAD and self._url:
+            m = self._p.get_method()
+            err.request = Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
+                                  self._headers, self.client, False)
+        self._pending = None
+        self._body = []
+        self.phase = PHASE_DONE
+        self.continue_pending = False
+        self.upgrade = None
+        return err
 
     # ------------------------------------------------------------ httptools callbacks
     # No on_message_begin: a request's head starts with its first target byte,
@@ -115,19 +168,22 @@ class H1Parser:
         else:
             self._url += url
             self._head_size += len(url)
+        if self._head_size > self.max_header_bytes:
+            # the request line shares the head's budget: 431, never 414 (ARCHITECTURE.md)
+            raise HttpError(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.phase != PHASE_HEAD:
             return  # chunked trailer fields: accepted and ignored
         self._headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
+        # "name:value CRLF" at least: never more than the bytes on the wire
+        self._head_size += len(name) + len(value) + 3
         if self._head_size > self.max_header_bytes:
             raise HttpError(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
         p = self._p
         headers = self._headers
-        self._headers = []
         hosts = 0
         length = -1
         expect = chunked = connection = False
@@ -144,11 +200,18 @@ class H1Parser:
                     connection = True
             elif n == 6:
                 if name.lower() == b"expect":
-                    if value.lower() != b"100-continue":
+                    if value.lower().rstrip() != b"100-continue":  # llhttp keeps trailing OWS
                         raise HttpError(417, "only 'Expect: 100-continue' is supported")
                     expect = True
             elif n == 17 and name.lower() == b"transfer-encoding":
-                chunked = True  # llhttp has checked that chunked is the final coding
+                # llhttp refuses (400) a final coding other than chunked, sometimes
+                # only after this callback: 400 here too. We decode no other coding.
+                v = value.lower().rstrip()
+                if v != b"chunked":
+                    if v.rpartition(b",")[2].strip() != b"chunked":
+                        raise HttpError(400, "chunked must be the final transfer coding")
+                    raise HttpError(501, "only the chunked transfer coding is supported")
+                chunked = True
         keep_alive = p.should_keep_alive()
         if keep_alive and not connection:
             # llhttp keeps a request alive without a Connection header only for
@@ -167,6 +230,7 @@ class H1Parser:
             raise HttpError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
         if length > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
+        self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
         method = p.get_method()
         self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
                                 version, headers, self.client, keep_alive)
@@ -217,6 +281,7 @@ class H1Parser:
             if len(name) == 14 and name.lower() == b"content-length":
                 length = int(value)
             elif len(name) == 17 and name.lower() == b"transfer-encoding":
+                self._done = done  # answered before the error (see HttpError.requests)
                 raise HttpError(400, "a chunked body with Upgrade is not supported")
         self._upgrade_remaining = length
         self._body = []

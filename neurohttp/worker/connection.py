@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import error_response
 from ..messages import Request, Response, StreamingResponse
 from ..protocol import serialize as ser
-from ..protocol.h1 import PHASE_BODY, PHASE_HEAD, PHASE_IDLE, H1Parser, HttpError
+from ..protocol.h1 import (
+    PHASE_BODY,
+    PHASE_HEAD,
+    PHASE_IDLE,
+    PHASE_UPGRADE_BODY,
+    H1Parser,
+    HttpError,
+)
 from ..stats import layout as L
 
 if TYPE_CHECKING:
@@ -43,7 +50,7 @@ LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
-                 "closed", "current", "eof", "app")
+                 "closed", "current", "eof", "app", "error", "stalled_since")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -64,6 +71,8 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.current: Request | None = None
         self.eof = False            # the client half-closed its side
+        self.error: Response | None = None  # refusal to send once the queue is answered
+        self.stalled_since = 0.0    # when unsent output last went over the bound
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -110,7 +119,9 @@ class HttpConnection(asyncio.Protocol):
             else:
                 for i, r in enumerate(reqs):
                     self._handle(r, now)
-                    if self.busy or self.closing:
+                    # write_paused: the client is not reading; queue the rest of this
+                    # read rather than buffer its answers (up to ~60x the input)
+                    if self.busy or self.closing or self.write_paused:
                         self._enqueue(reqs[i + 1:], now)
                         break
         if parser.continue_pending and not self.busy and not self.queue:
@@ -129,8 +140,7 @@ class HttpConnection(asyncio.Protocol):
         # closes now when nothing is in flight).
         self.eof = True
         if (self.busy or self.queue) and not self.lingering:
-            self.closing = True
-            return True
+            return True  # _after_response closes once the queue is answered
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,6 +159,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.stalled_since = monotonic()
         self._pause_reading()
 
     def resume_writing(self) -> None:
@@ -156,7 +167,9 @@ class HttpConnection(asyncio.Protocol):
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if len(self.queue) <= self.w.max_pipeline:
+        if self.queue and not self.busy:
+            self._after_response()  # answers held back while the client was not reading
+        elif len(self.queue) <= self.w.max_pipeline:
             self._resume_reading()
 
     # ------------------------------------------------------------ dispatch
@@ -204,14 +217,18 @@ class HttpConnection(asyncio.Protocol):
     def _after_response(self) -> None:
         """Continue with queued pipelined requests once the connection is free."""
         queue = self.queue
-        while queue and not self.busy and not self.closing and not self.closed:
+        while queue and not self.busy and not self.closing and not self.closed \
+                and not self.write_paused:
             req, t0 = queue.popleft()
             self._handle(req, t0)
         if self.read_paused and not self.write_paused and len(queue) <= self.w.max_pipeline:
             self._resume_reading()
         if not self.busy and not queue and not self.closed:
             parser = self.parser
-            if self.closing and not self.lingering:
+            if self.error is not None and not self.closing:
+                self.slot[_S_REQUESTS] += 1  # counted when answered: requests == responses
+                self._send(None, self.error, monotonic())
+            elif self.closing or self.eof:
                 self._close()
             elif parser.continue_pending:
                 parser.continue_pending = False
@@ -327,17 +344,16 @@ class HttpConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ errors, closing
     def _protocol_error(self, e: HttpError, now: float) -> None:
-        """Refuse unparseable input: answer after what is in flight, then close."""
+        """Refuse unparseable input: answer the requests before it (in order), then
+        the error, then close. The parser takes no more input after an error."""
         self.slot[L.S_ERRORS_PARSE] += 1
-        self.slot[_S_REQUESTS] += 1
-        self.queue.clear()
-        resp = error_response(None, e.status, e.message)
-        if self.busy:
-            # a response is still streaming: it cannot be followed by another one
-            self.closing = True
-            self._pause_reading()
-            return
-        self._send(None, resp, now)
+        self.error = error_response(e.request, e.status, e.message)
+        if e.requests:
+            self.fresh = False
+            self.slot[_S_REQUESTS] += len(e.requests)
+            self.queue.extend((r, now) for r in e.requests)
+        if not self.busy:
+            self._after_response()
 
     def _close(self) -> None:
         """Close after the output drains, reading and dropping input meanwhile, so a
@@ -379,8 +395,13 @@ class HttpConnection(asyncio.Protocol):
         w = self.w
         if self.lingering:
             if now > self.lingering:
-                self.transport.close()
-                self.lingering = 0.0
+                self._drop()  # stays lingering: no timeout fires again on a closing connection
+            return
+        if self.write_paused:
+            # The client leaves our output unread: nothing else can happen on this
+            # connection, and close() would wait for a flush that never comes.
+            if now - self.stalled_since > w.send_timeout:
+                self.transport.abort()
             return
         if self.busy or self.queue:
             return
@@ -390,13 +411,21 @@ class HttpConnection(asyncio.Protocol):
                 if now - self.idle_since > w.header_timeout:
                     self._timeout_error()
             elif now - self.idle_since > w.keepalive_timeout:
-                self.transport.close()  # idle keep-alive: close quietly, as nginx does
+                self._drop()  # idle keep-alive: close quietly, as nginx does
         elif phase == PHASE_HEAD:
             if now - self.parser.head_started > w.header_timeout:
                 self._timeout_error()
-        elif phase == PHASE_BODY:
+        elif phase == PHASE_BODY or phase == PHASE_UPGRADE_BODY:
             if now - self.parser.body_started > w.body_timeout:
                 self._timeout_error()
+
+    def _drop(self) -> None:
+        """Close now; abort if output is still unsent (its reader is gone or stuck)."""
+        t = self.transport
+        if t.get_write_buffer_size():
+            t.abort()
+        else:
+            t.close()
 
     def _timeout_error(self) -> None:
         self.slot[_S_REQUESTS] += 1
