@@ -105,6 +105,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "header_timeout": Key(NUM, 10.0, _positive),
         "body_timeout": Key(NUM, 30.0, _positive),
         "keepalive_timeout": Key(NUM, 5.0, _non_negative),
+        "send_timeout": Key(NUM, 60.0, _positive),
         "graceful_timeout": Key(NUM, 30.0, _non_negative),
         "worker_timeout": Key(NUM, 30.0, _positive),
         "max_requests": Key(int, 0, _non_negative),

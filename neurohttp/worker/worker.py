@@ -77,6 +77,7 @@ class Worker:
         self.header_timeout = srv.header_timeout
         self.body_timeout = srv.body_timeout
         self.keepalive_timeout = srv.keepalive_timeout
+        self.send_timeout = srv.send_timeout
         self.max_connections = srv.max_connections
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
