@@ -182,8 +182,7 @@ def test_parser_head_limit_is_consistent(fields, url_len, sep, cuts):
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("fuzz"), workers=2,
-                 config={"server": {"max_body_bytes": MAX_BODY, "header_timeout": 3.0,
-                                    "body_timeout": 3.0}}).start()
+                 config={"server": {"max_body_bytes": MAX_BODY}}).start()
     pids = srv.worker_pids()
     yield srv
     try:
@@ -274,7 +273,9 @@ def test_live_server_answers_every_input_well(live, data):
     expected = [None] * len(methods) + ([refusal] if refusal else [])
     for i, (status, fields) in enumerate(responses):
         assert i < len(expected), f"unexpected extra response {status}"
-        if expected[i] is None:
+        if status == 408 and i == len(responses) - 1:
+            pass  # a starved server may time the client out; it must be the last word
+        elif expected[i] is None:
             assert 200 <= status < 300 or 400 <= status < 500, status
         else:
             assert status == expected[i] and status in REFUSALS

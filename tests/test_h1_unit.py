@@ -171,6 +171,15 @@ def test_chunked_body_over_limit_is_413(sizes):
     assert error_of(data, sizes).status == 413
 
 
+def test_huge_declared_chunk_size_is_413_once_the_data_passes_the_limit():
+    p = parser()
+    assert p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"7fffffffffffffff\r\n" + b"x" * MAX_BODY, 1.0) == []  # nothing buffered past it
+    with pytest.raises(HttpError) as ei:
+        p.feed(b"x", 1.0)
+    assert ei.value.status == 413
+
+
 @pytest.mark.parametrize("sizes", [None, 64])
 def test_one_huge_header_is_431(sizes):
     data = b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 2000 + b"\r\n\r\n"
