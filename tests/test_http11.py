@@ -25,7 +25,8 @@ CONFIG = {
                "write_buffer_bytes": 65536},
     # a model that streams slowly, so a response is in flight while we act
     "models": {"echo": {"provider": "echo", "token_delay_ms": 0},
-               "slow": {"provider": "echo", "token_delay_ms": 150}},
+               "slow": {"provider": "echo", "token_delay_ms": 150},
+               "slower": {"provider": "echo", "token_delay_ms": 1000}},
 }
 WAIT = 15.0  # bound on every wait for the server
 
@@ -686,7 +687,7 @@ def test_disconnect_mid_request_leaves_nothing(srv):
 def test_disconnect_mid_response_stream_leaves_nothing(srv):
     before = stats(srv)
     with Conn(srv) as c:
-        c.send(chat("x", stream=True, model="slow"))
+        c.send(chat("x", stream=True, model="slower"))  # 5 s: still running when we leave
         while b"\r\n\r\n" not in c.buf:
             c._fill()
         assert c.buf.startswith(b"HTTP/1.1 200")
