@@ -113,6 +113,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_worker_rss_mb": Key(int, 0, _non_negative),
         "max_pipeline": Key(int, 32, _positive),
         "write_buffer_bytes": Key(int, 256 * 1024, _positive),
+        "sse_ping_s": Key(NUM, 15.0, _non_negative),
         "pid_file": Key(str, "neurohttpd.pid"),
         "loop": Key(str, "auto", _one_of("auto", "uvloop", "asyncio")),
     },
@@ -137,6 +138,8 @@ MODEL_KEYS: dict[str, dict[str, Key]] = {
         "provider": Key(str, "echo"),
         "token_delay_ms": Key(NUM, 0, _non_negative),
         "response": Key(str, ""),
+        "repeat": Key(bool, False),
+        "split": Key(str, "word", _one_of("word", "token")),
     },
 }
 

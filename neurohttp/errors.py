@@ -20,6 +20,15 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error",
           504: "upstream_timeout", 505: "invalid_request_error"}
 
 
+class BadInput(Exception):
+    """A request field that fails validation: answered 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
 def error_body(status: int, message: str, type: str | None = None, code: str | None = None,
                param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type or _TYPES.get(status, "server_error"),

@@ -185,17 +185,19 @@ class StreamingResponse:
     at once (chunked framing on HTTP/1.1), nothing is buffered.
 
     `on_close(cancelled)` runs once when the stream ends, whether it finished
-    or the client went away.
+    or the client went away. `abort_chunk` is sent as the last piece when the
+    server ends the stream itself (its shutdown deadline passed).
     """
 
     __slots__ = ("chunks", "status", "headers", "content_type", "on_close", "idle_ping",
-                 "idle_after")
+                 "idle_after", "abort_chunk")
 
     def __init__(self, chunks: AsyncIterator[bytes], status: int = 200,
                  headers: dict[str, str] | None = None,
                  content_type: str = "application/octet-stream",
                  on_close: Callable[[bool], None] | None = None,
-                 idle_ping: bytes | None = None, idle_after: float = 0.0) -> None:
+                 idle_ping: bytes | None = None, idle_after: float = 0.0,
+                 abort_chunk: bytes | None = None) -> None:
         self.chunks = chunks
         self.status = status
         self.headers = {} if headers is None else headers
@@ -204,3 +206,20 @@ class StreamingResponse:
         # bytes to send when the stream has been idle for idle_after seconds (SSE ": ping")
         self.idle_ping = idle_ping
         self.idle_after = idle_after
+        self.abort_chunk = abort_chunk
+
+
+class WebSocketUpgrade:
+    """A handler's answer that switches the connection to WebSocket.
+
+    `accept` is the Sec-WebSocket-Accept value; `session()` makes the object
+    that receives the text messages (see worker/websocket.py).
+    """
+
+    __slots__ = ("accept", "session", "headers")
+
+    def __init__(self, accept: str, session: Callable[[], Any],
+                 headers: dict[str, str] | None = None) -> None:
+        self.accept = accept
+        self.session = session
+        self.headers = {} if headers is None else headers

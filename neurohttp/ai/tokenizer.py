@@ -71,6 +71,16 @@ def count_messages(messages: list[dict[str, Any]]) -> int:
     return n
 
 
+def truncate(text: str, limit: int) -> str:
+    """The longest prefix of `text` that is at most `limit` tokens, cut on a token
+    boundary (a character split by the cut is dropped)."""
+    enc = encoding()
+    toks = enc.encode_ordinary(text)
+    if len(toks) <= limit:
+        return text
+    return enc.decode_bytes(toks[:limit]).decode("utf-8", "ignore")
+
+
 def split(text: str) -> list[str]:
     """`text` cut into its tokens' texts (tokens that split a UTF-8 character are
     merged with the next ones so every piece is valid text)."""

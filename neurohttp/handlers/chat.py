@@ -2,7 +2,7 @@
 
 With "stream": true the answer is chunked NDJSON ({"token": ...} lines, then a
 {"done": true, ...} line), or SSE carrying the same objects then [DONE] when
-Accept asks for text/event-stream.
+Accept asks for text/event-stream. The tokens come from the shared pipeline.
 """
 
 from __future__ import annotations
@@ -15,31 +15,56 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.models import UnknownModel
-from ..errors import error_response
+from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, provider_error
+from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
 
 if TYPE_CHECKING:
-    from ..worker.worker import Worker
+    from ..app import App
 
 _JSON = "application/json"
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def parse_seed(body: Any) -> tuple[str, str | None, dict[str, Any]]:
+    """Check a seed-API message ({"prompt", "model"?, "max_tokens"?, "stop"?}):
+    (prompt, model, params), or BadInput naming the parameter. Shared by
+    /v1/chat and /v1/ws."""
+    if type(body) is not dict:
+        raise BadInput("request body must be a JSON object", None)
+    prompt = body.get("prompt")
+    if type(prompt) is not str:
+        raise BadInput("'prompt' is required and must be a string", "prompt")
+    model = body.get("model")
+    if model is not None and type(model) is not str:
+        raise BadInput("'model' must be a string", "model")
+    params: dict[str, Any] = {}
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise BadInput("'max_tokens' must be a positive integer", "max_tokens")
+        params["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        if type(stop) is str:
+            stop = [stop]
+        if type(stop) is not list or len(stop) > 4 or any(type(s) is not str for s in stop):
+            raise BadInput("'stop' must be a string or a list of up to 4 strings", "stop")
+        params["stop"] = stop
+    return prompt, model, params
+
+
+def done_message(gen: Generation) -> dict[str, Any]:
+    """The last object of a seed stream (NDJSON, SSE and WebSocket alike)."""
+    u = gen.finish()
+    return {"done": True, "model": gen.model, "finish_reason": gen.finish_reason, "usage": u}
 
 
 class SeedChat:
-    def __init__(self, ctx: Worker) -> None:
-        self.ctx = ctx
-        self.slot = ctx.slot
-        self.models = ctx.models
-        self.filters = ctx.app.token_filters
-        self.log_usage = getattr(ctx, "access_log", None) is not None
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
 
-    def register(self, app) -> None:
+    def register(self, app: App) -> None:
         app.add_route("POST", "/v1/chat", self.chat)
 
     def chat(self, req: Request) -> Any:
@@ -47,108 +72,90 @@ class SeedChat:
             body = orjson.loads(req.body)
         except orjson.JSONDecodeError:
             return error_response(req, 400, "request body is not valid JSON")
-        if type(body) is not dict:
-            return error_response(req, 400, "request body must be a JSON object")
-        prompt = body.get("prompt")
-        if type(prompt) is not str:
-            return error_response(req, 400, "'prompt' is required and must be a string",
-                                  param="prompt")
-        model = body.get("model")
-        if model is not None and type(model) is not str:
-            return error_response(req, 400, "'model' must be a string", param="model")
-        stream = body.get("stream", False)
-        if type(stream) is not bool:
-            return error_response(req, 400, "'stream' must be true or false", param="stream")
-        params: dict[str, Any] = {}
-        max_tokens = body.get("max_tokens")
-        if max_tokens is not None:
-            if type(max_tokens) is not int or max_tokens < 1:
-                return error_response(req, 400, "'max_tokens' must be a positive integer",
-                                      param="max_tokens")
-            params["max_tokens"] = max_tokens
+        if type(body) is dict and len(body) == 1 and type(body.get("prompt")) is str:
+            # the common request, {"prompt": "..."}: nothing else to check
+            prompt, model, params, stream = body["prompt"], None, {}, False
+        else:
+            try:
+                prompt, model, params = parse_seed(body)
+            except BadInput as e:
+                return error_response(req, 400, e.message, param=e.param)
+            stream = body.get("stream", False)
+            if type(stream) is not bool:
+                return error_response(req, 400, "'stream' must be true or false",
+                                      param="stream")
+        pipeline = self.pipeline
         try:
-            name, provider = self.models.get(model)
+            name, provider = pipeline.models.get(model)
         except UnknownModel:
             return error_response(req, 404, f"the model '{model}' does not exist",
                                   code="model_not_found", param="model")
         messages = [{"role": "user", "content": prompt}]
         prompt_tokens = tokenizer.count(prompt)
-        self.slot[L.S_TOKENS_IN] += prompt_tokens
-        if self.log_usage:  # model and tokens for the access log line
-            st = req.state
-            st["model"] = name
-            st["tokens"] = prompt_tokens
+        if not stream and "stop" not in params and not pipeline.filters:
+            # the fast path (pipeline.instant, inlined): no Generation, no task
+            complete_now = getattr(provider, "complete_now", None)
+            answer = None if complete_now is None else complete_now(messages, params)
+            if answer is not None:
+                text = answer if answer.__class__ is str else answer[0]
+                completion = tokenizer.count(text)
+                slot = pipeline.slot
+                slot[L.S_TOKENS_IN] += prompt_tokens
+                slot[L.S_TOKENS_OUT] += completion
+                if pipeline.log_usage:  # model and tokens for the access log line
+                    st = req.state
+                    st["model"] = name
+                    st["tokens"] = prompt_tokens + completion
+                return Response(orjson.dumps({
+                    "response": text, "model": name, "timestamp": int(time.time()),
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                              "total_tokens": prompt_tokens + completion}}), 200, None, _JSON)
+        gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens)
         if stream:
-            sse = "text/event-stream" in (req.headers.get("accept") or "")
-            return self._stream(req, name, provider, messages, params, prompt_tokens, sse)
-        if not self.filters:
-            text = provider.complete_now(messages, params)
-            if text is not None:
-                return self._answer(name, text, prompt_tokens, req)
-        return self._collect(req, name, provider, messages, params, prompt_tokens)
+            return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
+        if gen.run_now():  # stop sequences or filters on a model that answers at once
+            return self._answer(gen)
+        return self._collect(req, gen)
 
-    def _answer(self, name: str, text: str, prompt_tokens: int, req: Request) -> Response:
-        completion = tokenizer.count(text)
-        self.slot[L.S_TOKENS_OUT] += completion
-        if self.log_usage:
-            req.state["tokens"] += completion
+    def _answer(self, gen: Generation) -> Response:
+        u = gen.finish()
         return Response(orjson.dumps({
-            "response": text, "model": name, "timestamp": int(time.time()),
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                      "total_tokens": prompt_tokens + completion}}), 200, None, _JSON)
+            "response": gen.text, "model": gen.model, "timestamp": int(time.time()),
+            "usage": u}), 200, None, _JSON)
 
-    async def _tokens(self, req: Request, provider: Any, messages: list, params: dict) -> AsyncIterator[str]:
-        """The provider's tokens through the plugins' on_token filters."""
-        filters = self.filters
-        agen = provider.stream(messages, params)
+    async def _collect(self, req: Request, gen: Generation) -> Response:
         try:
-            async for tok in agen:
-                for f in filters:
-                    tok = f(req, tok)
-                    if tok is None:
-                        return
-                yield tok
-        finally:
-            await agen.aclose()
+            async for _ in gen.tokens():
+                pass
+        except Exception as e:
+            gen.close()
+            status, err = provider_error(e)
+            return Response.json(err, status)
+        return self._answer(gen)
 
-    async def _collect(self, req: Request, name: str, provider: Any, messages: list,
-                       params: dict, prompt_tokens: int) -> Response:
-        parts = [tok async for tok in self._tokens(req, provider, messages, params)]
-        return self._answer(name, "".join(parts), prompt_tokens, req)
-
-    def _stream(self, req: Request, name: str, provider: Any, messages: list, params: dict,
-                prompt_tokens: int, sse: bool) -> StreamingResponse:
-        slot = self.slot
-        log_usage = self.log_usage
-        sent: list[str] = []
-        counted = [False]
-
+    def _stream(self, req: Request, gen: Generation, sse: bool) -> StreamingResponse:
         if sse:
             def frame(obj: dict) -> bytes:
                 return b"data: " + orjson.dumps(obj) + b"\n\n"
+            pre, post = b'data: {"token":', b"}\n\n"
         else:
             def frame(obj: dict) -> bytes:
                 return orjson.dumps(obj) + b"\n"
+            pre, post = b'{"token":', b"}\n"
 
         async def body() -> AsyncIterator[bytes]:
-            async for tok in self._tokens(req, provider, messages, params):
-                sent.append(tok)
-                yield frame({"token": tok})
-            completion = tokenizer.count("".join(sent))
-            slot[L.S_TOKENS_OUT] += completion  # before the last bytes leave
-            if log_usage:
-                req.state["tokens"] += completion
-            counted[0] = True
-            yield frame({"done": True, "model": name, "usage": usage(prompt_tokens, completion)})
-            if sse:
-                yield b"data: [DONE]\n\n"
-
-        def on_close(cancelled: bool) -> None:
-            if not counted[0]:  # cut short: count what was generated
-                slot[L.S_TOKENS_OUT] += tokenizer.count("".join(sent))
+            frames = gen.frames(pre, post)
+            try:
+                async for data in frames:
+                    yield data
+            except Exception as e:
+                yield frame(provider_error(e)[1])
+                return
+            finally:
+                await frames.aclose()
+            last = frame(done_message(gen))  # counts tokens_out before the last bytes leave
+            yield last + b"data: [DONE]\n\n" if sse else last
 
         if sse:
-            return StreamingResponse(body(), 200, dict(_SSE_HEADERS), "text/event-stream",
-                                     on_close)
-        return StreamingResponse(body(), 200, {"Cache-Control": "no-cache"},
-                                 "application/x-ndjson", on_close)
+            return self.pipeline.respond(gen, body(), "text/event-stream", True, SHUTDOWN_ERROR)
+        return self.pipeline.respond(gen, body(), "application/x-ndjson", False, SHUTDOWN_ERROR)

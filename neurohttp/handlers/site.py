@@ -56,6 +56,9 @@ class SiteHandlers:
                 ("GET", "/health", "liveness, version, uptime, workers"),
                 ("GET", "/stats", "request, latency and token counters across workers"),
                 ("POST", "/v1/chat", 'the seed API: {"prompt": "..."}'),
+                ("POST", "/v1/chat/completions", "OpenAI-compatible chat completions (SSE with stream)"),
+                ("GET", "/v1/models", "OpenAI-compatible model list"),
+                ("GET", "/v1/ws", 'WebSocket chat: send {"prompt": "..."}, receive tokens'),
             ))
         page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

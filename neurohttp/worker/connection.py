@@ -19,7 +19,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ..errors import error_response
-from ..messages import Request, Response, StreamingResponse
+from ..messages import Request, Response, StreamingResponse, WebSocketUpgrade
 from ..protocol import serialize as ser
 from ..protocol.h1 import (
     PHASE_BODY,
@@ -30,6 +30,7 @@ from ..protocol.h1 import (
     HttpError,
 )
 from ..stats import layout as L
+from . import websocket
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -42,6 +43,7 @@ _S_BYTES_IN, _S_BYTES_OUT, _S_HIST = L.S_BYTES_IN, L.S_BYTES_OUT, L.S_HIST
 _S_LAT_SUM, _S_LAT_MAX = L.S_LATENCY_SUM_US, L.S_LATENCY_MAX_US
 _response_head = ser.response_head
 _Response = Response
+_Upgrade = WebSocketUpgrade
 _NO_BODY = frozenset([*range(100, 200), 204, 304])
 
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
@@ -50,7 +52,8 @@ LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long 
 class HttpConnection(asyncio.Protocol):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
-                 "closed", "current", "eof", "app", "error", "stalled_since")
+                 "closed", "current", "eof", "app", "error", "stalled_since", "stream",
+                 "cutting")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -73,6 +76,8 @@ class HttpConnection(asyncio.Protocol):
         self.eof = False            # the client half-closed its side
         self.error: Response | None = None  # refusal to send once the queue is answered
         self.stalled_since = 0.0    # when unsent output last went over the bound
+        self.stream: StreamingResponse | None = None  # the stream being sent
+        self.cutting = False        # the server ends the stream (shutdown deadline)
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -124,6 +129,8 @@ class HttpConnection(asyncio.Protocol):
                     if self.busy or self.closing or self.write_paused:
                         self._enqueue(reqs[i + 1:], now)
                         break
+            if parser.upgrade is not None and not (self.closed or self.lingering):
+                self._pause_reading()  # what follows an Upgrade waits for whoever takes it
         if parser.continue_pending and not self.busy and not self.queue:
             parser.continue_pending = False
             self.transport.write(ser.CONTINUE)
@@ -182,6 +189,8 @@ class HttpConnection(asyncio.Protocol):
             result = error_response(req, 500, "internal server error")
         if type(result) is _Response:
             self._send(req, result, t0)
+        elif type(result) is _Upgrade:
+            self._upgrade(req, result, t0)
         else:
             self.busy = True
             self.task = self.w.loop.create_task(self._run_async(req, result, t0))
@@ -198,6 +207,9 @@ class HttpConnection(asyncio.Protocol):
                     result = error_response(req, 500, "internal server error")
             if isinstance(result, StreamingResponse):
                 await self._stream(req, result, t0)
+            elif isinstance(result, WebSocketUpgrade):
+                self._upgrade(req, result, t0)
+                return
             elif isinstance(result, Response):
                 self._send(req, result, t0)
             else:
@@ -233,6 +245,23 @@ class HttpConnection(asyncio.Protocol):
             elif parser.continue_pending:
                 parser.continue_pending = False
                 self.transport.write(ser.CONTINUE)
+
+    def _upgrade(self, req: Request, up: WebSocketUpgrade, t0: float) -> None:
+        """Answer 101 and hand the socket to a WebSocket connection."""
+        taken = self.parser.take_upgrade()
+        if taken is None or taken[0] is not req or self.closed:
+            # the handler said yes but the request did not ask to switch (or had a body)
+            self._send(req, error_response(req, 400, "this request cannot switch protocols"), t0)
+            return
+        head = websocket.accept_head(up)
+        self._account(101, len(head), t0)
+        self.transport.write(head)
+        # From here the WebSocket object owns the socket, its callbacks and its
+        # place in worker.connections (and the active_connections gauge).
+        self.closed = True
+        self.queue.clear()
+        self.w.connections.discard(self)
+        websocket.WebSocketConnection(self.w, self.transport, req, up, taken[1])
 
     # ------------------------------------------------------------ responses
     def _send(self, req: Request | None, resp: Response, t0: float) -> None:
@@ -291,6 +320,7 @@ class HttpConnection(asyncio.Protocol):
         s[L.S_STREAMS_ACTIVE] += 1
         cancelled = True
         sent = 0
+        self.stream = resp
         try:
             head = ser.stream_head(resp.status, resp.content_type, resp.headers, keep, http10)
             s[_S_BYTES_OUT] += len(head)
@@ -304,6 +334,7 @@ class HttpConnection(asyncio.Protocol):
                     data = frame(piece)
                     s[_S_BYTES_OUT] += len(data)
                     sent += len(data)
+                    self.idle_since = monotonic()  # for the idle ping (check_timeouts)
                     self.transport.write(data)
                     if self.write_paused:
                         await self._drain()
@@ -314,7 +345,19 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.write(tail)
             if self.w.access_log is not None:
                 self.w.access_log.record(req, resp.status, sent + len(tail), t0)
+        except asyncio.CancelledError:
+            if self.cutting and not self.closed:
+                # shutdown deadline: a last error event, a proper end of body, close
+                last = resp.abort_chunk if resp.abort_chunk and not head_only else b""
+                data = last if http10 else (ser.chunk(last) if last else b"") + ser.LAST_CHUNK
+                self._account(resp.status, len(data), t0)
+                self.transport.write(data)
+                self.transport.close()
+                if self.w.access_log is not None:
+                    self.w.access_log.record(req, resp.status, sent + len(data), t0)
+            raise
         finally:
+            self.stream = None
             s[L.S_STREAMS_ACTIVE] -= 1
             if cancelled:
                 s[L.S_STREAMS_CANCELLED] += 1
@@ -390,6 +433,13 @@ class HttpConnection(asyncio.Protocol):
         if not self.closed:
             self.transport.abort()
 
+    def cut(self) -> None:
+        """The shutdown deadline passed: end a stream in flight with its final
+        error event (see _stream); anything else is left for abort()."""
+        if self.stream is not None and self.task is not None and not self.closed:
+            self.cutting = True
+            self.task.cancel()
+
     # ------------------------------------------------------------ timers (the worker's sweep)
     def check_timeouts(self, now: float) -> None:
         w = self.w
@@ -404,6 +454,16 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         if self.busy or self.queue:
+            st = self.stream
+            if (st is not None and st.idle_ping and st.idle_after
+                    and now - self.idle_since > st.idle_after):
+                # a silent stream: a comment keeps proxies and clients from timing it out
+                cur = self.current
+                data = st.idle_ping if cur is not None and cur.version == "1.0" else ser.chunk(
+                    st.idle_ping)
+                self.slot[_S_BYTES_OUT] += len(data)
+                self.idle_since = now
+                self.transport.write(data)
             return
         phase = self.parser.phase
         if phase == PHASE_IDLE:

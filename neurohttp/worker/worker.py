@@ -22,10 +22,13 @@ from types import FrameType
 from typing import Any
 
 from ..ai.models import ModelRegistry
+from ..ai.pipeline import Pipeline
 from ..app import App
 from ..config import Config
 from ..handlers.chat import SeedChat
+from ..handlers.openai import OpenAIHandlers, master_started
 from ..handlers.site import SiteHandlers
+from ..handlers.ws import WebSocketChat
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
 from ..messages import Request
@@ -47,6 +50,7 @@ ACCEPT_LINGER = 0.3
 ACCEPT_LINGER_MAX = 2.0
 # A connection accepted but still silent this long into a drain is closed.
 FRESH_GRACE = 1.0
+CUT_FLUSH = 0.5  # after the drain deadline, how long cut streams get to send their last event
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -82,7 +86,7 @@ class Worker:
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
-        self.connections: set[HttpConnection] = set()
+        self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
         self.draining = False
         self.servers: list[Any] = []
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -94,7 +98,10 @@ class Worker:
         load_plugins(self.app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
         self.models = ModelRegistry(cfg.models, self.app.providers)
         SiteHandlers(self).register(self.app)
-        SeedChat(self).register(self.app)
+        self.pipeline = Pipeline(self)
+        SeedChat(self.pipeline).register(self.app)
+        OpenAIHandlers(self.pipeline, master_started(block)).register(self.app)
+        WebSocketChat(self.pipeline).register(self.app)
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -180,6 +187,15 @@ class Worker:
                 if conn.fresh and now - conn.idle_since > FRESH_GRACE:
                     conn.close_if_silent()
             await asyncio.sleep(0.05)
+        if self.connections:
+            # Streams still running: end each with a final error event (OpenAI's
+            # shape) and a proper end of body instead of a reset, then give those
+            # bytes a moment to leave (the master kills at graceful_timeout + 1 s).
+            for conn in list(self.connections):
+                conn.cut()
+            flush_until = time.monotonic() + CUT_FLUSH
+            while self.connections and time.monotonic() < flush_until:
+                await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
         await asyncio.sleep(0)

@@ -1,19 +1,37 @@
 """The built-in echo model: a deterministic answer, streamed word by word.
 
-It answers `response` from its config, "Hello, AI world!" by default, whatever
-the prompt; `token_delay_ms` paces the tokens like a real model would, and
-`max_tokens` cuts the answer to that many tokens.
+What it answers (docs/STREAMING.md has the same table):
+
+- `response` from its config, "Hello, AI world!" by default, whatever the
+  prompt. `{prompt}` in `response` is replaced by the text of the last user
+  message, so `response = "{prompt}"` makes it a parrot.
+- `max_tokens` cuts the answer to that many cl100k_base tokens.
+- `repeat = true` repeats the answer (joined by spaces) until `max_tokens`
+  tokens have been produced: long, exactly sized streams for tests and
+  benchmarks. Without `max_tokens` the answer is given once.
+- `split = "word"` streams word by word (each token carries its leading
+  space); `split = "token"` streams tiktoken token by token.
+- `token_delay_ms` is the pause before every token after the first.
+- `temperature`, `top_p`, `seed` and the rest are accepted and ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+from .. import tokenizer
+from . import LENGTH, STOP, Finish
+
+log = logging.getLogger("neurohttp")
 
 DEFAULT_ANSWER = "Hello, AI world!"
 _WORDS = re.compile(r"\s*\S+|\s+$")
+_CACHE_MAX_TOKENS = 4096  # answers up to this size are kept as ready lists
+_YIELD_EVERY = 256        # an unpaced answer lets the loop run this often
 
 
 def words(text: str) -> list[str]:
@@ -21,32 +39,130 @@ def words(text: str) -> list[str]:
     return _WORDS.findall(text)
 
 
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "".join(p.get("text", "") for p in content
+                               if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+class _Plan:
+    """An answer cut into pieces, each with its token count: the first copy, then
+    (with repeat) the unit " " + answer that is cycled."""
+
+    __slots__ = ("first", "first_n", "unit", "unit_n")
+
+    def __init__(self, text: str, split: Any, repeat: bool) -> None:
+        self.first = split(text)
+        self.first_n = [tokenizer.count(p) for p in self.first]
+        if repeat and text:
+            self.unit = split(" " + text)
+            self.unit_n = [tokenizer.count(p) for p in self.unit]
+        else:
+            self.unit, self.unit_n = [], []
+
+    def pieces(self, limit: int | None) -> Iterator[str | Finish]:
+        """The answer's pieces, at most `limit` tokens in all (None: the answer once),
+        then why it ended."""
+        if limit is None:
+            yield from self.first
+            yield STOP
+            return
+        left = limit
+        for pieces, counts in ((self.first, self.first_n), (self.unit, self.unit_n)):
+            while True:
+                for p, n in zip(pieces, counts, strict=True):
+                    if n > left:
+                        if left:  # the piece that crosses the limit, cut on a token boundary
+                            cut = tokenizer.truncate(p, left)
+                            if cut:
+                                yield cut
+                        yield LENGTH
+                        return
+                    left -= n
+                    yield p
+                if pieces is self.first or not pieces:
+                    break
+        yield STOP
+
+
 class EchoProvider:
     name = "echo"
 
     def __init__(self, options: dict[str, Any]) -> None:
-        self.answer = options.get("response") or DEFAULT_ANSWER
+        self.template = options.get("response") or DEFAULT_ANSWER
+        self.templated = "{prompt}" in self.template
         self.delay = float(options.get("token_delay_ms", 0)) / 1000.0
-        self._tokens = words(self.answer)
+        self.repeat = bool(options.get("repeat", False))
+        self.split = tokenizer.split if options.get("split", "word") == "token" else words
+        self._plan: _Plan | None = None
+        self._lists: dict[int | None, list[str]] = {}
 
-    def tokens(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> list[str]:
-        toks = self._tokens
+    def plan(self, messages: list[dict[str, Any]]) -> _Plan:
+        if self.templated:
+            return _Plan(self.template.replace("{prompt}", last_user_text(messages)),
+                         self.split, self.repeat)
+        if self._plan is None:
+            self._plan = _Plan(self.template, self.split, self.repeat)
+        return self._plan
+
+    def pieces(self, messages: list[dict[str, Any]],
+               params: dict[str, Any]) -> Iterator[str | Finish]:
         limit = params.get("max_tokens")
-        if isinstance(limit, int) and limit >= 0:
-            toks = toks[:limit]
-        return toks
+        if type(limit) is not int or limit < 0:
+            limit = None
+        if self.templated:
+            return self.plan(messages).pieces(limit)
+        toks = self._lists.get(limit)
+        if toks is None:
+            if limit is not None and limit > _CACHE_MAX_TOKENS:
+                return self.plan(messages).pieces(limit)  # long answers are made lazily
+            toks = list(self.plan(messages).pieces(limit))
+            if len(self._lists) < 64:
+                self._lists[limit] = toks
+        return iter(toks)
 
-    def complete_now(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> str | None:
+    def tokens(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> list[str | Finish]:
+        return list(self.pieces(messages, params))
+
+    def complete_now(self, messages: list[dict[str, Any]],
+                     params: dict[str, Any]) -> str | tuple[str, str] | None:
         """The whole answer at once, when there is no pacing to honour."""
         if self.delay:
             return None
-        if params.get("max_tokens") is None:
-            return self.answer
-        return "".join(self.tokens(messages, params))
+        if params.get("max_tokens") is None and not self.templated:
+            return self.template  # the common case: no token list, no join
+        toks = self.tokens(messages, params)
+        return "".join(toks[:-1]), toks[-1].reason  # type: ignore[union-attr]
 
-    async def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> AsyncIterator[str]:
+    def tokens_now(self, messages: list[dict[str, Any]],
+                   params: dict[str, Any]) -> Iterator[str | Finish] | None:
+        """All the answer's pieces as a plain iterator, when there is no pacing:
+        the server can then frame ready tokens together."""
+        return None if self.delay else self.pieces(messages, params)
+
+    async def stream(self, messages: list[dict[str, Any]],
+                     params: dict[str, Any]) -> AsyncIterator[str | Finish]:
         delay = self.delay
-        for i, tok in enumerate(self.tokens(messages, params)):
-            if delay and i:
-                await asyncio.sleep(delay)
-            yield tok
+        n = 0
+        try:
+            for tok in self.pieces(messages, params):
+                if tok.__class__ is Finish:
+                    yield tok
+                    break
+                if n:
+                    if delay:
+                        await asyncio.sleep(delay)
+                    elif not n % _YIELD_EVERY:
+                        await asyncio.sleep(0)  # a long instant answer must not hold the loop
+                yield tok
+                n += 1
+        except (GeneratorExit, asyncio.CancelledError):
+            # the consumer went away: this is where an upstream request would be cancelled
+            log.debug("echo: stream stopped after %d tokens", n)
+            raise

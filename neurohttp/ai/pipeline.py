@@ -1,0 +1,442 @@
+"""The token pipeline: /v1/chat (JSON, NDJSON, SSE), /v1/chat/completions
+(JSON, SSE) and /v1/ws all produce their tokens here.
+
+A `Generation` is one completion. Its tokens go provider -> stop sequences ->
+the plugins' on_token filters -> the max_tokens guard -> the API's framing.
+It counts usage with tiktoken into the worker's stats slot: prompt tokens
+when it starts, completion tokens exactly once when it ends or is cut short.
+`usage`, /stats and quotas therefore see the same numbers.
+
+Closing the token iterator (the client went away, the server is stopping)
+closes the provider's async generator. Its `finally` runs at once, so an
+upstream request can be cancelled there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..errors import error_body
+from ..messages import Request, StreamingResponse
+from ..stats import layout as L
+from . import tokenizer
+from .providers import Finish
+
+if TYPE_CHECKING:
+    from ..worker.worker import Worker
+
+log = logging.getLogger("neurohttp")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_PING = b": ping\n\n"
+BATCH = 64  # ready tokens per chunk (see Generation.frames)
+COMPACT_PARTS = 1024  # a stream counts and drops its text every this many pieces
+
+# A place where no cl100k pre-token can span: after a letter or digit, before
+# anything else. Token counts add up across it exactly, so a long stream can
+# count its text in slices instead of keeping all of it.
+_CUT = re.compile(r"(?<=[^\W_])(?=[\W_])")
+
+# The last event of a stream the server ends at its shutdown deadline.
+SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
+                            type="server_error", code="server_shutdown")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def settle_finish(reason: str | None, completion_tokens: int, max_tokens: int | None) -> str:
+    """The finish_reason: the provider's, else "length" when max_tokens was reached."""
+    if reason is not None:
+        return reason
+    return "length" if max_tokens is not None and completion_tokens >= max_tokens else "stop"
+
+
+def provider_error(exc: BaseException) -> tuple[int, dict]:
+    """(status, OpenAI error body) for a provider that failed. A provider may set
+    `status` (e.g. 502, 503, 429) and `retry_after` on its exception."""
+    status = getattr(exc, "status", None)
+    if type(status) is not int or not 400 <= status <= 599:
+        log.error("model provider failed: %r", exc)
+        return 500, error_body(500, "the model failed to answer", type="server_error")
+    return status, error_body(status, str(exc) or "the model failed to answer")
+
+
+class StopCutter:
+    """Cuts the text before the first stop sequence, holding back any tail that
+    could still become one, so no stop text is ever sent."""
+
+    __slots__ = ("stops", "held")
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, tok: str) -> tuple[str, bool]:
+        """(text safe to send now, whether a stop sequence was reached)."""
+        buf = self.held + tok
+        first = -1
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0 and (first < 0 or i < first):
+                first = i
+        if first >= 0:
+            self.held = ""
+            return buf[:first], True
+        keep = 0
+        for s in self.stops:  # the longest tail of buf that starts some stop sequence
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return (buf[:len(buf) - keep] if keep else buf), False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+class _Rules:
+    """The per-token rules of a generation that has stop sequences, token
+    filters or max_tokens: one place, used by the ready and the async paths."""
+
+    __slots__ = ("gen", "cutter", "limit", "n")
+
+    def __init__(self, gen: Generation) -> None:
+        self.gen = gen
+        self.cutter = StopCutter(gen.stops) if gen.stops else None
+        self.limit = gen.max_tokens
+        self.n = 0
+
+    def feed(self, tok: str) -> tuple[str | None, bool]:
+        """(text to send, whether the generation ends here)."""
+        gen = self.gen
+        self.n += 1
+        if self.limit is not None and self.n > self.limit:  # the provider ignored max_tokens
+            gen.finish_reason = "length"
+            return None, True
+        stop = False
+        if self.cutter is not None:
+            tok, stop = self.cutter.feed(tok)
+        if tok and gen.filters:
+            tok = gen._filtered(tok)
+            if tok is None:
+                return None, True
+        if stop:
+            gen.finish_reason = "stop"
+        return tok, stop
+
+    def flush(self) -> str | None:
+        if self.cutter is None:
+            return None
+        rest = self.cutter.flush()
+        if rest and self.gen.filters:
+            rest = self.gen._filtered(rest)
+        return rest
+
+
+class Generation:
+    """One completion through the pipeline."""
+
+    __slots__ = ("slot", "req", "model", "provider", "messages", "params", "prompt_tokens",
+                 "filters", "max_tokens", "stops", "parts", "finish_reason",
+                 "completion_tokens", "counted", "streaming", "tokens_before", "log_usage")
+
+    def __init__(self, slot: Any, req: Request | None, model: str, provider: Any,
+                 messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
+                 filters: list[Callable[[Any, str], str | None]],
+                 log_usage: bool = False) -> None:
+        self.slot = slot
+        self.log_usage = log_usage  # put model and tokens in req.state for the access log
+        self.req = req
+        self.model = model
+        self.provider = provider
+        self.messages = messages
+        self.params = params
+        self.prompt_tokens = prompt_tokens
+        self.filters = filters
+        mt = params.get("max_tokens")
+        self.max_tokens: int | None = mt if type(mt) is int else None
+        stop = params.get("stop")
+        self.stops: list[str] | None = [s for s in stop if s] or None if stop else None
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.counted = False
+        # A stream needs only the count of what it sent, not the text: it counts
+        # and drops what it has sent every COMPACT_PARTS pieces.
+        self.streaming = False
+        self.tokens_before = 0  # tokens of the text already counted and dropped
+
+    # ------------------------------------------------------------ producing tokens
+    def _filtered(self, tok: str) -> str | None:
+        req = self.req
+        for f in self.filters:
+            tok = f(req, tok)
+            if tok is None:  # a plugin stopped the stream
+                self.finish_reason = "content_filter"
+                return None
+        return tok
+
+    def ready(self) -> Iterator[str] | None:
+        """The tokens as a plain iterator when the provider has them all at once
+        (its `tokens_now`, e.g. the unpaced echo model); None otherwise."""
+        tokens_now = getattr(self.provider, "tokens_now", None)
+        if tokens_now is None:
+            return None
+        source = tokens_now(self.messages, self.params)
+        if source is None:
+            return None
+        return self._accept(source)
+
+    def _accept(self, source: Iterable[Any]) -> Iterator[str]:
+        parts = self.parts
+        if not self.stops and not self.filters and self.max_tokens is None:
+            for tok in source:
+                if tok.__class__ is str:
+                    if tok:
+                        parts.append(tok)
+                        yield tok
+                elif tok.__class__ is Finish:
+                    self.finish_reason = tok.reason
+            return
+        rules = _Rules(self)
+        for tok in source:
+            if tok.__class__ is not str:
+                if tok.__class__ is Finish:
+                    self.finish_reason = tok.reason
+                continue
+            text, done = rules.feed(tok)
+            if text:
+                parts.append(text)
+                yield text
+            if done:
+                return
+        rest = rules.flush()
+        if rest:
+            parts.append(rest)
+            yield rest
+
+    def run_now(self) -> bool:
+        """Produce the whole completion synchronously if the provider can."""
+        it = self.ready()
+        if it is None:
+            return False
+        for _ in it:
+            pass
+        return True
+
+    async def tokens(self) -> AsyncIterator[str]:
+        """The completion's tokens as they are produced. Closing this iterator
+        closes the provider's generator."""
+        agen = self.provider.stream(self.messages, self.params)
+        parts = self.parts
+        try:
+            if not self.stops and not self.filters:
+                # the common case, kept lean (it runs per token); frames() has a copy
+                limit = sys.maxsize if self.max_tokens is None else self.max_tokens
+                n = 0
+                async for tok in agen:
+                    if tok.__class__ is str:
+                        if tok:
+                            n += 1
+                            if n > limit:  # the provider ignored max_tokens
+                                self.finish_reason = "length"
+                                return
+                            parts.append(tok)
+                            if len(parts) > COMPACT_PARTS and self.streaming:
+                                self._compact()
+                            yield tok
+                    elif tok.__class__ is Finish:
+                        self.finish_reason = tok.reason
+                return
+            rules = _Rules(self)
+            async for tok in agen:
+                if tok.__class__ is not str:
+                    if tok.__class__ is Finish:
+                        self.finish_reason = tok.reason
+                    continue
+                text, done = rules.feed(tok)
+                if text:
+                    parts.append(text)
+                    if len(parts) > COMPACT_PARTS and self.streaming:
+                        self._compact()
+                    yield text
+                if done:
+                    return
+            rest = rules.flush()
+            if rest:
+                parts.append(rest)
+                yield rest
+        finally:
+            await agen.aclose()
+
+    async def frames(self, pre: bytes, post: bytes) -> AsyncIterator[bytes]:
+        """Each token framed as `pre` + the token as a JSON string + `post`.
+        Tokens that all exist at once (an unpaced model) go out BATCH to a
+        chunk: none waits for another, and the socket gets one write, not 64."""
+        dumps = orjson.dumps
+        self.streaming = True
+        ready = self.ready()
+        if ready is not None:
+            batch: list[bytes] = []
+            n = 0
+            try:
+                for tok in ready:
+                    batch.append(pre + dumps(tok) + post)
+                    if len(batch) >= BATCH:
+                        yield b"".join(batch)
+                        batch = []
+                        n += 1
+                        if len(self.parts) > COMPACT_PARTS:
+                            self._compact()
+                        if not n % 8:
+                            await asyncio.sleep(0)  # a long instant answer shares the loop
+                if batch:
+                    yield b"".join(batch)
+            finally:
+                ready.close()
+            return
+        if not self.stops and not self.filters:
+            # tokens()'s lean loop inlined: one async generator less per paced token
+            agen = self.provider.stream(self.messages, self.params)
+            parts = self.parts
+            limit = sys.maxsize if self.max_tokens is None else self.max_tokens
+            n = 0
+            try:
+                async for tok in agen:
+                    if tok.__class__ is str:
+                        if tok:
+                            n += 1
+                            if n > limit:  # the provider ignored max_tokens
+                                self.finish_reason = "length"
+                                return
+                            parts.append(tok)
+                            if len(parts) > COMPACT_PARTS:
+                                self._compact()
+                            yield pre + dumps(tok) + post
+                    elif tok.__class__ is Finish:
+                        self.finish_reason = tok.reason
+            finally:
+                await agen.aclose()
+            return
+        toks = self.tokens()
+        try:
+            async for tok in toks:
+                yield pre + dumps(tok) + post
+        finally:
+            await toks.aclose()
+
+    def _compact(self) -> None:
+        """Count the sent text up to its last safe cut and drop it (in place:
+        the token loops hold the same list)."""
+        parts = self.parts
+        text = "".join(parts)
+        cut = 0
+        for m in _CUT.finditer(text, max(0, len(text) - 4096)):
+            cut = m.start()
+        if cut:
+            self.tokens_before += tokenizer.count(text[:cut])
+            text = text[cut:]
+        parts.clear()
+        parts.append(text)
+
+    # ------------------------------------------------------------ results
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def finish(self) -> dict[str, int]:
+        """Count the completion (once) and settle finish_reason; returns `usage`.
+        Called before the last bytes of a response are sent."""
+        if not self.counted:
+            self.counted = True
+            self.completion_tokens = n = self.tokens_before + tokenizer.count("".join(self.parts))
+            self.slot[L.S_TOKENS_OUT] += n
+            if self.log_usage and self.req is not None:
+                st = self.req.state
+                st["model"] = self.model
+                st["tokens"] = self.prompt_tokens + n
+        self.finish_reason = settle_finish(self.finish_reason, self.completion_tokens,
+                                           self.max_tokens)
+        return usage(self.prompt_tokens, self.completion_tokens)
+
+    def close(self, cancelled: bool = False) -> None:
+        """The stream ended, maybe cut short: count what was produced."""
+        if not self.counted:
+            self.finish()
+
+
+class Pipeline:
+    """Per worker: the models, the token filters and the stats slot."""
+
+    def __init__(self, ctx: Worker) -> None:
+        self.slot = ctx.slot
+        self.models = ctx.models
+        self.filters = ctx.app.token_filters  # the live list: plugins add to it later
+        self.sse_ping_s = float(ctx.cfg.server.sse_ping_s)
+        self.log_usage = getattr(ctx, "access_log", None) is not None
+
+    def start(self, req: Request | None, model: str | None, messages: list[dict[str, Any]],
+              params: dict[str, Any], prompt_tokens: int | None = None) -> Generation:
+        """Begin a completion; raises models.UnknownModel. Counts the prompt tokens."""
+        name, provider = self.models.get(model)
+        if prompt_tokens is None:
+            prompt_tokens = tokenizer.count_messages(messages)
+        return self.begin(req, name, provider, messages, params, prompt_tokens)
+
+    def begin(self, req: Request | None, name: str, provider: Any,
+              messages: list[dict[str, Any]], params: dict[str, Any],
+              prompt_tokens: int) -> Generation:
+        """A completion for a model already looked up; counts the prompt tokens."""
+        self.slot[L.S_TOKENS_IN] += prompt_tokens
+        return Generation(self.slot, req, name, provider, messages, params, prompt_tokens,
+                          self.filters, self.log_usage)
+
+    def instant(self, provider: Any, messages: list[dict[str, Any]],
+                params: dict[str, Any]) -> tuple[str, str | None] | None:
+        """(text, finish_reason or None) when the provider can answer at once (the
+        unpaced echo model), so a non-streamed answer needs no task and no
+        Generation. Stop sequences and token filters work per token, so they
+        take the token path, which keeps streamed and whole answers identical.
+        The caller counts the tokens (count_out)."""
+        if self.filters or params.get("stop"):
+            return None
+        complete_now = getattr(provider, "complete_now", None)
+        if complete_now is None:
+            return None
+        answer = complete_now(messages, params)
+        if answer is None:
+            return None
+        if answer.__class__ is tuple:
+            return answer
+        return answer, None
+
+    def count_out(self, text: str) -> int:
+        n = tokenizer.count(text)
+        self.slot[L.S_TOKENS_OUT] += n
+        return n
+
+    def respond(self, gen: Generation, body: AsyncIterator[bytes], content_type: str,
+                sse: bool, abort_event: dict) -> StreamingResponse:
+        """Wrap a framed body as a streamed response with the stream hygiene:
+        no-cache, no proxy buffering, `: ping` when idle (SSE), a final error
+        event if the server must cut it short, usage counted however it ends."""
+        if sse:
+            abort = b"data: " + orjson.dumps(abort_event) + b"\n\n"
+            ping = SSE_PING if self.sse_ping_s > 0 else None
+        else:
+            abort = orjson.dumps(abort_event) + b"\n"
+            ping = None
+        return StreamingResponse(body, 200, dict(SSE_HEADERS), content_type, gen.close,
+                                 ping, self.sse_ping_s, abort)

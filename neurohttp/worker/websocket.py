@@ -1,0 +1,303 @@
+"""WebSocket connections (RFC 6455) after the HTTP/1.1 upgrade.
+
+wsproto does the framing; this module does the socket side: the handshake
+check and the 101 answer, text messages handed to a session one at a time,
+ping/pong, the close handshake, back-pressure and shutdown.
+
+`HttpConnection` hands the transport over (`transport.set_protocol`) when a
+handler answers with `WebSocketUpgrade`; from then on this object gets the
+socket's callbacks and owns the connection's place in `Worker.connections`.
+
+Close codes: a client's close is echoed (1000 ...); a frame wsproto cannot
+accept closes with the code wsproto names (1002 protocol error, 1007 invalid
+UTF-8); a binary message gets 1003; a message over `max_body_bytes` 1009;
+a server going away 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Protocol
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, generate_accept_token
+
+from ..errors import error_response
+from ..messages import Request, Response, WebSocketUpgrade
+from ..protocol import serialize as ser
+from ..stats import layout as L
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("neurohttp")
+
+CLOSE_WAIT_SECONDS = 5.0  # after our Close, wait this long for the client's
+
+
+class Session(Protocol):
+    """What a WebSocket endpoint implements: one call per text message, never
+    two at once. It is cancelled if the connection is lost."""
+
+    async def on_text(self, ws: WebSocketConnection, text: str) -> None: ...
+
+    def on_cut(self, ws: WebSocketConnection) -> None:
+        """The server's shutdown deadline passed during on_text: send a last word."""
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in (value or "").split(",")}
+
+
+def handshake(req: Request) -> str | Response:
+    """The Sec-WebSocket-Accept value for a valid opening handshake (RFC 6455
+    4.2.1), else the error response to send instead."""
+    h = req.headers
+    if "websocket" not in _tokens(h.get("upgrade")) or "upgrade" not in _tokens(h.get("connection")):
+        return error_response(req, 426, "this endpoint speaks WebSocket: send an Upgrade request",
+                              headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    if req.version != "1.1":
+        return error_response(req, 400, "WebSocket needs HTTP/1.1")
+    if (h.get("sec-websocket-version") or "").strip() != "13":
+        return error_response(req, 426, "unsupported WebSocket version (13 is spoken)",
+                              headers={"Sec-WebSocket-Version": "13"})
+    key = (h.get("sec-websocket-key") or "").strip()
+    try:
+        ok = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        ok = False
+    if not ok:
+        return error_response(req, 400, "missing or invalid Sec-WebSocket-Key")
+    return generate_accept_token(key.encode("ascii")).decode("ascii")
+
+
+def accept_head(up: WebSocketUpgrade) -> bytes:
+    """The 101 response that switches the connection."""
+    extra = ser.extra_headers(up.headers) if up.headers else b""
+    return (b"HTTP/1.1 101 Switching Protocols\r\n" + ser.clock.common +
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
+            up.accept.encode("ascii") + b"\r\n" + extra + b"\r\n")
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """One upgraded connection."""
+
+    def __init__(self, worker: Worker, transport: Any, req: Request, up: WebSocketUpgrade,
+                 leftover: bytes) -> None:
+        self.w = worker
+        self.slot = worker.slot
+        self.transport = transport
+        self.request = req
+        self.session: Session = up.session()
+        self.ws = Connection(ConnectionType.SERVER)
+        self.inbox: deque[str] = deque()
+        self.partial: list[str] = []
+        self.partial_len = 0
+        self.max_message = worker.max_body_bytes
+        self.runner: asyncio.Task | None = None
+        self.write_paused = False
+        self.read_paused = False
+        self.drain_waiter: asyncio.Future | None = None
+        self.closed = False
+        self.going_away = False     # the worker drains: close once the message in hand is done
+        self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
+        self.fresh = False          # (the worker's drain asks: a request has been served)
+        self.idle_since = monotonic()
+        worker.connections.add(self)
+        transport.set_protocol(self)
+        if leftover:
+            self.data_received(leftover)
+        transport.resume_reading()  # the HTTP side paused it when the Upgrade arrived
+        if worker.draining:
+            self.shutdown()  # switched while the worker stops: answer what came, then 1001
+
+    # ------------------------------------------------------------ asyncio callbacks
+    def data_received(self, data: bytes) -> None:
+        self.slot[L.S_BYTES_IN] += len(data)
+        ws = self.ws
+        if self.closed or ws.state is ConnectionState.CLOSED:
+            return
+        ws.receive_data(data)
+        for ev in ws.events():
+            t = type(ev)
+            if t is TextMessage:
+                self.partial_len += len(ev.data)
+                if self.partial_len > self.max_message:
+                    self._fail(CloseReason.MESSAGE_TOO_BIG, "message too big")
+                    return
+                self.partial.append(ev.data)
+                if ev.message_finished:
+                    text = "".join(self.partial)
+                    self.partial.clear()
+                    self.partial_len = 0
+                    self._deliver(text)
+            elif t is Ping:
+                if ws.state is ConnectionState.OPEN:
+                    self._write(ws.send(ev.response()))
+            elif t is CloseConnection:
+                self._on_close(ev)
+                return
+            elif t is BytesMessage:
+                self._fail(CloseReason.UNSUPPORTED_DATA, "only text messages are accepted")
+                return
+            # Pong: nothing to do (we send no pings of our own)
+
+    def eof_received(self) -> bool | None:
+        return None  # TCP closed without a Close frame (1006): just close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
+        self.w.connections.discard(self)
+        self.inbox.clear()
+        self._cancel_runner()
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+        self.w.on_connection_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ------------------------------------------------------------ for sessions
+    @property
+    def open(self) -> bool:
+        return not self.closed and self.ws.state is ConnectionState.OPEN
+
+    def send_text(self, text: str) -> None:
+        """Send one text message (dropped once the connection is closing)."""
+        if self.open:
+            self._write(self.ws.send(TextMessage(data=text)))
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than we write."""
+        if not self.write_paused or self.closed:
+            return
+        waiter = self.drain_waiter = self.w.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.drain_waiter = None
+
+    # ------------------------------------------------------------ internals
+    def _write(self, data: bytes | bytearray) -> None:
+        self.slot[L.S_BYTES_OUT] += len(data)
+        self.transport.write(data)
+
+    def _deliver(self, text: str) -> None:
+        if self.going_away:
+            return  # closing: take no new work
+        self.inbox.append(text)
+        if len(self.inbox) >= self.w.max_pipeline:
+            self._pause_reading()  # a client queueing prompts waits for the answers
+        if self.runner is None:
+            self.runner = self.w.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self.inbox and self.open:
+                text = self.inbox.popleft()
+                if self.read_paused and len(self.inbox) < self.w.max_pipeline:
+                    self._resume_reading()
+                await self.session.on_text(self, text)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("websocket session failed")
+            self._fail(CloseReason.INTERNAL_ERROR, "internal error")
+            return
+        finally:
+            self.runner = None
+        if self.going_away and self.open:
+            self.close(CloseReason.GOING_AWAY, "server shutting down")
+
+    def _cancel_runner(self) -> None:
+        if self.runner is not None and not self.runner.done():
+            self.runner.cancel()
+
+    def _on_close(self, ev: CloseConnection) -> None:
+        state = self.ws.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # the client closes: stop its work, echo the code, hang up (RFC 6455 7.1.1)
+            self._cancel_runner()
+            self._write(self.ws.send(ev.response()))
+            self.transport.close()
+        elif state is ConnectionState.CLOSED:
+            self.transport.close()  # the answer to our Close
+        else:
+            # wsproto reports a frame it refuses as a close carrying the code to send
+            self.slot[L.S_ERRORS_PARSE] += 1
+            self._fail(ev.code, ev.reason or "protocol error")
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Close at once with `code` after a bad frame or message."""
+        self._cancel_runner()
+        if self.ws.state is ConnectionState.OPEN:
+            try:
+                self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
+            except LocalProtocolError:
+                pass
+        self.transport.close()
+
+    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Start the close handshake; the client's Close (or a timeout) ends it."""
+        if self.ws.state is not ConnectionState.OPEN or self.closed:
+            return
+        self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
+        self.close_deadline = monotonic() + CLOSE_WAIT_SECONDS
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------ worker hooks
+    def check_timeouts(self, now: float) -> None:
+        if self.close_deadline and now > self.close_deadline and not self.closed:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """The worker drains: finish the message being answered, then close 1001.
+        (Called again on every pass of the drain loop: idempotent.)"""
+        self.going_away = True
+        self.inbox.clear()
+        if self.runner is None:
+            self.close(CloseReason.GOING_AWAY, "server shutting down")
+
+    def close_if_silent(self) -> None:
+        pass  # never "fresh": the upgrade request was served
+
+    def cut(self) -> None:
+        """The drain deadline passed: end the answer in progress with an error
+        message, then close 1001."""
+        if self.runner is not None and self.open:
+            self._cancel_runner()
+            try:
+                self.session.on_cut(self)
+            except Exception:
+                log.exception("websocket on_cut failed")
+        self.close(CloseReason.GOING_AWAY, "server shutting down")
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.transport.abort()

@@ -1,0 +1,298 @@
+"""The token pipeline and the echo model, in process (no sockets): stop
+sequences, max_tokens, filters, usage counting, and closing the provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from neurohttp.ai import tokenizer
+from neurohttp.ai.pipeline import Generation, StopCutter
+from neurohttp.ai.providers import LENGTH, STOP
+from neurohttp.ai.providers.echo import EchoProvider
+from neurohttp.stats import layout as L
+
+
+def cut_all(stops: list[str], toks: list[str]) -> tuple[list[str], bool]:
+    c = StopCutter(stops)
+    out = []
+    for t in toks:
+        s, stop = c.feed(t)
+        if s:
+            out.append(s)
+        if stop:
+            return out, True
+    rest = c.flush()
+    return out + ([rest] if rest else []), False
+
+
+@pytest.mark.parametrize("stops,toks,text,stopped", [
+    (["world"], ["Hello", ",", " wor", "ld", "!"], "Hello, ", True),
+    (["world"], ["Hello", ",", " wor", "k", "!"], "Hello, work!", False),
+    (["\n\n"], ["a\n", "\nb"], "a", True),
+    (["b", "ab"], ["xa", "b"], "x", True),       # the earliest stop wins
+    (["abc"], ["ab", "ab", "abc"], "abab", True),
+    (["zz"], ["z", "y", "z"], "zyz", False),       # held text comes back when it is not a stop
+])
+def test_stop_cutter(stops, toks, text, stopped):
+    out, hit = cut_all(stops, toks)
+    assert "".join(out) == text and hit is stopped
+    for piece in out:  # nothing after a stop's start is ever sent
+        assert not any(s in piece for s in stops)
+
+
+def test_echo_answers():
+    e = EchoProvider({})
+    assert e.tokens([], {}) == ["Hello,", " AI", " world!", STOP]
+    assert e.tokens([], {"max_tokens": 5})[-1] is STOP      # it fits: a natural stop
+    assert e.tokens([], {"max_tokens": 4}) == ["Hello,", " AI", " world", LENGTH]
+    t = EchoProvider({"split": "token"}).tokens([], {})
+    assert t == ["Hello", ",", " AI", " world", "!", STOP]
+    r = EchoProvider({"repeat": True, "split": "token"})
+    toks = r.tokens([], {"max_tokens": 1000})
+    assert toks[-1] is LENGTH and len(toks) == 1001
+    assert tokenizer.count("".join(toks[:-1])) == 1000
+    assert EchoProvider({"repeat": True}).tokens([], {})[-1] is STOP  # no limit: once
+    p = EchoProvider({"response": "<{prompt}>"})
+    msgs = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "x"},
+            {"role": "user", "content": [{"type": "text", "text": "two"}]}]
+    assert "".join(p.tokens(msgs, {})[:-1]) == "<two>"
+
+
+class FakeSlot(dict):
+    def __missing__(self, k: int) -> int:
+        return 0
+
+
+class Upstream:
+    """A provider that records whether its generator was closed."""
+
+    def __init__(self, delay: float = 0.01) -> None:
+        self.delay = delay
+        self.sent = 0
+        self.closed = False
+
+    async def stream(self, messages, params):
+        try:
+            while True:
+                await asyncio.sleep(self.delay)
+                self.sent += 1
+                yield f" t{self.sent}"
+        finally:
+            self.closed = True
+
+
+def gen_for(provider, params=None, filters=None) -> Generation:
+    return Generation(FakeSlot(), None, "m", provider, [], params or {}, 3, filters or [])
+
+
+def test_cancelling_a_stream_closes_the_provider():
+    up = Upstream()
+
+    async def main() -> None:
+        g = gen_for(up)
+
+        async def consume() -> None:
+            async for _ in g.tokens():
+                pass
+
+        task = asyncio.ensure_future(consume())
+        while up.sent < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        g.close(True)
+        assert up.closed
+        assert g.slot[L.S_TOKENS_OUT] == tokenizer.count(g.text) > 0
+
+    asyncio.run(main())
+
+
+def test_closing_the_token_iterator_closes_the_provider():
+    up = Upstream(0)
+
+    async def main() -> None:
+        g = gen_for(up)
+        it = g.tokens()
+        assert await it.__anext__() == " t1"
+        await it.aclose()
+        assert up.closed
+
+    asyncio.run(main())
+
+
+def test_max_tokens_guard_stops_a_provider_that_ignores_it():
+    up = Upstream(0)
+
+    async def main() -> Generation:
+        g = gen_for(up, {"max_tokens": 7})
+        assert [t async for t in g.tokens()] == [f" t{i}" for i in range(1, 8)]
+        return g
+
+    g = asyncio.run(main())
+    assert up.closed and g.finish()["completion_tokens"] == tokenizer.count(g.text)
+    assert g.finish_reason == "length"
+
+
+def test_filters_and_usage_counted_once():
+    seen = []
+
+    def upper(req, tok):
+        seen.append(tok)
+        return None if "world" in tok else tok.upper()
+
+    g = gen_for(EchoProvider({}), filters=[upper])
+
+    async def main() -> list[str]:
+        return [t async for t in g.tokens()]
+
+    assert asyncio.run(main()) == ["HELLO,", " AI"]
+    assert g.text == "HELLO, AI" and g.finish_reason == "content_filter"
+    u = g.finish()
+    g.close()
+    assert u == {"prompt_tokens": 3, "completion_tokens": tokenizer.count("HELLO, AI"),
+                 "total_tokens": 3 + tokenizer.count("HELLO, AI")}
+    assert g.slot[L.S_TOKENS_OUT] == u["completion_tokens"]  # not twice
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"max_tokens": 7}, {"stop": ["world!"]}, {"stop": [" AI world! Hel", "zz"]},
+    {"max_tokens": 40, "stop": ["never"]},
+])
+@pytest.mark.parametrize("split", ["word", "token"])
+def test_ready_and_paced_paths_agree(params, split):
+    """An unpaced model answers through the ready (batched) path, a paced one
+    through the async path: same pieces, same text, same finish_reason."""
+    opts = {"repeat": True, "split": split}
+
+    def lower(req, tok):
+        return tok.lower()
+
+    instant = gen_for(EchoProvider(opts), dict(params), [lower])
+    assert instant.run_now()
+    paced = gen_for(EchoProvider(opts | {"token_delay_ms": 0.01}), dict(params), [lower])
+    assert paced.ready() is None
+
+    async def main() -> list[str]:
+        return [t async for t in paced.tokens()]
+
+    assert asyncio.run(main()) == instant.parts
+    assert paced.finish() == instant.finish()
+    assert paced.finish_reason == instant.finish_reason
+    for stop in params.get("stop", []):
+        assert stop.lower() not in instant.text  # (the filter lowers the sent text)
+
+
+def test_frames_batches_ready_tokens():
+    g = gen_for(EchoProvider({"repeat": True, "split": "token"}), {"max_tokens": 200})
+
+    async def main() -> list[bytes]:
+        return [c async for c in g.frames(b"<", b">")]
+
+    chunks = asyncio.run(main())
+    assert len(chunks) == 4  # 64 + 64 + 64 + 8 tokens
+    assert b"".join(chunks) == b"".join(b"<" + json.dumps(t).encode() + b">" for t in g.parts)
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_long_streams_count_in_slices_exactly(ready):
+    """A stream drops its sent text as it goes; the count stays exact."""
+    text = ("Streaming is the product — مرحبا بالعالم 你好，世界。 naïve café 12345 "
+            "don't   stop\n\n🚀 ") * 40
+    pieces = tokenizer.split(text)
+
+    class Source:
+        def tokens_now(self, messages, params):
+            return iter(pieces * 10) if ready else None
+
+        async def stream(self, messages, params):
+            for p in pieces * 10:
+                yield p
+
+    g = gen_for(Source())
+
+    async def main() -> int:
+        n = 0
+        async for chunk in g.frames(b"", b""):
+            n += len(chunk)
+        return n
+
+    assert asyncio.run(main()) > 0
+    assert len(g.parts) < 1000  # it did not keep every piece
+    assert g.tokens_before > 0
+    assert g.finish()["completion_tokens"] == tokenizer.count(text * 10)
+
+
+class Failing:
+    """An upstream that answers two tokens, then fails the way an HTTP upstream does."""
+
+    def __init__(self, status: int | None, retry_after: int | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+
+    async def stream(self, messages, params):
+        yield "partial"
+        yield " answer"
+        e = RuntimeError("upstream says no")
+        if self.status is not None:
+            e.status = self.status
+            e.retry_after = self.retry_after
+        raise e
+
+
+def openai_handlers(provider):
+    from neurohttp.handlers.openai import OpenAIHandlers
+
+    class Models:
+        def get(self, name):
+            return name, provider
+
+        def names(self):
+            return ["m"]
+
+    class Pipe:
+        slot = FakeSlot()
+        models = Models()
+        filters: list = []
+        sse_ping_s = 0.0
+
+    from neurohttp.ai.pipeline import Pipeline
+    pipe = Pipe()
+    pipe.begin = Pipeline.begin.__get__(pipe)
+    pipe.instant = Pipeline.instant.__get__(pipe)
+    pipe.respond = Pipeline.respond.__get__(pipe)
+    return OpenAIHandlers(pipe, 0)
+
+
+@pytest.mark.parametrize("status,retry,expect", [
+    (429, 7, 429), (503, None, 503), (None, None, 500), (99, None, 500)])
+def test_provider_failures_keep_openai_shapes(status, retry, expect):
+    from neurohttp.messages import Request, StreamingResponse
+    h = openai_handlers(Failing(status, retry))
+
+    def req(stream: bool) -> Request:
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                           "stream": stream}).encode()
+        return Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1", True, body)
+
+    resp = asyncio.run(h.completions(req(False)))
+    assert resp.status == expect
+    err = json.loads(resp.body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert (resp.headers.get("Retry-After") == str(retry)) if retry else not resp.headers
+
+    stream = h.completions(req(True))
+    assert isinstance(stream, StreamingResponse)
+
+    async def read() -> list[bytes]:
+        return [c async for c in stream.chunks]
+
+    events = b"".join(asyncio.run(read())).split(b"\n\n")
+    last = json.loads(events[-2][len(b"data: "):])
+    assert set(last["error"]) == {"message", "type", "param", "code"}
+    assert b"[DONE]" not in events[-2]
+    texts = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[1:-2]]
+    assert "".join(texts) == "partial answer"
