@@ -24,6 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from neurohttp.stats import layout as L  # noqa: E402
 from neurohttp.stats.block import block_name  # noqa: E402
 
 _LISTEN_RE = re.compile(r"listening on (\S+?):(\d+)[, ]")
@@ -131,12 +132,28 @@ class Server:
                     return False
                 self.port = int(m.group(2))
             h = self.get_json("/health")
-            return h.get("workers") == self.workers and len(self.worker_pids()) == self.workers
+            if h.get("workers") != self.workers or len(self.worker_pids()) != self.workers:
+                return False
+            # /health counts forked workers; connections are steered only to workers
+            # that are accepting, which the master sees on its next loop turn
+            return self.ready_workers() >= self.workers
         try:
             wait_for(ready, timeout, what="server ready")
         except AssertionError:
             self.kill()
             raise
+        time.sleep(0.25)  # one master loop (LOOP_WAIT = 0.2 s): the steering includes them
+
+    def ready_workers(self) -> int:
+        """Workers whose slot says READY, read from the stats block's file (no
+        request, so nothing shows in access logs or counters)."""
+        try:
+            with open(f"/dev/shm/{block_name(self.pid_file)}", "rb") as f:
+                w = memoryview(f.read()).cast("Q")
+        except FileNotFoundError:
+            return 0
+        n, sw = w[L.H_NSLOTS], w[L.H_SLOT_WORDS]
+        return sum(1 for i in range(1, n) if w[L.slot_offset(i, sw) + L.S_STATE] == L.STATE_READY)
 
     @property
     def pid(self) -> int:

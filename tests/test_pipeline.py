@@ -258,6 +258,7 @@ def openai_handlers(provider):
         models = Models()
         filters: list = []
         sse_ping_s = 0.0
+        log_usage = False
 
     from neurohttp.ai.pipeline import Pipeline
     pipe = Pipe()
