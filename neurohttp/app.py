@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import error_response
 from .messages import Request, Response, StreamingResponse
+from .stats.layout import MAX_ROUTES
 
 log = logging.getLogger("neurohttp")
 
@@ -34,9 +35,23 @@ class App:
         self.token_filters: list[Callable[[Request, str], str | None]] = []
         self.providers: dict[str, Callable[[dict], Any]] = {}
         self._allow: dict[str, str] = {}
+        # Route identity for the stats: each path gets a small index once, when it
+        # is registered; 0 is "other" (unmatched paths, and paths past MAX_ROUTES).
+        # Keyed by the path and, like raw_routes, by its raw bytes.
+        self.route_index: dict[str | bytes, int] = {}
+        self.route_names: list[str] = ["other"]
 
     # ------------------------------------------------------------ registration
     def add_route(self, method: str, path: str, handler: Handler) -> None:
+        if path not in self.routes:
+            if len(self.route_names) < MAX_ROUTES:
+                self.route_index[path] = len(self.route_names)
+                if path.isascii() and "%" not in path:
+                    self.route_index[path.encode()] = len(self.route_names)
+                self.route_names.append(path)
+            else:
+                log.warning("route %s is counted as 'other' in the stats: more than %d routes",
+                            path, MAX_ROUTES - 1)
         methods = self.routes.setdefault(path, {})
         if path.isascii() and "%" not in path:
             self.raw_routes[path.encode()] = methods

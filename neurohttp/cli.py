@@ -1,4 +1,4 @@
-"""The `neurohttpd` command: start, stop, reload, status, check."""
+"""The `neurohttpd` command: start, stop, reload, status, check, top."""
 
 from __future__ import annotations
 
@@ -269,6 +269,47 @@ def check(config_path: str | None) -> None:
     click.echo(f"neurohttpd: configuration {where} is valid "
                f"({', '.join(cfg.server.bind)}; {cfg.worker_count} workers; "
                f"models {', '.join(cfg.models)})")
+
+
+def _url_for(host: str, port: int) -> str:
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _default_url(config_path: str | None, pid_file: str | None) -> str:
+    """The running master's listening address (found through its pid file), else
+    the config's first bind address, else http://127.0.0.1:8080."""
+    _, pid = _master_pid(config_path, pid_file)
+    if pid is not None:
+        import psutil
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.Error, OSError):
+            conns = []
+        listening = sorted((c.laddr.ip, c.laddr.port) for c in conns
+                           if c.status == psutil.CONN_LISTEN)
+        if listening:
+            return _url_for(*listening[0])
+    if config_path:
+        return _url_for(*_load(config_path).binds[0])
+    return "http://127.0.0.1:8080"
+
+
+@main.command()
+@CONFIG_OPT
+@PIDFILE_OPT
+@click.option("-u", "--url", default=None,
+              help="Server to watch, e.g. http://10.0.0.5:8080 (default: the running master's "
+                   "address from -c/--pid-file, else http://127.0.0.1:8080).")
+@click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              help="Seconds between refreshes.")
+def top(config_path: str | None, pid_file: str | None, url: str | None, interval: float) -> None:
+    """A live terminal view of the server's figures, per worker (Ctrl-C quits)."""
+    from .top import run
+    sys.exit(run(url or _default_url(config_path, pid_file), interval))
 
 
 if __name__ == "__main__":

@@ -255,6 +255,7 @@ def openai_handlers(provider):
 
     class Pipe:
         slot = FakeSlot()
+        meter = None  # no per-model figures here
         models = Models()
         filters: list = []
         sse_ping_s = 0.0

@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,6 +31,7 @@ from . import tokenizer
 from .providers import Finish
 
 if TYPE_CHECKING:
+    from ..stats.window import Meter
     from ..worker.worker import Worker
 
 log = logging.getLogger("neurohttp")
@@ -150,13 +152,18 @@ class Generation:
 
     __slots__ = ("slot", "req", "model", "provider", "messages", "params", "prompt_tokens",
                  "filters", "max_tokens", "stops", "parts", "finish_reason",
-                 "completion_tokens", "counted", "streaming", "tokens_before", "log_usage")
+                 "completion_tokens", "counted", "streaming", "tokens_before", "log_usage",
+                 "meter", "started", "failed")
 
     def __init__(self, slot: Any, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
                  filters: list[Callable[[Any, str], str | None]],
-                 log_usage: bool = False) -> None:
+                 log_usage: bool = False, meter: Meter | None = None) -> None:
         self.slot = slot
+        # per-model figures (stats/window.py): latency from here to finish(), errors
+        self.meter = meter
+        self.started = monotonic()
+        self.failed = False  # the provider failed: the handler sets it before close()
         self.log_usage = log_usage  # put model and tokens in req.state for the access log
         self.req = req
         self.model = model
@@ -363,6 +370,9 @@ class Generation:
             self.counted = True
             self.completion_tokens = n = self.tokens_before + tokenizer.count("".join(self.parts))
             self.slot[L.S_TOKENS_OUT] += n
+            if self.meter is not None:
+                self.meter.model_request(self.model, self.started, tokens_out=n,
+                                         error=self.failed)
             if self.log_usage and self.req is not None:
                 st = self.req.state
                 st["model"] = self.model
@@ -382,6 +392,7 @@ class Pipeline:
 
     def __init__(self, ctx: Worker) -> None:
         self.slot = ctx.slot
+        self.meter: Meter | None = ctx.meter  # per-model figures; the slot keeps the totals
         self.models = ctx.models
         self.filters = ctx.app.token_filters  # the live list: plugins add to it later
         self.sse_ping_s = float(ctx.cfg.server.sse_ping_s)
@@ -400,8 +411,10 @@ class Pipeline:
               prompt_tokens: int) -> Generation:
         """A completion for a model already looked up; counts the prompt tokens."""
         self.slot[L.S_TOKENS_IN] += prompt_tokens
+        if self.meter is not None:
+            self.meter.tokens(name, tokens_in=prompt_tokens)
         return Generation(self.slot, req, name, provider, messages, params, prompt_tokens,
-                          self.filters, self.log_usage)
+                          self.filters, self.log_usage, self.meter)
 
     def instant(self, provider: Any, messages: list[dict[str, Any]],
                 params: dict[str, Any]) -> tuple[str, str | None] | None:

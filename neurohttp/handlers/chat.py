@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -94,6 +95,7 @@ class SeedChat:
         prompt_tokens = tokenizer.count(prompt)
         if not stream and "stop" not in params and not pipeline.filters:
             # the fast path (pipeline.instant, inlined): no Generation, no task
+            started = monotonic()
             complete_now = getattr(provider, "complete_now", None)
             answer = None if complete_now is None else complete_now(messages, params)
             if answer is not None:
@@ -102,6 +104,7 @@ class SeedChat:
                 slot = pipeline.slot
                 slot[L.S_TOKENS_IN] += prompt_tokens
                 slot[L.S_TOKENS_OUT] += completion
+                pipeline.meter.model_request(name, started, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name
@@ -128,6 +131,7 @@ class SeedChat:
             async for _ in gen.tokens():
                 pass
         except Exception as e:
+            gen.failed = True
             gen.close()
             status, err = provider_error(e)
             return Response.json(err, status)
@@ -149,6 +153,7 @@ class SeedChat:
                 async for data in frames:
                     yield data
             except Exception as e:
+                gen.failed = True
                 yield frame(provider_error(e)[1])
                 return
             finally:

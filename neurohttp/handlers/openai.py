@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -165,11 +166,14 @@ class OpenAIHandlers:
                                   code="model_not_found", param="model")
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
+            started = monotonic()
             answer = pipeline.instant(provider, messages, params)
             if answer is not None:  # the fast path: no Generation, no task
                 pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
                 text, finish = answer
                 completion = pipeline.count_out(text)
+                if pipeline.meter is not None:
+                    pipeline.meter.model_request(name, started, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name
@@ -199,6 +203,7 @@ class OpenAIHandlers:
             async for _ in gen.tokens():
                 pass
         except Exception as e:
+            gen.failed = True
             gen.close()
             status, err = provider_error(e)
             retry = getattr(e, "retry_after", None)
@@ -231,6 +236,7 @@ class OpenAIHandlers:
                 async for data in frames:
                     yield data
             except Exception as e:
+                gen.failed = True
                 yield event(provider_error(e)[1])
                 return
             finally:

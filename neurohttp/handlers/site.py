@@ -1,4 +1,4 @@
-"""GET / (the home page), GET /health and GET /stats."""
+"""GET / (the home page) and GET /health (/stats is in handlers/metrics.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import orjson
 from .. import __version__
 from ..messages import Request, Response
 from ..stats import layout as L
-from ..stats.snapshot import stats_document
 
 if TYPE_CHECKING:
     from ..worker.worker import Worker
@@ -28,7 +27,6 @@ class SiteHandlers:
     def register(self, app) -> None:
         app.add_route("GET", "/", self.index)
         app.add_route("GET", "/health", self.health)
-        app.add_route("GET", "/stats", self.stats)
 
     def uptime(self, now: float) -> int:
         return max(0, int(now) - self.ctx.block.words[L.H_STARTED])
@@ -44,9 +42,6 @@ class SiteHandlers:
             self._health_second = sec
         return self._health
 
-    def stats(self, req: Request) -> Response:
-        return Response(orjson.dumps(stats_document(self.ctx.block)), 200, None, _JSON)
-
     def index(self, req: Request) -> Response:
         up = self.uptime(time.time())
         models = ", ".join(html.escape(m) for m in self.ctx.models.names())
@@ -55,6 +50,8 @@ class SiteHandlers:
             for m, p, d in (
                 ("GET", "/health", "liveness, version, uptime, workers"),
                 ("GET", "/stats", "request, latency and token counters across workers"),
+                ("GET", "/metrics", "the same figures for Prometheus"),
+                ("GET", "/dashboard", "live charts of the figures"),
                 ("POST", "/v1/chat", 'the seed API: {"prompt": "..."}'),
                 ("POST", "/v1/chat/completions", "OpenAI-compatible chat completions (SSE with stream)"),
                 ("GET", "/v1/models", "OpenAI-compatible model list"),

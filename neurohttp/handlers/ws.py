@@ -87,6 +87,7 @@ class ChatSession:
                         await ws.drain()
             except Exception as e:
                 if not isinstance(e, ConnectionError):
+                    gen.failed = True
                     self._error_body(ws, provider_error(e)[1])
                     cancelled = False
                 return

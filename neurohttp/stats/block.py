@@ -13,6 +13,7 @@ import time
 from multiprocessing import resource_tracker, shared_memory
 
 from . import layout as L
+from .window import fold_window
 
 
 class BlockInUse(Exception):
@@ -157,8 +158,8 @@ class StatsBlock:
             for k in L.MAXIMA:
                 if src[k] > dst[k]:
                     dst[k] = src[k]
-            for k in range(self.slot_words):
-                src[k] = 0
+            fold_window(src, dst, int(time.time()))
+            src[:] = memoryview(bytes(self.slot_words * 8)).cast("Q")
         finally:
             w[L.H_SEQ] += 1
 

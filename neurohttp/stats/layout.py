@@ -10,7 +10,7 @@ under a seqlock (`H_SEQ`) so readers never see a counter counted twice or lost.
 from __future__ import annotations
 
 MAGIC = 0x4E455552_4F485454  # "NEUROHTT"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2     # 2: the per-second ring (windowed figures) after the histogram
 
 # ---- header words
 H_MAGIC = 0
@@ -69,16 +69,63 @@ S_HIST = 64
 N_BUCKETS = len(BUCKET_BOUNDS_US) + 1
 HIST_END = S_HIST + N_BUCKETS
 
-SLOT_WORDS = 1024      # room for the windowed figures that come later
+# ---- windowed figures: what the last minute looked like (stats/window.py)
+#
+# Each slot holds a ring of RING_CELLS per-second cells, keyed by the Unix second
+# in their first word, and CUM, a cell-shaped running sum of every closed cell.
+# The worker's tick closes the current cell once a second (adds it to CUM, then
+# zeroes and stamps the next one) under the slot's own seqlock S_WIN_SEQ. So:
+#   since start = CUM + the current cell;   last 60 s = the cells stamped now-60..now-1.
+# A cell holds, per route and per model, a coarse latency histogram (half-octave:
+# two fine buckets per coarse bucket, so the request path finds the coarse bucket
+# with a shift) and a few counters. Route and model 0 are "other" (unmatched
+# paths, protocol errors, routes past MAX_ROUTES; models past MAX_MODELS).
+CBUCKET_BOUNDS_US: list[int] = BUCKET_BOUNDS_US[1::2]  # coarse bucket c = fine bucket >> 1
+N_CBUCKETS = len(CBUCKET_BOUNDS_US) + 1                 # 45, the last is +Inf
+assert N_CBUCKETS == (N_BUCKETS + 1) // 2
+
+MAX_ROUTES = 16        # route 0 + 15 registered paths
+MAX_MODELS = 8         # model 0 + 7 configured models
+# route block: [coarse histogram][responses by status class 1xx..5xx]. The
+# histogram counts every response, so the request path skips the 2xx word: the
+# reader derives 2xx as the histogram's total minus the other classes.
+RB_CLASS = N_CBUCKETS - 1       # class c (1..5) is at RB_CLASS + c
+ROUTE_WORDS = N_CBUCKETS + 5
+# model block: [coarse histogram: one per finished request][errors][tokens in][tokens out][spare]
+MB_ERRORS = N_CBUCKETS
+MB_TOKENS_IN = N_CBUCKETS + 1
+MB_TOKENS_OUT = N_CBUCKETS + 2
+MODEL_WORDS = N_CBUCKETS + 5
+
+# cell words
+C_STAMP = 0            # Unix second the cell counts (0: never used)
+C_CONNECTIONS = 1      # active connections, sampled when the cell closes
+C_STREAMS = 2          # active streams, sampled when the cell closes
+C_ROUTES = 4
+C_MODELS = C_ROUTES + MAX_ROUTES * ROUTE_WORDS
+CELL_WORDS = C_MODELS + MAX_MODELS * MODEL_WORDS
+
+WINDOW_SECONDS = 60
+RING_CELLS = 64        # 60 closed seconds + the current one + slack for slow readers
+
+# slot words
+S_WIN_SEQ = 160        # odd while the worker's tick closes a cell
+S_WIN_CUR = 161        # stamp of the current cell
+S_WIN_FOLDED = 162     # stamp of the last cell added into CUM
+S_CUM = 1024           # after the text area (S_TEXT, below)
+S_RING = S_CUM + CELL_WORDS
+
+SLOT_WORDS = S_RING + RING_CELLS * CELL_WORDS
 DEFAULT_WORKER_SLOTS = 128
 
-# ---- text at the end of a slot (never summed): in a worker's slot, why it
-# failed or what it was stuck on, for the master to log; in slot 0, the
-# master's own facts as JSON (config path) for `neurohttpd status`.
+# ---- text (never summed): in a worker's slot, why it failed or what it was
+# stuck on, for the master to log; in slot 0, the master's own facts as JSON
+# (config path) for `neurohttpd status`. The ring and CUM follow it.
 S_TEXT = 896
-TEXT_BYTES = (SLOT_WORDS - S_TEXT) * 8
+TEXT_BYTES = 128 * 8
 
-assert HIST_END <= S_TEXT
+assert HIST_END <= S_WIN_SEQ and S_WIN_FOLDED < S_TEXT
+assert S_TEXT * 8 + TEXT_BYTES <= S_CUM * 8
 
 
 def slot_offset(slot: int, slot_words: int = SLOT_WORDS) -> int:
@@ -87,4 +134,10 @@ def slot_offset(slot: int, slot_words: int = SLOT_WORDS) -> int:
 
 
 def block_words(nslots: int, slot_words: int = SLOT_WORDS) -> int:
+    """Words in a block of `nslots` slots (including the retired slot 0)."""
     return HEADER_WORDS + nslots * slot_words
+
+
+def ring_cell(stamp: int) -> int:
+    """Slot-relative word offset of the ring cell for Unix second `stamp`."""
+    return S_RING + (stamp % RING_CELLS) * CELL_WORDS

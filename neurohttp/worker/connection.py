@@ -41,6 +41,7 @@ _BOUNDS = L.BUCKET_BOUNDS_US
 _S_REQUESTS, _S_RESPONSES, _S_STATUS = L.S_REQUESTS, L.S_RESPONSES, L.S_STATUS
 _S_BYTES_IN, _S_BYTES_OUT, _S_HIST = L.S_BYTES_IN, L.S_BYTES_OUT, L.S_HIST
 _S_LAT_SUM, _S_LAT_MAX = L.S_LATENCY_SUM_US, L.S_LATENCY_MAX_US
+_RW, _RB_CLASS = L.ROUTE_WORDS, L.RB_CLASS
 _response_head = ser.response_head
 _Response = Response
 _Upgrade = WebSocketUpgrade
@@ -53,12 +54,13 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
-                 "cutting")
+                 "cutting", "meter")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
         self.slot = worker.slot
         self.app = worker.app
+        self.meter = worker.meter
         self.transport: Any = None
         self.parser: H1Parser | None = None
         self.queue: deque[tuple[Request, float]] = deque()
@@ -254,7 +256,7 @@ class HttpConnection(asyncio.Protocol):
             self._send(req, error_response(req, 400, "this request cannot switch protocols"), t0)
             return
         head = websocket.accept_head(up)
-        self._account(101, len(head), t0)
+        self._account(101, len(head), t0, self._route(req))
         self.transport.write(head)
         # From here the WebSocket object owns the socket, its callbacks and its
         # place in worker.connections (and the active_connections gauge).
@@ -268,10 +270,14 @@ class HttpConnection(asyncio.Protocol):
         """Write a complete response (req None: an error before any request parsed)."""
         if req is None:
             keep = http10 = head_only = False
+            route = 0
         else:
             keep = req.keep_alive and not self.closing
             http10 = req.version == "1.0"
             head_only = req.method == "HEAD"
+            route = self.app.route_index.get(req.target)  # the raw target: no path decoding
+            if route is None:
+                route = self.app.route_index.get(req.path, 0)
         body = resp.body
         status = resp.status
         try:
@@ -283,7 +289,7 @@ class HttpConnection(asyncio.Protocol):
             head = _response_head(status, resp.content_type, None, len(body), keep, http10)
         if head_only or status in _NO_BODY:
             body = b""
-        self._account(status, len(head) + len(body), t0)
+        self._account(status, len(head) + len(body), t0, route)
         if len(body) < 65536:
             self.transport.write(head + body)
         else:
@@ -295,7 +301,12 @@ class HttpConnection(asyncio.Protocol):
             if not self.busy:
                 self._close()
 
-    def _account(self, status: int, nbytes: int, t0: float) -> None:
+    def _route(self, req: Request) -> int:
+        """The stats index of the request's route (0: "other"); _send inlines this."""
+        route = self.app.route_index.get(req.target)
+        return self.app.route_index.get(req.path, 0) if route is None else route
+
+    def _account(self, status: int, nbytes: int, t0: float, route: int = 0) -> None:
         """Count a response. Done before its last bytes are handed to the socket,
         so a client that has read it sees it in any later /stats."""
         t1 = monotonic()
@@ -305,7 +316,15 @@ class HttpConnection(asyncio.Protocol):
         s[_S_STATUS + status // 100] += 1
         s[_S_BYTES_OUT] += nbytes
         s[_S_LAT_SUM] += us
-        s[_S_HIST + bisect_right(_BOUNDS, us)] += 1
+        b = bisect_right(_BOUNDS, us)
+        s[_S_HIST + b] += 1
+        # this second's cell of the route (stats/window.py): the coarse bucket, and
+        # the status class unless 2xx (derived: the bucket total minus the others)
+        c = self.meter.cur + route * _RW
+        s[c + (b >> 1)] += 1
+        k = status // 100
+        if k != 2:
+            s[c + _RB_CLASS + k] += 1
         if us > s[_S_LAT_MAX]:
             s[_S_LAT_MAX] = us
         self.idle_since = t1
@@ -315,6 +334,7 @@ class HttpConnection(asyncio.Protocol):
         http10 = req.version == "1.0"
         keep = req.keep_alive and not self.closing and not http10
         head_only = req.method == "HEAD"
+        route = self._route(req)
         s = self.slot
         s[L.S_STREAMS] += 1
         s[L.S_STREAMS_ACTIVE] += 1
@@ -340,7 +360,7 @@ class HttpConnection(asyncio.Protocol):
                         await self._drain()
             cancelled = False
             tail = b"" if http10 or head_only else ser.LAST_CHUNK
-            self._account(resp.status, len(tail), t0)
+            self._account(resp.status, len(tail), t0, route)
             if tail:
                 self.transport.write(tail)
             if self.w.access_log is not None:
@@ -350,7 +370,7 @@ class HttpConnection(asyncio.Protocol):
                 # shutdown deadline: a last error event, a proper end of body, close
                 last = resp.abort_chunk if resp.abort_chunk and not head_only else b""
                 data = last if http10 else (ser.chunk(last) if last else b"") + ser.LAST_CHUNK
-                self._account(resp.status, len(data), t0)
+                self._account(resp.status, len(data), t0, route)
                 self.transport.write(data)
                 self.transport.close()
                 if self.w.access_log is not None:

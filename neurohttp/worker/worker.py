@@ -26,6 +26,7 @@ from ..ai.pipeline import Pipeline
 from ..app import App
 from ..config import Config
 from ..handlers.chat import SeedChat
+from ..handlers.metrics import MetricsHandlers
 from ..handlers.openai import OpenAIHandlers, master_started
 from ..handlers.site import SiteHandlers
 from ..handlers.ws import WebSocketChat
@@ -36,6 +37,7 @@ from ..plugins import load_plugins
 from ..protocol.serialize import clock
 from ..stats import layout as L
 from ..stats.block import StatsBlock
+from ..stats.window import Meter
 from .connection import HttpConnection
 
 log = logging.getLogger("neurohttp")
@@ -97,7 +99,9 @@ class Worker:
         # Plugins first: the providers they add must exist when the models are built.
         load_plugins(self.app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
         self.models = ModelRegistry(cfg.models, self.app.providers)
+        self.meter = Meter(self.slot, self.models.names())  # windowed + per-model figures
         SiteHandlers(self).register(self.app)
+        MetricsHandlers(self).register(self.app)
         self.pipeline = Pipeline(self)
         SeedChat(self.pipeline).register(self.app)
         OpenAIHandlers(self.pipeline, master_started(block)).register(self.app)
@@ -143,6 +147,7 @@ class Worker:
         """Heartbeat, Date refresh and timeout sweep, every TICK seconds."""
         now_wall = time.time()
         clock.tick(now_wall)
+        self.meter.tick(now_wall)
         self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
         if self.access_log is not None:
             self.access_log.flush()

@@ -1,0 +1,167 @@
+"""The /metrics document: Prometheus text format 0.0.4, written directly.
+
+Built from the same Snapshot and /stats document as /stats, so the two agree.
+The latency histogram's buckets are the shared-memory buckets (quarter-octave,
+16 µs .. 67 s), cumulative as Prometheus wants them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import layout as L
+from .snapshot import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LE = [f"{b / 1e6:.6g}" for b in L.BUCKET_BOUNDS_US] + ["+Inf"]
+_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+
+
+def _esc(v: Any) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: dict[str, Any] | None) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: list[tuple[dict[str, Any] | None, float]]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+    def one(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.family(name, kind, help_text, [(None, value)])
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
+    """Render the snapshot (and its /stats document `doc`) as Prometheus text."""
+    w = _Writer()
+    t = snap.totals
+    h = snap.header
+    w.family("neurohttp_info", "gauge", "The server's version.", [({"version": doc["version"]}, 1)])
+    w.one("neurohttp_start_time_seconds", "gauge", "Unix time the master started.",
+          h[L.H_STARTED])
+    w.one("neurohttp_uptime_seconds", "gauge", "Seconds since the master started.", doc["uptime"])
+    w.one("neurohttp_workers", "gauge", "Live worker processes.", h[L.H_WORKERS])
+    w.one("neurohttp_requests_parsed_total", "counter",
+          "Request heads parsed (malformed ones included).", t[L.S_REQUESTS])
+    w.one("neurohttp_responses_total", "counter", "Responses written.", t[L.S_RESPONSES])
+
+    samples = []
+    for name, r in doc["routes"].items():
+        for cls, n in r["status"].items():
+            samples.append(({"route": name, "status": cls}, n))
+    w.family("neurohttp_http_requests_total", "counter",
+             "Responses written, by route (\"other\": unmatched paths and protocol errors) "
+             "and status class.", samples)
+
+    hist = snap.hist
+    lines = w.lines
+    name = "neurohttp_request_duration_seconds"
+    lines.append(f"# HELP {name} Time from the request's arrival to its response's last "
+                 "bytes handed to the socket.")
+    lines.append(f"# TYPE {name} histogram")
+    acc = 0
+    for le, n in zip(_LE, hist, strict=True):
+        acc += n
+        lines.append(f'{name}_bucket{{le="{le}"}} {acc}')
+    lines.append(f"{name}_sum {_num(t[L.S_LATENCY_SUM_US] / 1e6)}")
+    lines.append(f"{name}_count {acc}")
+    w.one("neurohttp_request_duration_max_seconds", "gauge", "Slowest response since start.",
+          t[L.S_LATENCY_MAX_US] / 1e6)
+
+    w.one("neurohttp_active_connections", "gauge", "Open client connections.",
+          t[L.S_ACTIVE_CONNECTIONS])
+    w.one("neurohttp_connections_total", "counter", "Client connections accepted.",
+          t[L.S_CONNECTIONS])
+    w.one("neurohttp_streams_active", "gauge", "Streamed responses in progress.",
+          t[L.S_STREAMS_ACTIVE])
+    w.one("neurohttp_streams_total", "counter", "Streamed responses started.", t[L.S_STREAMS])
+    w.one("neurohttp_streams_cancelled_total", "counter",
+          "Streamed responses cut short (client gone or failure).", t[L.S_STREAMS_CANCELLED])
+    w.family("neurohttp_tokens_total", "counter", "Tokens counted, prompt (in) and completion (out).",
+             [({"direction": "in"}, t[L.S_TOKENS_IN]), ({"direction": "out"}, t[L.S_TOKENS_OUT])])
+    w.one("neurohttp_bytes_received_total", "counter", "Bytes read from clients.", t[L.S_BYTES_IN])
+    w.one("neurohttp_bytes_sent_total", "counter", "Bytes written to clients.", t[L.S_BYTES_OUT])
+    w.one("neurohttp_worker_restarts_total", "counter",
+          "Workers replaced after dying or hanging.", h[L.H_RESTARTS])
+    w.one("neurohttp_reloads_total", "counter", "Configuration reloads.", h[L.H_RELOADS])
+    models = doc["models"]
+    w.family("neurohttp_errors_total", "counter",
+             "Errors by kind: protocol (malformed requests), client (4xx), server (5xx), "
+             "model (failed model calls), stream_cancelled.",
+             [({"kind": "protocol"}, t[L.S_ERRORS_PARSE]),
+              ({"kind": "client"}, t[L.S_STATUS + 4]),
+              ({"kind": "server"}, t[L.S_STATUS + 5]),
+              ({"kind": "model"}, sum(m["errors"] for m in models.values())),
+              ({"kind": "stream_cancelled"}, t[L.S_STREAMS_CANCELLED])])
+
+    w.family("neurohttp_model_requests_total", "counter", "Finished requests by model.",
+             [({"model": m}, v["requests"]) for m, v in models.items()])
+    w.family("neurohttp_model_errors_total", "counter", "Failed requests by model.",
+             [({"model": m}, v["errors"]) for m, v in models.items()])
+    w.family("neurohttp_model_tokens_total", "counter", "Tokens by model and direction.",
+             [({"model": m, "direction": d}, v[f"tokens_{d}"])
+              for m, v in models.items() for d in ("in", "out")])
+
+    win = doc["window"]
+    w.one("neurohttp_window_requests_per_second", "gauge",
+          f"Responses per second over the last {win['seconds']} s.", win["rps"])
+    w.family("neurohttp_window_latency_seconds", "gauge",
+             f"Latency quantiles over the last {win['seconds']} s.",
+             [({"quantile": q}, win["latency_ms"][k] / 1000) for q, k in _QUANTILES])
+    w.family("neurohttp_route_window_requests_per_second", "gauge",
+             "Responses per second over the last minute, by route.",
+             [({"route": n}, r["window"]["rps"]) for n, r in doc["routes"].items()])
+    w.family("neurohttp_route_window_latency_seconds", "gauge",
+             "Latency quantiles over the last minute, by route.",
+             [({"route": n, "quantile": q}, r["window"]["latency_ms"][k] / 1000)
+              for n, r in doc["routes"].items() for q, k in _QUANTILES])
+    w.family("neurohttp_model_window_tokens_per_second", "gauge",
+             "Completion tokens per second over the last minute, by model.",
+             [({"model": m}, v["window"]["tokens_out_per_s"]) for m, v in models.items()])
+
+    workers = doc["workers"]
+    w.family("neurohttp_worker_responses_total", "counter", "Responses written, by worker.",
+             [({"worker": x["id"]}, x["responses"]) for x in workers])
+    w.family("neurohttp_worker_active_connections", "gauge", "Open connections, by worker.",
+             [({"worker": x["id"]}, x["active_connections"]) for x in workers])
+    w.family("neurohttp_worker_window_requests_per_second", "gauge",
+             "Responses per second over the last minute, by worker.",
+             [({"worker": x["id"]}, x["window"]["rps"]) for x in workers])
+
+    procs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    master = doc["master"]
+    if master.get("process"):
+        procs.append(({"role": "master", "worker": "0", "pid": master["pid"]}, master["process"]))
+    for x in workers:
+        if x.get("process"):
+            procs.append(({"role": "worker", "worker": x["id"], "pid": x["pid"]}, x["process"]))
+    w.family("neurohttp_process_cpu_seconds_total", "counter",
+             "CPU time (user + system) of the master and each worker.",
+             [(lab, p["cpu_seconds"]) for lab, p in procs])
+    w.family("neurohttp_process_resident_memory_bytes", "gauge",
+             "Resident memory of the master and each worker.",
+             [(lab, p["rss_bytes"]) for lab, p in procs])
+    w.family("neurohttp_process_open_fds", "gauge",
+             "Open file descriptors of the master and each worker.",
+             [(lab, p["open_fds"]) for lab, p in procs])
+    return w.text()
