@@ -1,0 +1,139 @@
+"""`neurohttpd top` under a real pseudo-terminal: it shows the server's figures
+per worker, refreshes, and exits cleanly on Ctrl-C; piped, it finds the server
+through the pid file."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import httpx
+from server import ROOT
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+
+
+class Screen:
+    """Everything a program wrote to a terminal (or pipe), read with bounded waits."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.raw = b""
+        self.eof = False
+
+    def text(self, since: int = 0) -> str:
+        return ANSI.sub(b"", self.raw[since:]).decode(errors="replace")
+
+    def read_until(self, pred, timeout: float, since: int = 0) -> str:
+        """Read until pred(text since offset `since`) holds; fail after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not pred(self.text(since)):
+            if self.eof or time.monotonic() > deadline:
+                raise AssertionError(f"timed out; screen so far:\n{self.text(since)[-3000:]}")
+            self._read(0.2)
+        return self.text(since)
+
+    def drain(self, timeout: float) -> None:
+        """Read until the writer closes its end (or `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        while not self.eof and time.monotonic() < deadline:
+            self._read(0.2)
+
+    def _read(self, wait: float) -> None:
+        r, _, _ = select.select([self.fd], [], [], wait)
+        if r:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                chunk = b""
+            if chunk:
+                self.raw += chunk
+            else:
+                self.eof = True
+
+
+def wait_exit(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("top did not exit")
+
+
+def test_top_in_a_terminal_shows_workers_and_quits_on_ctrl_c(make_server):
+    srv = make_server(workers=2)
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        for _ in range(25):
+            c.get("/health")
+        c.post("/v1/chat", json={"prompt": "Hello"})
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        os.chdir(str(ROOT))
+        os.environ.update({"PYTHONPATH": str(ROOT), "TERM": "xterm-256color"})
+        os.environ.pop("COLUMNS", None)
+        os.environ.pop("LINES", None)
+        os.execv(sys.executable, [sys.executable, "-m", "neurohttp", "top", "-u", srv.url])
+    try:
+        pids = [str(p) for p in srv.worker_pids()]
+
+        def shows_figures(screen: str) -> bool:
+            return (all(p in screen for p in pids) and str(srv.pid) in screen
+                    and "/health" in screen and "req/s" in screen and "echo" in screen)
+        scr = Screen(fd)
+        screen = scr.read_until(shows_figures, 60)
+        assert srv.url in screen
+        assert "p50/p90/p99" in screen and "tokens/s" in screen
+        # the /health row counts what we sent (plus the harness's readiness checks)
+        row = next(line for line in screen.splitlines() if line.strip().startswith("/health"))
+        assert int(row.split()[-4]) >= 25
+        # it refreshes: a later frame again, with the CPU % known (needs two reads)
+        mark = len(scr.raw)
+        scr.read_until(lambda s: "/health" in s and "Ctrl-C to quit" in s, 30, since=mark)
+        # Ctrl-C through the terminal, as a person would type it
+        mark = len(scr.raw)
+        os.write(fd, b"\x03")
+        scr.drain(20)
+        code = wait_exit(pid, 20)
+        assert code == 0
+        tail = scr.raw[mark:]
+        assert b"\x1b[?1049l" in tail  # it left the alternate screen: the terminal is restored
+        assert b"Traceback" not in tail
+    finally:
+        os.close(fd)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def test_top_finds_the_server_through_its_pid_file(make_server):
+    srv = make_server(workers=1)
+    proc = subprocess.Popen([sys.executable, "-m", "neurohttp", "top", "--pid-file", srv.pid_file],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT),
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
+    try:
+        out = Screen(proc.stdout.fileno()).read_until(
+            lambda s: f"127.0.0.1:{srv.port}" in s and "Ctrl-C to quit" in s, 60)
+        assert str(srv.worker_pids()[0]) in out
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
