@@ -50,8 +50,8 @@ class App:
                     self.route_index[path.encode()] = len(self.route_names)
                 self.route_names.append(path)
             else:
-                log.warning("route %s is counted as 'other' in the stats: more than %d routes",
-                            path, MAX_ROUTES - 1)
+                log.info("route %s is counted as 'other' in the stats: more than %d routes",
+                         path, MAX_ROUTES - 1)
         methods = self.routes.setdefault(path, {})
         if path.isascii() and "%" not in path:
             self.raw_routes[path.encode()] = methods

@@ -259,3 +259,34 @@ def test_dead_worker_figures_survive_in_both_windows(make_server):
     pids = {int(s.labels["pid"]) for s in fams["neurohttp_process_cpu_seconds"].samples
             if s.labels["role"] == "worker"}
     assert victim not in pids and pids == set(srv.worker_pids())
+
+
+def test_models_counted_on_every_api(make_server):
+    # the per-model figures come from the token pipeline: /v1/chat, the OpenAI API
+    # (fast path and stream) and the WebSocket all count for their model
+    from websockets.sync.client import connect
+    srv = make_server(workers=1)
+    msgs = [{"role": "user", "content": "Hello there"}]
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        assert c.post("/v1/chat/completions", json={"model": "echo", "messages": msgs}
+                      ).status_code == 200
+        with c.stream("POST", "/v1/chat/completions",
+                      json={"model": "echo", "messages": msgs, "stream": True}) as r:
+            assert b"[DONE]" in r.read()
+        assert c.post("/v1/chat", json={"prompt": "Hi"}).status_code == 200
+    with connect(f"ws://127.0.0.1:{srv.port}/v1/ws", open_timeout=10) as ws:
+        ws.send(json.dumps({"prompt": "Hi"}))
+        deadline = 20
+        while deadline:
+            msg = json.loads(ws.recv(timeout=10))
+            if msg.get("done"):
+                break
+            deadline -= 1
+    d = wait_for(lambda: (lambda s: s if s["models"]["echo"]["requests"] == 4 else None)(
+        srv.stats()), timeout=10, what="the WebSocket's request counted")
+    echo = d["models"]["echo"]
+    assert echo["errors"] == 0
+    assert echo["tokens_in"] == d["tokens_in"] > 0
+    assert echo["tokens_out"] == d["tokens_out"] == 4 * 5
+    assert d["routes"]["/v1/chat/completions"]["status"]["2xx"] == 2
+    assert d["routes"]["/v1/ws"]["status"]["1xx"] == 1  # the 101 that switched protocols

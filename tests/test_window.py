@@ -4,6 +4,7 @@ worker's fold into the retired slot, and since-start figures never go back."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 import uuid
@@ -23,6 +24,7 @@ MODELS = ["echo", "llama"]
 def block():
     blk = StatsBlock.create(f"neurohttp-test-{uuid.uuid4().hex[:12]}", worker_slots=4)
     yield blk
+    gc.collect()  # views of the block held in reference cycles would keep it mapped
     blk.unlink()
 
 
@@ -138,7 +140,7 @@ def test_models_tokens_and_latency(block):
     m.model_request("llama", time.monotonic(), 3, 11, error=True)
     m.tokens("not-configured", tokens_out=2)  # counted, as "other"
     s = block.slot(1)
-    assert s[L.S_TOKENS_IN] == 10 and s[L.S_TOKENS_OUT] == 18
+    assert s[L.S_TOKENS_IN] == 0 and s[L.S_TOKENS_OUT] == 0  # the caller counts the totals
     m.tick(t0 + 1.001)
     d = doc(block, t0 + 1.5)
     echo, llama = d["models"]["echo"], d["models"]["llama"]
@@ -184,3 +186,40 @@ def test_percentile_interpolates_inside_a_bucket():
     assert percentile([0, 10, 0, 0], 0.5, bounds) == 15.0
     assert percentile([0, 0, 0, 0], 0.5, bounds) == 0.0
     assert percentile([0, 0, 0, 4], 1.0, bounds) == 80.0  # +Inf: twice the last bound
+
+
+def test_a_failed_generation_counts_as_an_error_of_its_model(block):
+    # the real OpenAI handler and pipeline, with a provider that fails mid-answer
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from neurohttp.ai.pipeline import Pipeline
+    from neurohttp.handlers.openai import OpenAIHandlers
+    from neurohttp.messages import Request
+
+    class Unavailable(Exception):
+        status = 503
+
+    class Failing:
+        async def stream(self, messages, params):
+            yield "partial"
+            raise Unavailable("upstream is down")
+
+    t0 = float(int(time.time()))
+    m = start_worker(block, 1, t0)
+    models = SimpleNamespace(get=lambda name: (name, Failing()), names=lambda: ["echo"])
+    pipe = SimpleNamespace(slot=block.slot(1), meter=m, models=models, filters=[],
+                           sse_ping_s=0.0, log_usage=False)
+    for name in ("begin", "instant", "respond", "count_out"):
+        setattr(pipe, name, getattr(Pipeline, name).__get__(pipe))
+    body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+    req = Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1", True, body.encode())
+    resp = asyncio.run(OpenAIHandlers(pipe, 0).completions(req))
+    assert resp.status == 503
+    m.tick(t0 + 1.001)
+    echo = doc(block, t0 + 1.5)["models"]["echo"]
+    assert (echo["requests"], echo["errors"]) == (1, 1)
+    s = block.slot(1)
+    assert echo["tokens_in"] == s[L.S_TOKENS_IN] > 0
+    assert echo["tokens_out"] == s[L.S_TOKENS_OUT] == 1  # what was produced before the failure

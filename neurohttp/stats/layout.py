@@ -84,7 +84,7 @@ CBUCKET_BOUNDS_US: list[int] = BUCKET_BOUNDS_US[1::2]  # coarse bucket c = fine 
 N_CBUCKETS = len(CBUCKET_BOUNDS_US) + 1                 # 45, the last is +Inf
 assert N_CBUCKETS == (N_BUCKETS + 1) // 2
 
-MAX_ROUTES = 16        # route 0 + 15 registered paths
+MAX_ROUTES = 24        # route 0 + 23 registered paths (/v1/models/<name> is one per model)
 MAX_MODELS = 8         # model 0 + 7 configured models
 # route block: [coarse histogram][responses by status class 1xx..5xx]. The
 # histogram counts every response, so the request path skips the 2xx word: the
