@@ -51,6 +51,11 @@ def test_coarse_buckets_are_pairs_of_fine_buckets():
         if hi_coarse is not None:
             assert hi_fine is not None and hi_fine <= hi_coarse
     assert L.CELL_WORDS * L.RING_CELLS + L.S_RING == L.SLOT_WORDS
+    # Meter.model_request skips the search below the first coarse bound: same bucket
+    from bisect import bisect_right
+    for us in range(0, 5000):
+        coarse = bisect_right(L.BUCKET_BOUNDS_US, us) >> 1
+        assert (0 if us < L.CBUCKET_BOUNDS_US[0] else coarse) == coarse
 
 
 def test_window_fills_then_decays_after_a_minute(block):

@@ -29,6 +29,7 @@ from . import layout as L
 _RW, _MW = L.ROUTE_WORDS, L.MODEL_WORDS
 _BOUNDS = L.BUCKET_BOUNDS_US
 _OTHER_MODEL = L.C_MODELS - L.C_ROUTES  # model 0's block, relative to Meter.cur
+_CB0 = L.CBUCKET_BOUNDS_US[0]  # the first coarse bucket's upper bound, in µs
 _ZERO_CELL = memoryview(bytes(L.CELL_WORDS * 8)).cast("Q")
 
 
@@ -117,7 +118,8 @@ class Meter:
         us = int((monotonic() - started) * 1e6)
         s = self.slot
         base = self.cur + self._model_off.get(model, _OTHER_MODEL)
-        s[base + (bisect_right(_BOUNDS, us) >> 1)] += 1  # also the request count
+        # the coarse bucket (also the request count); an instant answer needs no search
+        s[base + (0 if us < _CB0 else bisect_right(_BOUNDS, us) >> 1)] += 1
         if tokens_in:
             s[base + L.MB_TOKENS_IN] += tokens_in
         if tokens_out:
