@@ -116,7 +116,7 @@ S_CUM = 1024           # after the text area (S_TEXT, below)
 S_RING = S_CUM + CELL_WORDS
 
 SLOT_WORDS = S_RING + RING_CELLS * CELL_WORDS
-DEFAULT_WORKER_SLOTS = 128
+DEFAULT_WORKER_SLOTS = 16  # at least; the master makes 4 per configured worker
 
 # ---- text (never summed): in a worker's slot, why it failed or what it was
 # stuck on, for the master to log; in slot 0, the master's own facts as JSON
