@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -166,14 +165,13 @@ class OpenAIHandlers:
                                   code="model_not_found", param="model")
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
-            started = monotonic()
             answer = pipeline.instant(provider, messages, params)
             if answer is not None:  # the fast path: no Generation, no task
                 pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
                 text, finish = answer
                 completion = pipeline.count_out(text)
                 if pipeline.meter is not None:
-                    pipeline.meter.model_request(name, started, prompt_tokens, completion)
+                    pipeline.meter.model_instant(name, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name

@@ -38,7 +38,7 @@ STATE_FREE, STATE_STARTING, STATE_READY, STATE_DRAINING = 0, 1, 2, 3
 
 # ---- counters (summed over slots, folded into the retired slot)
 S_REQUESTS = 8
-S_RESPONSES = 9
+S_RESPONSES = 9  # not written: readers sum the status classes
 S_STATUS = 10          # S_STATUS + 1..5 for 1xx..5xx (index 10 unused)
 S_BYTES_IN = 16
 S_BYTES_OUT = 17

@@ -125,6 +125,9 @@ class Snapshot:
         nr, nm = len(self.route_names), len(self.model_names)
         raw = _read(block, sec, nr, nm)
         self.header, self.slots = raw.header, raw.slots
+        for slot in self.slots:
+            # Workers count a response once, in its status class; the total is their sum.
+            slot[L.S_RESPONSES] = sum(slot[L.S_STATUS + 1:L.S_STATUS + 6])
         self.live = [(i, s) for i, s in enumerate(self.slots)
                      if i and s[L.S_STATE] != L.STATE_FREE]
         retired = self.slots[0]

@@ -98,6 +98,15 @@ class Meter:
             s[c + L.RB_CLASS + status // 100] += 1
 
     # ------------------------------------------------------------ per-model API
+    def model_instant(self, model: str | None, tokens_in: int, tokens_out: int) -> None:
+        """model_request() for an answer the provider gave at once (no model time:
+        the first latency bucket), without reading the clock."""
+        s = self.slot
+        base = self.cur + self._model_off.get(model, _OTHER_MODEL)
+        s[base] += 1
+        s[base + L.MB_TOKENS_IN] += tokens_in
+        s[base + L.MB_TOKENS_OUT] += tokens_out
+
     def tokens(self, model: str | None, tokens_in: int = 0, tokens_out: int = 0) -> None:
         """Count tokens for `model` now, for a request still running (a stream's
         prompt, at its start). The model's figures only: the caller counts the
