@@ -70,6 +70,26 @@ def test_steering_picks_only_the_given_sockets(group):
     assert all(n > 0 for n in spread(group, 90))
 
 
+def test_round_robin_splits_connections_evenly(group):
+    """The eBPF program hands connections out in turn: exact shares, whatever
+    the client ports (the kernel's hash gives 60/40 splits over few connections)."""
+    group.steer([0, 1, 2])
+    assert group.round_robin, "round-robin steering was refused by the kernel"
+    assert spread(group, 60) == [20, 20, 20]
+    group.steer([0, 2])
+    assert spread(group, 60) == [30, 0, 30]
+    group.steer([2, 1])
+    assert spread(group, 40) == [0, 20, 20]
+
+
+def test_round_robin_program_falls_back_to_random_steering(group):
+    """Where the kernel refuses eBPF, steering still works (classic BPF, random)."""
+    group.round_robin = False
+    group.steer([0, 2])
+    got = spread(group)
+    assert got[1] == 0 and got[0] + got[2] == 60, got
+
+
 def test_accept_queue_length(group):
     group.steer([0])
     conns = connect_many(group.port, 5, group.host)

@@ -113,3 +113,25 @@ def test_kill9_worker_replaced_within_a_second_counters_kept(make_server):
         assert srv.request("GET", "/health")[0] == 200
     s2 = srv.stats()
     assert s2["requests"] - s1["requests"] == 11 and s2["responses"] - s1["responses"] == 11
+
+
+def test_connections_are_split_evenly_between_workers(make_server):
+    """Round-robin steering: 40 keep-alive connections land 20 on each worker,
+    which the kernel's 4-tuple hash does not do (splits like 26/14 are common)."""
+    import socket
+
+    srv = make_server(workers=2)
+    before = {w["pid"]: w["requests"] for w in srv.stats()["workers"]}
+    conns = [socket.create_connection((srv.host, srv.port), timeout=5) for _ in range(40)]
+    try:
+        for c in conns:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        for c in conns:
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for c in conns:
+            c.close()
+    after = {w["pid"]: w["requests"] for w in srv.stats()["workers"]}
+    served = sorted(after[pid] - before.get(pid, 0) for pid in after)
+    # the two /stats reads land on one worker or the other (+1 each)
+    assert served[0] >= 20 and served[1] <= 22 and sum(served) == 41, served

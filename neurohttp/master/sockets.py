@@ -1,14 +1,20 @@
 """Listening sockets. Each address gets one SO_REUSEPORT socket per worker, all
 created and held by the master, so a worker that dies or is replaced never
 takes a socket (and the connections queued on it) down with it: its successor
-inherits the same socket."""
+inherits the same socket. New connections are handed to the group's sockets
+in turn (steering.py), not by the kernel's 4-tuple hash."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import socket
 import struct
+
+from .steering import RoundRobin
+
+log = logging.getLogger("neurohttp")
 
 
 class BindError(Exception):
@@ -141,6 +147,8 @@ class Listener:
         self.holders: dict[int, set[int]] = {}   # id(socket) -> worker pids holding it
         self.steered: list[int] | None = None     # positions last given to steer()
         self.attached = False                     # a steering program is in the kernel
+        # Round-robin steering (steering.py); None: not tried yet, False: refused.
+        self.round_robin: RoundRobin | None | bool = None
 
     @property
     def address(self) -> str:
@@ -209,6 +217,25 @@ class Listener:
                            if i < len(self.sockets))
         if not positions or positions == self.steered:
             return
+        if self.round_robin is None:
+            try:
+                self.round_robin = RoundRobin()
+            except OSError as e:
+                log.info("round-robin steering unavailable (%s): the kernel's hash "
+                         "spreads connections", e.strerror)
+                self.round_robin = False
+        if self.round_robin:
+            try:
+                self.round_robin.attach(self.sockets[0], positions)
+            except OSError as e:
+                log.info("round-robin steering refused (%s): the kernel's hash "
+                         "spreads connections", e.strerror)
+                self.round_robin.close()
+                self.round_robin = False
+            else:
+                self.attached = True
+                self.steered = positions
+                return
         if positions == list(range(len(self.group))) and not self.attached:
             return  # the kernel's own hash already spreads over exactly these
         steer(self.sockets[0], positions)
@@ -226,6 +253,9 @@ class Listener:
     def close(self) -> None:
         for s in self.sockets:
             s.close()
+        if self.round_robin:
+            self.round_robin.close()
+        self.round_robin = None
         self.sockets = []
         self.group = []
         self.holders = {}
