@@ -7,6 +7,7 @@ import signal
 import time
 
 from server import wait_for
+from test_sockets import needs_ebpf
 
 N = 40
 
@@ -115,6 +116,7 @@ def test_kill9_worker_replaced_within_a_second_counters_kept(make_server):
     assert s2["requests"] - s1["requests"] == 11 and s2["responses"] - s1["responses"] == 11
 
 
+@needs_ebpf
 def test_connections_are_split_evenly_between_workers(make_server):
     """Round-robin steering: 40 keep-alive connections land 20 on each worker,
     which the kernel's 4-tuple hash does not do (splits like 26/14 are common)."""
