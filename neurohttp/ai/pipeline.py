@@ -288,6 +288,21 @@ class Generation:
         finally:
             await agen.aclose()
 
+    async def frames_or_error(self, pre: bytes, post: bytes,
+                              error_frame: Callable[[dict], bytes]) -> AsyncIterator[bytes]:
+        """frames(), except that a provider failure ends them with one error event
+        (OpenAI's shape, framed by `error_frame`) and marks the generation failed:
+        the caller then sends no final event."""
+        frames = self.frames(pre, post)
+        try:
+            async for data in frames:
+                yield data
+        except Exception as e:
+            self.failed = True
+            yield error_frame(provider_error(e)[1])
+        finally:
+            await frames.aclose()
+
     async def frames(self, pre: bytes, post: bytes) -> AsyncIterator[bytes]:
         """Each token framed as `pre` + the token as a JSON string + `post`.
         Tokens that all exist at once (an unpaced model) go out BATCH to a

@@ -148,16 +148,10 @@ class SeedChat:
             pre, post = b'{"token":', b"}\n"
 
         async def body() -> AsyncIterator[bytes]:
-            frames = gen.frames(pre, post)
-            try:
-                async for data in frames:
-                    yield data
-            except Exception as e:
-                gen.failed = True
-                yield frame(provider_error(e)[1])
+            async for data in gen.frames_or_error(pre, post, frame):
+                yield data
+            if gen.failed:
                 return
-            finally:
-                await frames.aclose()
             last = frame(done_message(gen))  # counts tokens_out before the last bytes leave
             yield last + b"data: [DONE]\n\n" if sse else last
 

@@ -229,16 +229,10 @@ class OpenAIHandlers:
 
         async def body() -> AsyncIterator[bytes]:
             yield first
-            frames = gen.frames(pre, post)
-            try:
-                async for data in frames:
-                    yield data
-            except Exception as e:
-                gen.failed = True
-                yield event(provider_error(e)[1])
+            async for data in gen.frames_or_error(pre, post, event):
+                yield data
+            if gen.failed:
                 return
-            finally:
-                await frames.aclose()
             u = gen.finish()  # counts tokens_out before the last bytes leave
             last = event(head | {"choices": [{"index": 0, "delta": {}, "logprobs": None,
                                               "finish_reason": gen.finish_reason}]})

@@ -31,6 +31,7 @@ from ..protocol.h1 import (
 )
 from ..stats import layout as L
 from . import websocket
+from .flow import PausableReader
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -50,7 +51,7 @@ _NO_BODY = frozenset([*range(100, 200), 204, 304])
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(PausableReader):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
@@ -437,16 +438,6 @@ class HttpConnection(asyncio.Protocol):
                 t.close()
         except (OSError, RuntimeError):
             t.close()
-
-    def _pause_reading(self) -> None:
-        if not self.read_paused and not self.closed:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self.read_paused and not self.closed:
-            self.read_paused = False
-            self.transport.resume_reading()
 
     def abort(self) -> None:
         if not self.closed:

@@ -33,6 +33,7 @@ from ..errors import error_response
 from ..messages import Request, Response, WebSocketUpgrade
 from ..protocol import serialize as ser
 from ..stats import layout as L
+from .flow import PausableReader
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -86,7 +87,7 @@ def accept_head(up: WebSocketUpgrade) -> bytes:
             up.accept.encode("ascii") + b"\r\n" + extra + b"\r\n")
 
 
-class WebSocketConnection(asyncio.Protocol):
+class WebSocketConnection(PausableReader):
     """One upgraded connection."""
 
     def __init__(self, worker: Worker, transport: Any, req: Request, up: WebSocketUpgrade,
@@ -260,16 +261,6 @@ class WebSocketConnection(asyncio.Protocol):
             return
         self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
         self.close_deadline = monotonic() + CLOSE_WAIT_SECONDS
-
-    def _pause_reading(self) -> None:
-        if not self.read_paused and not self.closed:
-            self.read_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self.read_paused and not self.closed:
-            self.read_paused = False
-            self.transport.resume_reading()
 
     # ------------------------------------------------------------ worker hooks
     def check_timeouts(self, now: float) -> None:
