@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import error_body
+from ..errors import BadInput, error_body
 from ..messages import Request, StreamingResponse
 from ..stats import layout as L
 from . import tokenizer
@@ -61,6 +61,14 @@ def settle_finish(reason: str | None, completion_tokens: int, max_tokens: int | 
     if reason is not None:
         return reason
     return "length" if max_tokens is not None and completion_tokens >= max_tokens else "stop"
+
+
+def parse_stop(value: Any) -> list[str]:
+    """OpenAI's `stop`: a string or a list of up to 4 strings, as a list."""
+    stop = [value] if type(value) is str else value
+    if type(stop) is not list or len(stop) > 4 or any(type(s) is not str for s in stop):
+        raise BadInput("'stop' must be a string or an array of up to 4 strings", "stop")
+    return stop
 
 
 def provider_error(exc: BaseException) -> tuple[int, dict]:

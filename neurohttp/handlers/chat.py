@@ -16,7 +16,7 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.models import UnknownModel
-from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, provider_error
+from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, provider_error
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
@@ -47,11 +47,7 @@ def parse_seed(body: Any) -> tuple[str, str | None, dict[str, Any]]:
         params["max_tokens"] = max_tokens
     stop = body.get("stop")
     if stop is not None:
-        if type(stop) is str:
-            stop = [stop]
-        if type(stop) is not list or len(stop) > 4 or any(type(s) is not str for s in stop):
-            raise BadInput("'stop' must be a string or a list of up to 4 strings", "stop")
-        params["stop"] = stop
+        params["stop"] = parse_stop(stop)
     return prompt, model, params
 
 

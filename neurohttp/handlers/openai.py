@@ -18,7 +18,14 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.models import UnknownModel
-from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, provider_error, settle_finish
+from ..ai.pipeline import (
+    SHUTDOWN_ERROR,
+    Generation,
+    Pipeline,
+    parse_stop,
+    provider_error,
+    settle_finish,
+)
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
@@ -97,11 +104,7 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
         params["seed"] = seed
     stop = body.get("stop")
     if stop is not None:
-        if type(stop) is str:
-            stop = [stop]
-        if type(stop) is not list or len(stop) > 4 or any(type(s) is not str for s in stop):
-            raise BadInput("'stop' must be a string or an array of up to 4 strings", "stop")
-        params["stop"] = stop
+        params["stop"] = parse_stop(stop)
     stream = body.get("stream")
     if stream is not None and type(stream) is not bool:
         raise BadInput("'stream' must be a boolean", "stream")
