@@ -264,6 +264,7 @@ def openai_handlers(provider):
     from neurohttp.ai.pipeline import Pipeline
     pipe = Pipe()
     pipe.begin = Pipeline.begin.__get__(pipe)
+    pipe.find_model = Pipeline.find_model.__get__(pipe)
     pipe.instant = Pipeline.instant.__get__(pipe)
     pipe.respond = Pipeline.respond.__get__(pipe)
     return OpenAIHandlers(pipe, 0)

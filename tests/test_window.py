@@ -216,7 +216,7 @@ def test_a_failed_generation_counts_as_an_error_of_its_model(block):
     models = SimpleNamespace(get=lambda name: (name, Failing()), names=lambda: ["echo"])
     pipe = SimpleNamespace(slot=block.slot(1), meter=m, models=models, filters=[],
                            sse_ping_s=0.0, log_usage=False)
-    for name in ("begin", "instant", "respond", "count_out"):
+    for name in ("begin", "instant", "respond", "count_out", "find_model"):
         setattr(pipe, name, getattr(Pipeline, name).__get__(pipe))
     body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "x"}]})
     req = Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1", True, body.encode())

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import BadInput, error_body
-from ..messages import Request, StreamingResponse
+from ..errors import BadInput, error_body, error_response
+from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
 from . import tokenizer
+from .models import UnknownModel
 from .providers import Finish
 
 if TYPE_CHECKING:
@@ -409,6 +410,21 @@ class Generation:
         if not self.counted:
             self.finish()
 
+    async def run_to_end(self) -> Response | None:
+        """Produce the whole completion (a non-stream answer from a paced model).
+        None when it completed; else the provider's failure as an error
+        response in OpenAI's shape, with Retry-After when the provider gave one."""
+        try:
+            async for _ in self.tokens():
+                pass
+        except Exception as e:
+            self.failed = True
+            self.close()
+            status, err = provider_error(e)
+            retry = getattr(e, "retry_after", None)
+            return Response.json(err, status, {"Retry-After": str(retry)} if retry else None)
+        return None
+
 
 class Pipeline:
     """Per worker: the models, the token filters and the stats slot."""
@@ -420,6 +436,15 @@ class Pipeline:
         self.filters = ctx.app.token_filters  # the live list: plugins add to it later
         self.sse_ping_s = float(ctx.cfg.server.sse_ping_s)
         self.log_usage = getattr(ctx, "access_log", None) is not None
+
+    def find_model(self, req: Request, model: str | None) -> tuple[str, Any] | Response:
+        """(public name, provider) for `model` (None: the default), or the 404
+        OpenAI's SDKs map to NotFoundError."""
+        try:
+            return self.models.get(model)
+        except UnknownModel:
+            return error_response(req, 404, f"The model '{model}' does not exist",
+                                  code="model_not_found", param="model")
 
     def start(self, req: Request | None, model: str | None, messages: list[dict[str, Any]],
               params: dict[str, Any], prompt_tokens: int | None = None) -> Generation:

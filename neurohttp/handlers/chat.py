@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.models import UnknownModel
-from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, provider_error
+from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
@@ -82,11 +81,10 @@ class SeedChat:
                 return error_response(req, 400, "'stream' must be true or false",
                                       param="stream")
         pipeline = self.pipeline
-        try:
-            name, provider = pipeline.models.get(model)
-        except UnknownModel:
-            return error_response(req, 404, f"the model '{model}' does not exist",
-                                  code="model_not_found", param="model")
+        found = pipeline.find_model(req, model)
+        if found.__class__ is Response:
+            return found
+        name, provider = found
         messages = [{"role": "user", "content": prompt}]
         prompt_tokens = tokenizer.count(prompt)
         if not stream and "stop" not in params and not pipeline.filters:
@@ -123,15 +121,7 @@ class SeedChat:
             "usage": u}), 200, None, _JSON)
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
-        try:
-            async for _ in gen.tokens():
-                pass
-        except Exception as e:
-            gen.failed = True
-            gen.close()
-            status, err = provider_error(e)
-            return Response.json(err, status)
-        return self._answer(gen)
+        return await gen.run_to_end() or self._answer(gen)
 
     def _stream(self, req: Request, gen: Generation, sse: bool) -> StreamingResponse:
         if sse:

@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.models import UnknownModel
 from ..ai.pipeline import (
     SHUTDOWN_ERROR,
     Generation,
     Pipeline,
     parse_stop,
-    provider_error,
     settle_finish,
 )
 from ..errors import BadInput, error_response
@@ -161,11 +159,10 @@ class OpenAIHandlers:
         except BadInput as e:
             return error_response(req, 400, e.message, param=e.param)
         pipeline = self.pipeline
-        try:
-            name, provider = pipeline.models.get(model)
-        except UnknownModel:
-            return error_response(req, 404, f"The model '{model}' does not exist",
-                                  code="model_not_found", param="model")
+        found = pipeline.find_model(req, model)
+        if found.__class__ is Response:
+            return found
+        name, provider = found
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
             answer = pipeline.instant(provider, messages, params)
@@ -200,16 +197,7 @@ class OpenAIHandlers:
             "usage": usage, "system_fingerprint": None}), 200, None, "application/json")
 
     async def _collect(self, gen: Generation) -> Response:
-        try:
-            async for _ in gen.tokens():
-                pass
-        except Exception as e:
-            gen.failed = True
-            gen.close()
-            status, err = provider_error(e)
-            retry = getattr(e, "retry_after", None)
-            return Response.json(err, status, {"Retry-After": str(retry)} if retry else None)
-        return self._collect_done(gen)
+        return await gen.run_to_end() or self._collect_done(gen)
 
     def _collect_done(self, gen: Generation) -> Response:
         u = gen.finish()
