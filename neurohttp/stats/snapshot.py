@@ -8,6 +8,7 @@ from typing import Any
 from . import layout as L
 from .block import StatsBlock
 from .procs import process_figures
+from .seqlock import read_consistent
 from .window import (
     Figures,
     block_ranges,
@@ -44,16 +45,7 @@ def _copy(block: StatsBlock, words: int) -> tuple[list[int], list[list[int]]]:
 def copy_consistent(block: StatsBlock, words: int = L.HIST_END) -> tuple[list[int], list[list[int]]]:
     """Copy the header and the first `words` of every slot, retrying while the
     master is folding a slot (seqlock), so nothing is seen twice or missed."""
-    w = block.words
-    for _ in range(1000):
-        seq = w[L.H_SEQ]
-        if seq & 1:
-            time.sleep(0)
-            continue
-        data = _copy(block, words)
-        if w[L.H_SEQ] == seq:
-            return data
-    return _copy(block, words)  # a master stuck mid-fold: better slightly off than no answer
+    return read_consistent(block.words, L.H_SEQ, lambda: _copy(block, words))
 
 
 class _Raw:
@@ -72,14 +64,10 @@ def _read(block: StatsBlock, now: int, nroutes: int, nmodels: int) -> _Raw:
     """Header, the counters of every slot and the rings of the live and retired
     slots, from one pass that no fold by the master interleaved with. Cells are
     copied only for the routes and models that have counted anything."""
-    w = block.words
     width = nroutes * L.ROUTE_WORDS + nmodels * L.MODEL_WORDS
-    raw = _Raw()
-    for _ in range(1000):
-        seq = w[L.H_SEQ]
-        if seq & 1:
-            time.sleep(0)
-            continue
+
+    def read() -> _Raw:
+        raw = _Raw()
         raw.header, raw.slots = _copy(block, L.HIST_END)
         used = [i for i, s in enumerate(raw.slots) if i == 0 or s[L.S_STATE] != L.STATE_FREE]
         since = raw.since = vsum([read_since(block.slot(i), i == 0, nroutes, nmodels)
@@ -88,9 +76,9 @@ def _read(block: StatsBlock, now: int, nroutes: int, nmodels: int) -> _Raw:
         raw.models = [m for m in range(nmodels) if any(model_block(since, nroutes, m))]
         ranges = block_ranges(raw.routes, raw.models)
         raw.cells = {i: read_cells(block.slot(i), now, ranges) for i in used}
-        if w[L.H_SEQ] == seq:
-            break
-    return raw
+        return raw
+
+    return read_consistent(block.words, L.H_SEQ, read)
 
 
 def percentile(hist: list[int], q: float) -> float:

@@ -25,6 +25,7 @@ from time import monotonic
 from typing import Any
 
 from . import layout as L
+from .seqlock import read_consistent
 
 _RW, _MW = L.ROUTE_WORDS, L.MODEL_WORDS
 _BOUNDS = L.BUCKET_BOUNDS_US
@@ -175,20 +176,17 @@ def read_since(s: memoryview, retired: bool, nroutes: int, nmodels: int) -> list
     ra, rb = L.C_ROUTES, L.C_ROUTES + nroutes * _RW
     ma, mb = L.C_MODELS, L.C_MODELS + nmodels * _MW
     c = L.S_CUM
-    for _ in range(1000):
-        seq = s[L.S_WIN_SEQ]
-        if seq & 1:
-            time.sleep(0)
-            continue
+
+    def read() -> list[int]:
         since = s[c + ra:c + rb].tolist() + s[c + ma:c + mb].tolist()
         stamp = s[L.S_WIN_CUR]
         cur = L.ring_cell(stamp)
         if not retired and s[cur] == stamp and stamp > s[L.S_WIN_FOLDED]:
             since = list(map(add, since,
                              s[cur + ra:cur + rb].tolist() + s[cur + ma:cur + mb].tolist()))
-        if s[L.S_WIN_SEQ] == seq:
-            break
-    return since
+        return since
+
+    return read_consistent(s, L.S_WIN_SEQ, read)
 
 
 def read_cells(s: memoryview, now: int, ranges: list[tuple[int, int]]
@@ -196,11 +194,8 @@ def read_cells(s: memoryview, now: int, ranges: list[tuple[int, int]]
     """One slot's cells of the last minute (stamped now-61 .. now), each as
     (connections, streams, the cell-relative word `ranges` concatenated)."""
     oldest = now - L.WINDOW_SECONDS - 1
-    for _ in range(1000):
-        seq = s[L.S_WIN_SEQ]
-        if seq & 1:
-            time.sleep(0)
-            continue
+
+    def read() -> dict[int, tuple[int, int, list[int]]]:
         cells = {}
         for i in range(L.RING_CELLS):
             base = L.S_RING + i * L.CELL_WORDS
@@ -210,9 +205,9 @@ def read_cells(s: memoryview, now: int, ranges: list[tuple[int, int]]
                 for a, b in ranges:
                     vec += s[base + a:base + b].tolist()
                 cells[stamp] = (s[base + L.C_CONNECTIONS], s[base + L.C_STREAMS], vec)
-        if s[L.S_WIN_SEQ] == seq:
-            break
-    return cells
+        return cells
+
+    return read_consistent(s, L.S_WIN_SEQ, read)
 
 
 def block_ranges(routes: list[int], models: list[int]) -> list[tuple[int, int]]:

@@ -31,7 +31,7 @@ from ..protocol.h1 import (
 )
 from ..stats import layout as L
 from . import websocket
-from .flow import PausableReader
+from .base import ClientConnection
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -51,7 +51,7 @@ _NO_BODY = frozenset([*range(100, 200), 204, 304])
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
 
 
-class HttpConnection(PausableReader):
+class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
@@ -154,17 +154,11 @@ class HttpConnection(PausableReader):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed:
+        if not self._forget():
             return
-        self.closed = True
-        self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
-        self.w.connections.discard(self)
         self.queue.clear()
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client disconnected"))
         self.w.on_connection_closed()
 
     def pause_writing(self) -> None:

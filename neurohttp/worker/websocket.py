@@ -33,7 +33,7 @@ from ..errors import error_response
 from ..messages import Request, Response, WebSocketUpgrade
 from ..protocol import serialize as ser
 from ..stats import layout as L
-from .flow import PausableReader
+from .base import ClientConnection
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -87,7 +87,7 @@ def accept_head(up: WebSocketUpgrade) -> bytes:
             up.accept.encode("ascii") + b"\r\n" + extra + b"\r\n")
 
 
-class WebSocketConnection(PausableReader):
+class WebSocketConnection(ClientConnection):
     """One upgraded connection."""
 
     def __init__(self, worker: Worker, transport: Any, req: Request, up: WebSocketUpgrade,
@@ -154,16 +154,10 @@ class WebSocketConnection(PausableReader):
         return None  # TCP closed without a Close frame (1006): just close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed:
+        if not self._forget():
             return
-        self.closed = True
-        self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
-        self.w.connections.discard(self)
         self.inbox.clear()
         self._cancel_runner()
-        waiter = self.drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("client disconnected"))
         self.w.on_connection_closed()
 
     def pause_writing(self) -> None:
