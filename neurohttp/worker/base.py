@@ -10,8 +10,8 @@ from ..stats import layout as L
 
 
 class ClientConnection(asyncio.Protocol):
-    """Subclasses set `transport`, `read_paused`, `closed`, `slot`, `w` (the
-    worker) and `drain_waiter`."""
+    """Subclasses set `transport`, `read_paused`, `write_paused`, `closed`,
+    `slot`, `w` (the worker) and `drain_waiter`."""
 
     __slots__ = ()
     transport: Any
@@ -20,6 +20,7 @@ class ClientConnection(asyncio.Protocol):
     slot: Any
     w: Any
     drain_waiter: asyncio.Future | None
+    write_paused: bool
 
     def _pause_reading(self) -> None:
         if not self.read_paused and not self.closed:
@@ -30,6 +31,17 @@ class ClientConnection(asyncio.Protocol):
         if self.read_paused and not self.closed:
             self.read_paused = False
             self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        """Wait while the client reads slower than we write (resume_writing or
+        the connection's end wakes us; the end raises ConnectionResetError)."""
+        if not self.write_paused or self.closed:
+            return
+        waiter = self.drain_waiter = self.w.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.drain_waiter = None
 
     def _forget(self) -> bool:
         """The connection is gone: count it out, wake a writer waiting to drain.

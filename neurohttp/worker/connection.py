@@ -351,7 +351,7 @@ class HttpConnection(ClientConnection):
                     self.idle_since = monotonic()  # for the idle ping (check_timeouts)
                     self.transport.write(data)
                     if self.write_paused:
-                        await self._drain()
+                        await self.drain()
             cancelled = False
             tail = b"" if http10 or head_only else ser.LAST_CHUNK
             self._account(resp.status, len(tail), t0, route)
@@ -389,15 +389,6 @@ class HttpConnection(ClientConnection):
                         pass
         if not keep:
             self.closing = True
-
-    async def _drain(self) -> None:
-        if not self.write_paused:
-            return
-        waiter = self.drain_waiter = self.w.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.drain_waiter = None
 
     # ------------------------------------------------------------ errors, closing
     def _protocol_error(self, e: HttpError, now: float) -> None:

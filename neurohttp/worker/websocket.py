@@ -179,16 +179,6 @@ class WebSocketConnection(ClientConnection):
         if self.open:
             self._write(self.ws.send(TextMessage(data=text)))
 
-    async def drain(self) -> None:
-        """Wait while the client reads slower than we write."""
-        if not self.write_paused or self.closed:
-            return
-        waiter = self.drain_waiter = self.w.loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.drain_waiter = None
-
     # ------------------------------------------------------------ internals
     def _write(self, data: bytes | bytearray) -> None:
         self.slot[L.S_BYTES_OUT] += len(data)
