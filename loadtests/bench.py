@@ -19,6 +19,9 @@ Variants (each is one more neurohttpd target in the same run):
   plain      embedded defaults (access log off)
   accesslog  access log on, to a file
   scrape     plain, with /metrics scraped once a second during the run
+  floor      not neurohttp: loadtests/floor_server.py, uvloop + httptools
+             answering a fixed body (the least such a server costs), held to
+             the same targets
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # ../shared beside the checkout (CI, /work/main); worktrees elsewhere use /work/shared
 SHARED_BENCH = next((p for p in (ROOT.parent / "shared" / "bench", Path("/work/shared/bench"))
                      if p.exists()), ROOT.parent / "shared" / "bench")
-VARIANT_PORTS = {"plain": 8300, "accesslog": 8310, "scrape": 8320}
+VARIANT_PORTS = {"plain": 8300, "accesslog": 8310, "scrape": 8320, "floor": 8330}
+
+
+def peer_name(variant: str) -> str:
+    return "floor" if variant == "floor" else f"neurohttp-{variant}"
 
 
 def target_cmd(variant: str, workdir: Path, workers: int) -> str:
+    if variant == "floor":  # not neurohttp: the bare uvloop + httptools server
+        return (f"exec {sys.executable} {ROOT / 'loadtests' / 'floor_server.py'} "
+                f"--port {{port}} --workers {workers}")
     conf = workdir / f"{variant}.toml"
     lines = ["[log]", 'level = "warning"']
     if variant == "accesslog":
@@ -82,7 +92,7 @@ def check_targets(results: list[dict], variants: list[str], scenarios: list[str]
         uv_rps = pick("uvicorn", scn, "rps")
         uv_p99 = pick("uvicorn", scn, "p99_ms")
         for v in variants:
-            name = f"neurohttp-{v}"
+            name = peer_name(v)
             cpu, rps, p99 = (pick(name, scn, k) for k in ("srv_us_per_req", "rps", "p99_ms"))
             rss = pick(name, scn, "rss_mib") / (workers + 1)
             pss = pick(name, scn, "pss_mib") / (workers + 1)
@@ -116,7 +126,7 @@ def main() -> int:
            "--rounds", str(args.rounds), "--duration", str(args.duration),
            "--scenarios", args.scenarios, "--rundir", str(rundir)]
     for v in variants:
-        cmd += ["--target", f"neurohttp-{v}={target_cmd(v, workdir, args.workers)}",
+        cmd += ["--target", f"{peer_name(v)}={target_cmd(v, workdir, args.workers)}",
                 "--port", str(VARIANT_PORTS[v])]
     md = args.out_md or str(workdir / "peers.md")
     cmd += ["--out-md", md]

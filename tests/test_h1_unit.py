@@ -199,6 +199,26 @@ def test_huge_request_line_is_431(tail):
     assert error_of(b"GET /" + b"a" * 2000 + tail).status == 431
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_big_header_finished_by_a_small_read_is_431(pipelined):
+    # httptools holds the unfinished value, so the first read's callbacks see little
+    # of it; the small read that completes the head must still be refused
+    p = parser()
+    first = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 3 if pipelined else b""
+    done = p.feed(first + b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * (MAX_HEAD - 10), 1.0)
+    assert len(done) == (3 if pipelined else 0)
+    with pytest.raises(HttpError) as ei:
+        p.feed(b"vvvvvvvvvvvvvvvvvvvv\r\n\r\n", 1.0)
+    assert ei.value.status == 431
+
+
+def test_head_at_the_limit_in_one_read_is_served():
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: "
+    data = head + b"v" * (MAX_HEAD - len(head) - 4) + b"\r\n\r\n"
+    assert len(data) == MAX_HEAD
+    assert len(parser().feed(data, 1.0)) == 1
+
+
 def test_incomplete_head_is_bounded_chunk_by_chunk():
     p = parser()
     p.feed(b"GET / HTTP/1.1\r\nX-Slow: ", 1.0)

@@ -433,6 +433,7 @@ class Pipeline:
         self.slot = ctx.slot
         self.meter: Meter | None = ctx.meter  # per-model figures; the slot keeps the totals
         self.models = ctx.models
+        self.default_model: tuple[str, Any] = ctx.models.get(None)  # (name, provider)
         self.filters = ctx.app.token_filters  # the live list: plugins add to it later
         self.sse_ping_s = float(ctx.cfg.server.sse_ping_s)
         self.log_usage = getattr(ctx, "access_log", None) is not None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -56,6 +55,28 @@ def done_message(gen: Generation) -> dict[str, Any]:
     return {"done": True, "model": gen.model, "finish_reason": gen.finish_reason, "usage": u}
 
 
+# The bytes of a seed answer around its timestamp, by (text, model, tokens):
+# short answers repeat, and building and dumping the dict costs ~0.4 µs.
+_answers: dict[tuple[str, str, int, int], tuple[bytes, bytes]] = {}
+
+
+def seed_answer(text: str, model: str, prompt_tokens: int, completion: int) -> bytes:
+    """The JSON of a non-streamed /v1/chat answer, stamped with this second."""
+    key = (text, model, prompt_tokens, completion)
+    parts = _answers.get(key)
+    if parts is None:
+        head = orjson.dumps({"response": text, "model": model})[:-1] + b',"timestamp":'
+        tail = b',"usage":' + orjson.dumps({
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}) + b"}"
+        parts = (head, tail)
+        if len(text) <= 256:
+            if len(_answers) >= 1024:
+                _answers.clear()
+            _answers[key] = parts
+    return b"%s%d%s" % (parts[0], int(time.time()), parts[1])
+
+
 class SeedChat:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
@@ -81,7 +102,7 @@ class SeedChat:
                 return error_response(req, 400, "'stream' must be true or false",
                                       param="stream")
         pipeline = self.pipeline
-        found = pipeline.find_model(req, model)
+        found = pipeline.default_model if model is None else pipeline.find_model(req, model)
         if found.__class__ is Response:
             return found
         name, provider = found
@@ -89,24 +110,20 @@ class SeedChat:
         prompt_tokens = tokenizer.count(prompt)
         if not stream and "stop" not in params and not pipeline.filters:
             # the fast path (pipeline.instant, inlined): no Generation, no task
-            started = monotonic()
             complete_now = getattr(provider, "complete_now", None)
             answer = None if complete_now is None else complete_now(messages, params)
             if answer is not None:
                 text = answer if answer.__class__ is str else answer[0]
                 completion = tokenizer.count(text)
-                slot = pipeline.slot
-                slot[L.S_TOKENS_IN] += prompt_tokens
-                slot[L.S_TOKENS_OUT] += completion
-                pipeline.meter.model_request(name, started, prompt_tokens, completion)
+                pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
+                pipeline.slot[L.S_TOKENS_OUT] += completion
+                pipeline.meter.model_instant(name, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name
                     st["tokens"] = prompt_tokens + completion
-                return Response(orjson.dumps({
-                    "response": text, "model": name, "timestamp": int(time.time()),
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                              "total_tokens": prompt_tokens + completion}}), 200, None, _JSON)
+                return Response(seed_answer(text, name, prompt_tokens, completion),
+                                200, None, _JSON)
         gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens)
         if stream:
             return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
@@ -116,9 +133,8 @@ class SeedChat:
 
     def _answer(self, gen: Generation) -> Response:
         u = gen.finish()
-        return Response(orjson.dumps({
-            "response": gen.text, "model": gen.model, "timestamp": int(time.time()),
-            "usage": u}), 200, None, _JSON)
+        return Response(seed_answer(gen.text, gen.model, u["prompt_tokens"],
+                                    u["completion_tokens"]), 200, None, _JSON)
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
         return await gen.run_to_end() or self._answer(gen)

@@ -73,7 +73,9 @@ class H1Parser:
         self._done: list[Request] = []
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_size = 0           # bytes of head seen through callbacks
+        self._head_size = 0           # bytes of the request target seen through callbacks
+        self._head_bound = 0          # at least the bytes of the head in progress
+        self._measure = False         # this feed may complete a head over the limit
         self._head_bytes = 0          # bytes of head seen through whole chunks
         self._framing = 0             # body-phase bytes fed with no body data in them
         self._body: list[bytes] = []
@@ -92,6 +94,11 @@ class H1Parser:
             return self._feed_after_upgrade(data)
         self._now = now
         body_before = self._body_len
+        # A head that completes in this feed has at most len(data) bytes more than
+        # its earlier reads: only when that could pass the limit are its fields
+        # summed (on_headers_complete), so on_header does no accounting.
+        self._measure = len(data) + (self._head_bound if phase == PHASE_HEAD else 0) \
+            > self.max_header_bytes
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -121,8 +128,10 @@ class H1Parser:
             if end == PHASE_HEAD:
                 if phase == PHASE_HEAD and not done:
                     self._head_bytes += len(data)
+                    self._head_bound += len(data)
                 else:
-                    self._head_bytes = self._head_size
+                    self._head_bytes = self._head_size + self._fields_size()
+                    self._head_bound = len(data)
                 if self._head_bytes > self.max_header_bytes:
                     raise self._fail(HttpError(431, "request header fields too large"))
             elif end == PHASE_BODY:
@@ -173,17 +182,18 @@ class H1Parser:
             raise HttpError(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.phase != PHASE_HEAD:
-            return  # chunked trailer fields: accepted and ignored
-        self._headers.append((name, value))
-        # "name:value CRLF" at least: never more than the bytes on the wire
-        self._head_size += len(name) + len(value) + 3
-        if self._head_size > self.max_header_bytes:
-            raise HttpError(431, "request header fields too large")
+        if self.phase == PHASE_HEAD:  # not chunked trailer fields: accepted and ignored
+            self._headers.append((name, value))
+
+    def _fields_size(self) -> int:
+        # "name:value CRLF" at least per field: never more than the bytes on the wire
+        return sum(len(n) + len(v) + 3 for n, v in self._headers)
 
     def on_headers_complete(self) -> None:
         p = self._p
         headers = self._headers
+        if self._measure and self._head_size + self._fields_size() > self.max_header_bytes:
+            raise HttpError(431, "request header fields too large")
         hosts = 0
         length = -1
         expect = chunked = connection = False

@@ -32,6 +32,8 @@ _ctype_cache: dict[str, bytes] = {}
 
 # (status, content type) -> status line + Server + Date + Content-Type, for this second
 _prefixes: dict[tuple[int, str], bytes] = {}
+# (status, content type, length, keep-alive, HTTP/1.0) -> whole head, for this second
+_heads: dict[tuple[int, str, int, bool, bool], bytes] = {}
 
 
 class Clock:
@@ -50,6 +52,7 @@ class Clock:
             self.common = (f"Server: {SERVER_NAME}\r\nDate: "
                            f"{formatdate(sec, usegmt=True)}\r\n").encode()
             _prefixes.clear()
+            _heads.clear()
 
 
 clock = Clock()
@@ -98,10 +101,17 @@ def _prefix(status: int, content_type: str) -> bytes:
 def response_head(status: int, content_type: str, headers: dict[str, str] | None,
                   length: int, keep_alive: bool, http10: bool) -> bytes:
     """Status line and headers of a response with a known length."""
+    if headers is None:  # most answers repeat within a second: reuse their head
+        head = _heads.get((status, content_type, length, keep_alive, http10))
+        if head is not None:
+            return head
     prefix = _prefixes.get((status, content_type)) or _prefix(status, content_type)
-    return b"%sContent-Length: %d\r\n%s%s\r\n" % (
+    head = b"%sContent-Length: %d\r\n%s%s\r\n" % (
         prefix, length, b"" if keep_alive and not http10 else _CONN[keep_alive, http10],
         extra_headers(headers) if headers else b"")
+    if headers is None and len(_heads) < 1024:
+        _heads[status, content_type, length, keep_alive, http10] = head
+    return head
 
 
 def stream_head(status: int, content_type: str, headers: dict[str, str] | None,
