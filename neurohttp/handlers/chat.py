@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop
+from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, usage
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..stats import layout as L
@@ -66,9 +66,7 @@ def seed_answer(text: str, model: str, prompt_tokens: int, completion: int) -> b
     parts = _answers.get(key)
     if parts is None:
         head = orjson.dumps({"response": text, "model": model})[:-1] + b',"timestamp":'
-        tail = b',"usage":' + orjson.dumps({
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}) + b"}"
+        tail = b',"usage":' + orjson.dumps(usage(prompt_tokens, completion)) + b"}"
         parts = (head, tail)
         if len(text) <= 256:
             if len(_answers) >= 1024:
