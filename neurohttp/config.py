@@ -114,6 +114,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_pipeline": Key(int, 32, _positive),
         "write_buffer_bytes": Key(int, 256 * 1024, _positive),
         "sse_ping_s": Key(NUM, 15.0, _non_negative),
+        "ws_ping_s": Key(NUM, 20.0, _non_negative),
+        "ws_idle_timeout": Key(NUM, 300.0, _non_negative),
         "pid_file": Key(str, "neurohttpd.pid"),
         "loop": Key(str, "auto", _one_of("auto", "uvloop", "asyncio")),
     },

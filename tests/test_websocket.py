@@ -11,6 +11,7 @@ import httpx
 import pytest
 from server import Server, wait_for
 from streamtools import close_code, frame, read_frames, ws_connect
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 MODELS = {
@@ -251,3 +252,90 @@ def test_close_frame_mid_answer_stops_it(srv):
     assert not any(op == 0x1 and b'"done"' in p for op, p in frames)
     wait_for(lambda: srv.stats()["streams_cancelled"] == before["streams_cancelled"] + 1, 15,
              what="the cancel to be counted")
+
+
+# ------------------------------------------------------------ keepalive and idle clients
+def next_frame(s: socket.socket, buf: bytes, timeout: float = 5.0) -> tuple[int, bytes, bytes]:
+    """One server frame (opcode, payload) and the bytes after it; bounded wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if len(buf) >= 2:
+            n, off = buf[1] & 0x7F, 2
+            if n == 126 and len(buf) >= 4:
+                n, off = int.from_bytes(buf[2:4], "big"), 4
+            if n < 127 and len(buf) >= off + n:
+                return buf[0] & 0x0F, buf[off:off + n], buf[off + n:]
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        chunk = s.recv(65536)
+        assert chunk, "the server closed the connection"
+        buf += chunk
+
+
+def serving(srv, pids: list[int]) -> bool:
+    """The same workers still up, and answering."""
+    return srv.worker_pids() == pids and srv.get_json("/health")["status"] == "ok"
+
+
+def test_idle_websocket_is_closed_with_1001(make_server):
+    srv = make_server(workers=1, config={"server": {"ws_idle_timeout": 1.0, "ws_ping_s": 0}})
+    pids = srv.worker_pids()
+    with connect(url(srv), open_timeout=10) as ws:
+        assert "".join(m.get("token", "") for m in ask(ws, {"prompt": "hi"})) \
+            == "Hello, AI world!"
+        answered = time.monotonic()
+        with pytest.raises(ConnectionClosed) as ei:
+            ws.recv(timeout=15)  # bounded: the server must close well before
+        waited = time.monotonic() - answered
+    assert ei.value.rcvd is not None
+    assert (ei.value.rcvd.code, ei.value.rcvd.reason) == (1001, "idle timeout")
+    assert waited >= 0.9  # not before the timeout
+    wait_for(lambda: srv.stats()["active_connections"] == 1, 10, what="the close")  # /stats itself
+    assert serving(srv, pids)
+
+
+def test_silent_client_is_pinged_then_closed_with_1011(make_server):
+    srv = make_server(workers=1, config={"server": {"ws_ping_s": 0.5, "ws_idle_timeout": 0}})
+    pids = srv.worker_pids()
+    s, rest = handshake(srv)
+    try:
+        frames, eof = read_frames(s, rest, timeout=15)  # we never answer the ping
+    finally:
+        s.close()
+    assert frames[0] == (0x9, b"neurohttp"), frames
+    assert frames[-1][0] == 0x8 and close_code(frames[-1][1]) == 1011 and eof
+    assert serving(srv, pids)
+
+
+def test_client_that_answers_pings_stays_connected(make_server):
+    srv = make_server(workers=1, config={"server": {"ws_ping_s": 0.3, "ws_idle_timeout": 0}})
+    with connect(url(srv), open_timeout=10) as ws:  # the client answers pings by itself
+        time.sleep(2.0)  # several ping intervals with no message
+        assert "".join(m.get("token", "") for m in ask(ws, {"prompt": "hi"})) \
+            == "Hello, AI world!"
+    s, rest = handshake(srv)
+    try:
+        op, payload, rest = next_frame(s, rest)
+        assert (op, payload) == (0x9, b"neurohttp")
+        s.sendall(frame(0xA, payload))  # the pong: the next silent spell gets a new ping
+        op, payload, rest = next_frame(s, rest)
+        assert (op, payload) == (0x9, b"neurohttp")
+    finally:
+        s.close()
+
+
+def test_ws_reader_that_never_reads_is_dropped_after_send_timeout(make_server):
+    srv = make_server(workers=1, config={
+        "server": {"write_buffer_bytes": 65536, "send_timeout": 1.0, "ws_ping_s": 0},
+        "models": {"big": {"provider": "echo", "repeat": True, "split": "token"}}})
+    pids = srv.worker_pids()
+    s, head, rest = ws_connect(srv.host, srv.port)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    try:
+        s.sendall(frame(0x1, json.dumps({"prompt": "x", "model": "big",
+                                         "max_tokens": 2_000_000}).encode()))
+        wait_for(lambda: srv.stats()["streams_total"] == 1, 15, what="the answer to start")
+        # the socket stays open and unread: the server must give up on its own
+        wait_for(lambda: srv.stats()["streams_active"] == 0, 30, what="the server to drop it")
+    finally:
+        s.close()
+    assert srv.stats()["streams_cancelled"] == 1 and serving(srv, pids)

@@ -11,7 +11,10 @@ socket's callbacks and owns the connection's place in `Worker.connections`.
 Close codes: a client's close is echoed (1000 ...); a frame wsproto cannot
 accept closes with the code wsproto names (1002 protocol error, 1007 invalid
 UTF-8); a binary message gets 1003; a message over `max_body_bytes` 1009;
-a server going away 1001.
+a server going away 1001, and 1001 "idle timeout" after `ws_idle_timeout`
+without a message either way; a client silent for `ws_ping_s` is pinged, and
+one that has not answered by the next ping is closed with 1011. A client that
+leaves an answer unread for `send_timeout` is dropped, as on HTTP.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, generate_accept_token
 
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("neurohttp")
 
 CLOSE_WAIT_SECONDS = 5.0  # after our Close, wait this long for the client's
+PING_PAYLOAD = b"neurohttp"
 
 
 class Session(Protocol):
@@ -110,7 +114,10 @@ class WebSocketConnection(ClientConnection):
         self.going_away = False     # the worker drains: close once the message in hand is done
         self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
         self.fresh = False          # (the worker's drain asks: a request has been served)
-        self.idle_since = monotonic()
+        self.idle_since = monotonic()  # the last message either way (ws_idle_timeout)
+        self.heard = self.idle_since  # the last bytes from the client (ws_ping_s)
+        self.ping_sent = 0.0          # our ping still unanswered since then
+        self.stalled_since = 0.0      # when unsent output last went over the bound
         worker.connections.add(self)
         transport.set_protocol(self)
         if leftover:
@@ -122,6 +129,7 @@ class WebSocketConnection(ClientConnection):
     # ------------------------------------------------------------ asyncio callbacks
     def data_received(self, data: bytes) -> None:
         self.slot[L.S_BYTES_IN] += len(data)
+        self.heard = monotonic()
         ws = self.ws
         if self.closed or ws.state is ConnectionState.CLOSED:
             return
@@ -145,10 +153,11 @@ class WebSocketConnection(ClientConnection):
             elif t is CloseConnection:
                 self._on_close(ev)
                 return
+            elif t is Pong:
+                self.ping_sent = 0.0
             elif t is BytesMessage:
                 self._fail(CloseReason.UNSUPPORTED_DATA, "only text messages are accepted")
                 return
-            # Pong: nothing to do (we send no pings of our own)
 
     def eof_received(self) -> bool | None:
         return None  # TCP closed without a Close frame (1006): just close
@@ -162,6 +171,7 @@ class WebSocketConnection(ClientConnection):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.stalled_since = monotonic()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -188,6 +198,7 @@ class WebSocketConnection(ClientConnection):
         if self.going_away:
             return  # closing: take no new work
         self.inbox.append(text)
+        self.idle_since = monotonic()
         if len(self.inbox) >= self.w.max_pipeline:
             self._pause_reading()  # a client queueing prompts waits for the answers
         if self.runner is None:
@@ -208,6 +219,7 @@ class WebSocketConnection(ClientConnection):
             return
         finally:
             self.runner = None
+            self.idle_since = monotonic()
         if self.going_away and self.open:
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
@@ -248,8 +260,30 @@ class WebSocketConnection(ClientConnection):
 
     # ------------------------------------------------------------ worker hooks
     def check_timeouts(self, now: float) -> None:
-        if self.close_deadline and now > self.close_deadline and not self.closed:
-            self.transport.close()
+        if self.close_deadline:
+            if now > self.close_deadline and not self.closed:
+                self.transport.close()
+            return  # closing: nothing else is due
+        w = self.w
+        if self.write_paused:
+            # the client leaves our answer unread: as on HTTP, drop it after send_timeout
+            if now - self.stalled_since > w.send_timeout:
+                self.transport.abort()
+            return
+        if not self.open:
+            return
+        ping = w.ws_ping_s
+        if ping:
+            if self.ping_sent:
+                if now - self.ping_sent > ping:
+                    self._fail(CloseReason.INTERNAL_ERROR, "ping timeout")  # 1011, as websockets does
+                    return
+            elif now - self.heard > ping:
+                self.ping_sent = now
+                self._write(self.ws.send(Ping(payload=PING_PAYLOAD)))
+        idle = w.ws_idle_timeout
+        if idle and self.runner is None and not self.inbox and now - self.idle_since > idle:
+            self.close(CloseReason.GOING_AWAY, "idle timeout")
 
     def shutdown(self) -> None:
         """The worker drains: finish the message being answered, then close 1001.

@@ -84,6 +84,8 @@ class Worker:
         self.body_timeout = srv.body_timeout
         self.keepalive_timeout = srv.keepalive_timeout
         self.send_timeout = srv.send_timeout
+        self.ws_ping_s = srv.ws_ping_s
+        self.ws_idle_timeout = srv.ws_idle_timeout
         self.max_connections = srv.max_connections
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
