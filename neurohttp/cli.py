@@ -263,8 +263,19 @@ def _status_doc(pid_path: str, pid: int) -> dict:
 @main.command()
 @CONFIG_OPT
 def check(config_path: str | None) -> None:
-    """Validate a config file, like nginx -t."""
+    """Validate a config file, like nginx -t (enabled plugins are loaded too, as
+    a worker loads them, so the providers they add can be checked)."""
     cfg = _load(config_path)
+    if cfg.plugins.enabled:
+        from .app import App
+        from .plugins import PluginError, load_plugins
+        app = App()
+        try:
+            load_plugins(app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
+            config_mod.check_providers(cfg, app.providers)
+        except (PluginError, config_mod.ConfigError) as e:
+            click.echo(f"neurohttpd: {e}", err=True)
+            sys.exit(1)
     where = cfg.path or "the embedded defaults"
     click.echo(f"neurohttpd: configuration {where} is valid "
                f"({', '.join(cfg.server.bind)}; {cfg.worker_count} workers; "

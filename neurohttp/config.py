@@ -222,7 +222,11 @@ def _check_table(where: str, prefix: str, keys: dict[str, Key], table: Any) -> d
     return out
 
 
-def _check_models(where: str, models: Any) -> dict[str, dict[str, Any]]:
+def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, dict[str, Any]]:
+    """Check the [models.*] tables. A provider that is not built in may come from
+    a plugin (app.add_provider) when plugins are enabled: its table is handed to
+    the plugin's factory as is, and the name is checked once plugins are loaded
+    (check_providers)."""
     if not isinstance(models, dict):
         raise ConfigError(f"{where}: [models] must be a table of model tables")
     out = {}
@@ -230,12 +234,30 @@ def _check_models(where: str, models: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: models.{name} must be a table")
         provider = table.get("provider", "echo")
+        if not isinstance(provider, str):
+            raise ConfigError(f"{where}: models.{name}.provider: expected a string, "
+                              f"got {type(provider).__name__}")
         keys = MODEL_KEYS.get(provider)
         if keys is None:
+            if plugins:
+                out[name] = dict(table)
+                continue
             raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "
-                              f"(known: {', '.join(sorted(MODEL_KEYS))})")
+                              f"(built in: {', '.join(sorted(MODEL_KEYS))}; plugins.enabled "
+                              f"is empty, so no plugin adds one)")
         out[name] = _check_table(where, f"models.{name}", keys, table)
     return out
+
+
+def check_providers(cfg: Config, providers: dict[str, Any]) -> None:
+    """Once plugins are loaded: every model's provider is built in or added by one."""
+    for name, table in cfg.models.items():
+        provider = table.get("provider", "echo")
+        if provider not in MODEL_KEYS and provider not in providers:
+            added = ", ".join(sorted(providers)) or "none"
+            raise ConfigError(f"{cfg.path or '<defaults>'}: models.{name}.provider: unknown "
+                              f"provider {provider!r} (built in: {', '.join(sorted(MODEL_KEYS))};"
+                              f" added by plugins: {added})")
 
 
 def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
@@ -258,7 +280,7 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
             raise ConfigError(f"{where}: [plugins.{k}] configures a plugin that is not in "
                               f"plugins.enabled")
     sections["plugins"].options = plugin_options
-    models = _check_models(where, data["models"]) if "models" in data else {}
+    models = _check_models(where, data["models"], bool(enabled)) if "models" in data else {}
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
     return Config(path, sections, models)

@@ -56,6 +56,23 @@ def setup(app, options):
         return token.upper()
 '''
 
+REVERSE_PLUGIN = '''
+import asyncio
+
+class ReverseProvider:
+    def __init__(self, options):
+        self.suffix = options.get("suffix", "")
+
+    async def stream(self, messages, params):
+        words = (messages[-1]["content"][::-1] + self.suffix).split(" ")
+        for i, word in enumerate(words):
+            await asyncio.sleep(0)
+            yield word if i == 0 else " " + word
+
+def setup(app, options):
+    app.add_provider("reverse", ReverseProvider)
+'''
+
 
 def write_plugin(tmp: Path, name: str, code: str) -> Path:
     d = tmp / "myplugins"
@@ -309,6 +326,66 @@ def test_plugin_api(make_server, tmp_path):
     assert status == 403 and json.loads(body)["error"]["message"] == "blocked"
     status, _, body = srv.request("POST", "/v1/chat", body='{"prompt":"x"}')
     assert json.loads(body)["response"] == "HELLO, AI WORLD!"
+
+
+def test_plugin_provider_named_in_models(make_server, tmp_path):
+    """app.add_provider(): a [models] table names the plugin's provider, gets its own
+    keys, and the model answers on every API, streamed or not, with usage."""
+    pdir = write_plugin(tmp_path, "rev", REVERSE_PLUGIN)
+    srv = make_server(workers=1, config={
+        "plugins": {"paths": [str(pdir)], "enabled": ["rev"]},
+        "models": {"echo": {"provider": "echo"},
+                   "backwards": {"provider": "reverse", "suffix": "!"}}})
+    status, _, body = srv.request("POST", "/v1/chat",
+                                  body='{"prompt": "abc def", "model": "backwards"}')
+    doc = json.loads(body)
+    assert status == 200 and doc["response"] == "fed cba!" and doc["model"] == "backwards"
+    assert doc["usage"]["completion_tokens"] > 0
+    status, _, body = srv.request("POST", "/v1/chat", body=json.dumps(
+        {"prompt": "abc def", "model": "backwards", "stream": True}))
+    lines = [json.loads(x) for x in body.decode().splitlines()]
+    assert "".join(x["token"] for x in lines[:-1]) == "fed cba!" and lines[-1]["done"]
+    status, _, body = srv.request("POST", "/v1/chat/completions", body=json.dumps(
+        {"model": "backwards", "messages": [{"role": "user", "content": "xy z"}]}))
+    assert json.loads(body)["choices"][0]["message"]["content"] == "z yx!"
+    ids = [m["id"] for m in json.loads(srv.request("GET", "/v1/models")[2])["data"]]
+    assert ids == ["echo", "backwards"]
+    assert json.loads(srv.request("POST", "/v1/chat", body='{"prompt": "x"}')[2])[
+        "response"] == "Hello, AI world!"
+
+
+def test_unknown_provider_is_named_by_check(tmp_path):
+    pdir = write_plugin(tmp_path, "rev", REVERSE_PLUGIN)
+    cfg = tmp_path / "c.toml"
+    plugins = f'[plugins]\npaths = ["{pdir}"]\nenabled = ["rev"]\n\n'
+    cfg.write_text(plugins + '[models.a]\nprovider = "reverse"\nsuffix = "?"\n')
+    r = cli("check", "-c", str(cfg))
+    assert r.returncode == 0 and "models a" in r.stdout, r.stderr
+    cfg.write_text(plugins + '[models.a]\nprovider = "revers"\n')  # a typo
+    r = cli("check", "-c", str(cfg))
+    assert r.returncode == 1 and str(cfg) in r.stderr
+    assert "models.a.provider: unknown provider 'revers'" in r.stderr
+    assert "added by plugins: reverse" in r.stderr
+    cfg.write_text('[models.a]\nprovider = "reverse"\n')  # no plugin could add it
+    r = cli("check", "-c", str(cfg))
+    assert r.returncode == 1 and "models.a.provider: unknown provider 'reverse'" in r.stderr
+    assert "plugins.enabled is empty" in r.stderr
+
+
+def test_worker_with_an_unknown_provider_fails_with_its_name(tmp_path):
+    pdir = write_plugin(tmp_path, "rev", REVERSE_PLUGIN)
+    srv = Server(tmp_path / "srv", workers=1, config={
+        "plugins": {"paths": [str(pdir)], "enabled": ["rev"]},
+        "models": {"a": {"provider": "revers"}}})
+    try:
+        srv.start(wait=False)
+        code = srv.proc.wait(60)
+        assert code == 3, srv.log()
+        give_up = next(x for x in srv.log().splitlines() if "giving up" in x)
+        assert "models.a.provider: unknown provider 'revers'" in give_up
+        srv.assert_no_shm()
+    finally:
+        srv.kill()
 
 
 def test_plugin_options_for_a_plugin_not_enabled_is_an_error(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any
 from ..ai.models import ModelRegistry
 from ..ai.pipeline import Pipeline
 from ..app import App
-from ..config import Config
+from ..config import Config, check_providers
 from ..handlers.chat import SeedChat
 from ..handlers.metrics import MetricsHandlers
 from ..handlers.openai import OpenAIHandlers, master_started
@@ -100,6 +100,7 @@ class Worker:
         self.app = App()
         # Plugins first: the providers they add must exist when the models are built.
         load_plugins(self.app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
+        check_providers(cfg, self.app.providers)  # a [models] provider no plugin added
         self.models = ModelRegistry(cfg.models, self.app.providers)
         self.meter = Meter(self.slot, self.models.names())  # windowed + per-model figures
         SiteHandlers(self).register(self.app)
