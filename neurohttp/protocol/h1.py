@@ -24,6 +24,14 @@ _METHODS = {m.encode(): m for m in
 
 PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_UPGRADE_BODY, PHASE_DONE = 0, 1, 2, 3, 4
 
+# The request fields the parser acts on, found by one dict lookup in their usual
+# spelling; another case is lower-cased only when its length could match.
+_HOST, _LENGTH, _CONNECTION, _EXPECT, _TE = 1, 2, 3, 4, 5
+_FIELD_KIND = {b"host": _HOST, b"content-length": _LENGTH, b"connection": _CONNECTION,
+               b"expect": _EXPECT, b"transfer-encoding": _TE}
+_FIELD_LENGTHS = frozenset(map(len, _FIELD_KIND))
+_FIELD_KIND.update({name.title(): kind for name, kind in list(_FIELD_KIND.items())})
+
 
 class HttpError(Exception):
     """Input the server must refuse: answer `status` and close the connection.
@@ -63,6 +71,8 @@ class H1Parser:
         self.client = client
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        # a Content-Length with fewer characters than this is under the limit unparsed
+        self._max_body_digits = len(str(max_body_bytes))
         self._p = httptools.HttpRequestParser(self)
         self.phase = PHASE_IDLE
         self.head_started = 0.0
@@ -195,25 +205,27 @@ class H1Parser:
         if self._measure and self._head_size + self._fields_size() > self.max_header_bytes:
             raise HttpError(431, "request header fields too large")
         hosts = 0
-        length = -1
+        length: bytes | None = None  # llhttp has checked it is digits, and only one
         expect = chunked = connection = False
         for name, value in headers:
-            n = len(name)
-            if n == 4:
-                if name.lower() == b"host":
-                    hosts += 1
-            elif n == 14:
-                if name.lower() == b"content-length":
-                    length = int(value)  # llhttp has checked it is digits, and only one
-            elif n == 10:
-                if name.lower() == b"connection":
-                    connection = True
-            elif n == 6:
-                if name.lower() == b"expect":
-                    if value.lower().rstrip() != b"100-continue":  # llhttp keeps trailing OWS
-                        raise HttpError(417, "only 'Expect: 100-continue' is supported")
-                    expect = True
-            elif n == 17 and name.lower() == b"transfer-encoding":
+            kind = _FIELD_KIND.get(name)
+            if kind is None:
+                if len(name) not in _FIELD_LENGTHS:
+                    continue
+                kind = _FIELD_KIND.get(name.lower())
+                if kind is None:
+                    continue
+            if kind == _HOST:
+                hosts += 1
+            elif kind == _LENGTH:
+                length = value
+            elif kind == _CONNECTION:
+                connection = True
+            elif kind == _EXPECT:
+                if value.lower().rstrip() != b"100-continue":  # llhttp keeps trailing OWS
+                    raise HttpError(417, "only 'Expect: 100-continue' is supported")
+                expect = True
+            else:  # Transfer-Encoding
                 # llhttp refuses (400) a final coding other than chunked, sometimes
                 # only after this callback: 400 here too. We decode no other coding.
                 v = value.lower().rstrip()
@@ -238,7 +250,8 @@ class H1Parser:
                             else "missing Host header")
         if chunked and version == "1.0":
             raise HttpError(400, "Transfer-Encoding is not allowed in HTTP/1.0")
-        if length > self.max_body_bytes:
+        if length is not None and len(length) >= self._max_body_digits \
+                and int(length) > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
         self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
         method = p.get_method()
@@ -246,7 +259,7 @@ class H1Parser:
                                 version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY
         self.body_started = self._now
-        if expect and (length > 0 or chunked):
+        if expect and (chunked or (length is not None and int(length) > 0)):
             self.continue_pending = True
 
     def on_body(self, body: bytes) -> None:
