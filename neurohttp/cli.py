@@ -268,11 +268,9 @@ def check(config_path: str | None) -> None:
     cfg = _load(config_path)
     if cfg.plugins.enabled:
         from .app import App
-        from .plugins import PluginError, load_plugins
-        app = App()
+        from .plugins import PluginError, load_configured
         try:
-            load_plugins(app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
-            config_mod.check_providers(cfg, app.providers)
+            load_configured(App(), cfg)
         except (PluginError, config_mod.ConfigError) as e:
             click.echo(f"neurohttpd: {e}", err=True)
             sys.exit(1)

@@ -81,3 +81,13 @@ def load_plugins(app: Any, paths: list[str], enabled: list[str],
         log.debug("plugin %s loaded from %s", name, getattr(module, "__file__", name))
         loaded.append(module)
     return loaded
+
+
+def load_configured(app: Any, cfg: Any) -> list[ModuleType]:
+    """Load the plugins `cfg` enables into `app`, then check that every [models]
+    provider is built in or added by one of them (config.ConfigError if not).
+    The worker does this at start and `neurohttpd check` does the same."""
+    from .config import check_providers
+    loaded = load_plugins(app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
+    check_providers(cfg, app.providers)
+    return loaded

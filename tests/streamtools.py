@@ -75,25 +75,23 @@ class RawStream:
                 return
             yield rest[:size]
 
-    def events(self) -> Iterator[str]:
-        """SSE events (the text between blank lines: 'data: ...' or ': ping')."""
+    def _records(self, sep: bytes) -> Iterator[str]:
+        """The body cut at `sep`, record by record as chunks arrive; nothing left over."""
         pending = b""
         for c in self.chunks():
             pending += c
-            while b"\n\n" in pending:
-                ev, _, pending = pending.partition(b"\n\n")
-                yield ev.decode()
+            while sep in pending:
+                rec, _, pending = pending.partition(sep)
+                yield rec.decode()
         assert not pending, pending
+
+    def events(self) -> Iterator[str]:
+        """SSE events (the text between blank lines: 'data: ...' or ': ping')."""
+        return self._records(b"\n\n")
 
     def lines(self) -> Iterator[str]:
         """NDJSON lines."""
-        pending = b""
-        for c in self.chunks():
-            pending += c
-            while b"\n" in pending:
-                line, _, pending = pending.partition(b"\n")
-                yield line.decode()
-        assert not pending, pending
+        return self._records(b"\n")
 
     def close(self) -> None:
         self.sock.close()

@@ -7,7 +7,6 @@ Accept asks for text/event-stream. The tokens come from the shared pipeline.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from ..ai import tokenizer
 from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, usage
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
+from ..protocol import serialize as ser
 from ..stats import layout as L
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ _answers: dict[tuple[str, str, int, int], tuple[bytes, bytes]] = {}
 
 
 def seed_answer(text: str, model: str, prompt_tokens: int, completion: int) -> bytes:
-    """The JSON of a non-streamed /v1/chat answer, stamped with this second."""
+    """The JSON of a non-streamed /v1/chat answer, stamped with the current second."""
     key = (text, model, prompt_tokens, completion)
     parts = _answers.get(key)
     if parts is None:
@@ -72,7 +72,8 @@ def seed_answer(text: str, model: str, prompt_tokens: int, completion: int) -> b
             if len(_answers) >= 1024:
                 _answers.clear()
             _answers[key] = parts
-    return b"%s%d%s" % (parts[0], int(time.time()), parts[1])
+    # the second the worker's clock last ticked: the same second as the Date header
+    return b"%s%d%s" % (parts[0], ser.clock.second, parts[1])
 
 
 class SeedChat:

@@ -24,7 +24,7 @@ from typing import Any
 from ..ai.models import ModelRegistry
 from ..ai.pipeline import Pipeline
 from ..app import App
-from ..config import Config, check_providers
+from ..config import Config
 from ..handlers.chat import SeedChat
 from ..handlers.metrics import MetricsHandlers
 from ..handlers.openai import OpenAIHandlers, master_started
@@ -33,7 +33,7 @@ from ..handlers.ws import WebSocketChat
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
 from ..messages import Request
-from ..plugins import load_plugins
+from ..plugins import load_configured
 from ..protocol.serialize import clock
 from ..stats import layout as L
 from ..stats.block import StatsBlock
@@ -99,8 +99,7 @@ class Worker:
             if cfg.log.access_log else None
         self.app = App()
         # Plugins first: the providers they add must exist when the models are built.
-        load_plugins(self.app, cfg.plugins.paths, cfg.plugins.enabled, cfg.plugins.options)
-        check_providers(cfg, self.app.providers)  # a [models] provider no plugin added
+        load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
         self.models = ModelRegistry(cfg.models, self.app.providers)
         self.meter = Meter(self.slot, self.models.names())  # windowed + per-model figures
         SiteHandlers(self).register(self.app)
