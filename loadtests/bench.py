@@ -22,6 +22,11 @@ Variants (each is one more neurohttpd target in the same run):
   floor      not neurohttp: loadtests/floor_server.py, uvloop + httptools
              answering a fixed body (the least such a server costs), held to
              the same targets
+  base       plain, but the code of another checkout (--base DIR, e.g. a git
+             worktree of an older commit): before and after in the same run
+
+    git worktree add /tmp/nh-base <commit>
+    python loadtests/bench.py --variants base,plain --base /tmp/nh-base
 """
 
 from __future__ import annotations
@@ -42,14 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # ../shared beside the checkout (CI, /work/main); worktrees elsewhere use /work/shared
 SHARED_BENCH = next((p for p in (ROOT.parent / "shared" / "bench", Path("/work/shared/bench"))
                      if p.exists()), ROOT.parent / "shared" / "bench")
-VARIANT_PORTS = {"plain": 8300, "accesslog": 8310, "scrape": 8320, "floor": 8330}
+VARIANT_PORTS = {"plain": 8300, "accesslog": 8310, "scrape": 8320, "floor": 8330,
+                 "base": 8340}
 
 
 def peer_name(variant: str) -> str:
     return "floor" if variant == "floor" else f"neurohttp-{variant}"
 
 
-def target_cmd(variant: str, workdir: Path, workers: int) -> str:
+def target_cmd(variant: str, workdir: Path, workers: int, base: Path | None = None) -> str:
     if variant == "floor":  # not neurohttp: the bare uvloop + httptools server
         return (f"exec {sys.executable} {ROOT / 'loadtests' / 'floor_server.py'} "
                 f"--port {{port}} --workers {workers}")
@@ -58,7 +64,8 @@ def target_cmd(variant: str, workdir: Path, workers: int) -> str:
     if variant == "accesslog":
         lines.append(f'access_log = "{workdir / "access.log"}"')
     conf.write_text("\n".join(lines) + "\n")
-    return (f"cd {workdir} && PYTHONPATH={ROOT} exec {sys.executable} -m neurohttp start "
+    code = base if variant == "base" and base is not None else ROOT
+    return (f"cd {workdir} && PYTHONPATH={code} exec {sys.executable} -m neurohttp start "
             f"-c {conf} -b 127.0.0.1:{{port}} -w {workers} --pid-file {workdir / variant}.pid")
 
 
@@ -115,18 +122,22 @@ def main() -> int:
     ap.add_argument("--variants", default="plain")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out-md", default="")
+    ap.add_argument("--base", default="", help="checkout whose code the 'base' variant runs")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANT_PORTS:
             ap.error(f"unknown variant {v!r} (known: {', '.join(VARIANT_PORTS)})")
+    if "base" in variants and not args.base:
+        ap.error("the base variant needs --base DIR")
+    base = Path(args.base).resolve() if args.base else None
     workdir = Path(tempfile.mkdtemp(prefix="neurohttp-bench-"))
     rundir = workdir / "run"
     cmd = ["bash", str(SHARED_BENCH / "peers.sh"), "--only", "uvicorn",
            "--rounds", str(args.rounds), "--duration", str(args.duration),
            "--scenarios", args.scenarios, "--rundir", str(rundir)]
     for v in variants:
-        cmd += ["--target", f"{peer_name(v)}={target_cmd(v, workdir, args.workers)}",
+        cmd += ["--target", f"{peer_name(v)}={target_cmd(v, workdir, args.workers, base)}",
                 "--port", str(VARIANT_PORTS[v])]
     md = args.out_md or str(workdir / "peers.md")
     cmd += ["--out-md", md]
