@@ -279,8 +279,10 @@ def arguments() -> argparse.Namespace:
     chaos.add_argument("--uploaders", type=int, default=1)
     chaos.add_argument("--upload-kb", type=int, default=256,
                        help="body of each upload, sent in 1-2 byte chunks")
-    chaos.add_argument("--timeout", type=float, default=30.0,
-                       help="client socket timeout: a request silent this long is lost")
+    chaos.add_argument("--timeout", type=float, default=60.0,
+                       help="client socket timeout: a request silent this long is lost "
+                            "(above graceful_timeout, 30, so a draining worker that holds a "
+                            "request to the end shows as the server's doing)")
     chaos.add_argument("--seed", type=int, default=1)
     chaos.add_argument("--out-md", default="", help="write the summary here as markdown")
     args = ap.parse_args()

@@ -688,6 +688,9 @@ def summarize(args: argparse.Namespace, plan: LoadPlan, load: dict[str, Any], ch
     def after_hup(t: float) -> bool:
         return any(0 <= t - h <= 1.0 for h in hup_times)
 
+    def after_kill(t: float) -> bool:
+        return any(0 <= t - k.t_kill <= 0.5 for k in chaos.kills)
+
     stages = []
     n = len(plan.levels)
     span = (plan.end - plan.t0) / n
@@ -743,13 +746,22 @@ def summarize(args: argparse.Namespace, plan: LoadPlan, load: dict[str, Any], ch
         "connections_opened": load["connections"],
         "answers_with_connection_close": load["server_closed"],
         # a check on the attribution: lost requests that failed within 0.5 s after a
-        # kill although their connection was not one of the killed worker's
-        "lost_within_0.5s_after_a_kill": sum(
-            1 for f in lost if any(0 <= f["t1"] - k.t_kill <= 0.5 for k in chaos.kills)),
-        "kills": [{"at_s": round(k.t_kill - t0, 2), "pid": k.pid, "connections": len(k.ports),
+        # kill (their connection was not one of the killed worker's), and of those the
+        # ones no HUP explains (none in the second before)
+        "lost_within_0.5s_after_a_kill": sum(1 for f in lost if after_kill(f["t1"])),
+        "lost_within_0.5s_after_a_kill_no_hup": sum(
+            1 for f in lost if after_kill(f["t1"]) and not after_hup(f["t1"])),
+        "kills": [{"at_s": round(k.t_kill - t0, 3), "pid": k.pid,
                    "stopped_for_ms": round((k.t_kill - k.t_stop) * 1000, 1),
-                   "requests_killed": sum(1 for f in killed if f["killed_by"] == k.pid)}
+                   "requests_killed": sum(1 for f in killed if f["killed_by"] == k.pid),
+                   "client_ports": sorted(k.ports)}
                   for k in chaos.kills],
+        "events": [(round(t - t0, 3), what, detail) for t, what, detail in chaos.events],
+        "slowest": [{"at_s": round(r["t0"] - t0, 3), "wait_s": round(r["wait"], 3),
+                     "kind": r["kind"], "new_connection": r["fresh"], "port": r["port"],
+                     "outcome": r["reason"]}
+                    for r in sorted(load["slow"], key=lambda r: -r["wait"])
+                    if r["kind"] not in EXTRA_KINDS][:20],
         "chaos": {"hups": chaos.hups, "bursts": chaos.bursts, "kills": len(chaos.kills),
                   "stops": len(chaos.stops),
                   "stop_s": [round(b - a, 1) for a, b, _ in chaos.stops]},
@@ -782,8 +794,8 @@ def markdown(s: dict[str, Any]) -> str:
         ("killed in flight (on a SIGKILLed worker's connections)",
          f"{s['killed_in_flight']} ("
          + ", ".join(f"{n} {what}" for what, n in s["killed_detail"].items()) + ")"),
-        ("lost within 0.5 s after a kill (attribution check)",
-         f"{s['lost_within_0.5s_after_a_kill']}"),
+        ("lost within 0.5 s after a kill (of which no HUP in the second before)",
+         f"{s['lost_within_0.5s_after_a_kill']} ({s['lost_within_0.5s_after_a_kill_no_hup']})"),
         ("requests / responses the server counted", f"{s['server']['requests']} / "
                                                      f"{s['server']['responses']}"),
         ("HUPs (bursts) / kill -9 / SIGSTOP", f"{s['chaos']['hups']} ({s['chaos']['bursts']}) / "
@@ -797,8 +809,8 @@ def markdown(s: dict[str, Any]) -> str:
         ("load generator CPU", f"{s['client_cpu_s']} s ({s['client_cpu_s'] / s['duration_s']:.0%}"
                                " of one core)"),
         ("longest wait", f"{lw.get('wait_s')} s ({lw.get('kind')} at {lw.get('at_s')} s, "
-                         f"{'new' if lw.get('new_connection') else 'reused'} connection, "
-                         f"{lw.get('outcome')})"),
+                         + (f"{'new' if lw.get('new_connection') else 'reused'} connection, ok"
+                            if lw.get("outcome") == "ok" else str(lw.get("outcome"))) + ")"),
         ("requests that waited > 1 s (on a new connection)",
          f"{s['waited_over_1s']} ({s['waited_over_1s_on_a_new_connection']})"),
         ("worker RSS min–max (processes)", f"{r['workers_min_mb']}–{r['workers_max_mb']} MiB "
