@@ -480,6 +480,7 @@ def load_process(plan: LoadPlan, ka_indices: list[int], extras: bool, out: str) 
         clients += [TinyChunkUploader(plan, Tally(plan.t0, seconds), i)
                     for i in range(plan.uploaders)]
     threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+    time.sleep(max(0.0, plan.t0 - time.monotonic()))   # the run starts at t0 for all
     for t in threads:
         t.start()
     # Every socket operation is bounded by plan.timeout; the slow readers by their size.
