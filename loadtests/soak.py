@@ -4,6 +4,10 @@ of every process.
 
     python3 loadtests/soak.py --duration 600 --reload-every 30 --kill-every 45 \\
         --png docs/soak.png --json /tmp/soak.json
+    python3 loadtests/soak.py --chaos [--duration 60]      # see loadtests/soak_chaos.py
+
+The server is `python -m neurohttp start` run from the checkout this file is
+in (soak_server.py), with 2 workers on a free port.
 
 The load (one asyncio process, --concurrency clients) mixes:
   - GET /health and POST /v1/chat on fresh connections (Connection: close);
@@ -30,14 +34,14 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import psutil
+from soak_server import ROOT, SoakServer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# (t_start, t_end, kind, reason) of a failed request
+Event = tuple[float, float, str, str]
 
 CONFIG = """
 [server]
@@ -110,14 +114,14 @@ async def read_ka_response(reader: asyncio.StreamReader) -> bool:
 
 
 class Client:
-    def __init__(self, port: int, out: mp.Queue, deadline: float, seed: int) -> None:
+    def __init__(self, port: int, out: mp.Queue[Any], deadline: float, seed: int) -> None:
         self.port = port
         self.out = out
         self.deadline = deadline
         self.rng = random.Random(seed)
         self.ok = 0
         self.retried = 0
-        self.events: list = []  # (t_start, t_end, kind, reason) for every failure
+        self.events: list[Event] = []  # every failure
 
     async def fresh(self, kind: str) -> None:
         t0 = time.time()
@@ -145,7 +149,7 @@ class Client:
 
     async def keepalive(self, n: int) -> None:
         """n requests on one connection, reconnecting when the server closes it."""
-        conn = None
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         for _ in range(n):
             kind = self.rng.choice(("health", "chat"))
             t0 = time.time()
@@ -210,7 +214,8 @@ class Client:
         self.out.put(("done", time.time(), self.ok, self.retried, self.events))
 
 
-def load_process(port: int, out: mp.Queue, deadline: float, concurrency: int, seed: int) -> None:
+def load_process(port: int, out: mp.Queue[Any], deadline: float, concurrency: int,
+                 seed: int) -> None:
     try:
         import uvloop
         uvloop.install()
@@ -219,78 +224,114 @@ def load_process(port: int, out: mp.Queue, deadline: float, concurrency: int, se
     asyncio.run(Client(port, out, deadline, seed).main(concurrency))
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rss_sample(server: SoakServer) -> dict[str, float]:
+    """RSS in MiB of the master and each worker, named "master PID", "worker PID"."""
+    sample = server.rss_mb([server.pid] + server.worker_pids())
+    return {f"{'master' if pid == server.pid else 'worker'} {pid}": mb
+            for pid, mb in sample.items()}
 
 
-def rss_sample(master: psutil.Process) -> dict[str, float]:
-    out = {}
-    try:
-        out[f"master {master.pid}"] = master.memory_info().rss / 1048576
-        for c in master.children():
-            try:
-                out[f"worker {c.pid}"] = c.memory_info().rss / 1048576
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return out
+def span(text: str) -> tuple[float, float]:
+    """ "A" or "A,B": an interval of A seconds, or a random one between A and B."""
+    parts = [float(x) for x in text.split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or parts[0] > parts[1] or parts[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected A or A,B with 0 <= A <= B: {text!r}")
+    return parts[0], parts[1]
+
+
+def arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--chaos", action="store_true",
+                    help="chaos mode: keep-alive clients without retries, HUP bursts, "
+                         "kill -9, SIGSTOP, a slow reader, a tiny-chunk uploader "
+                         "(loadtests/soak_chaos.py)")
+    ap.add_argument("--duration", type=float, default=600)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reload-every", type=span, default=None,
+                    help="seconds between reloads, A or A,B (default 30; chaos: 1,3)")
+    ap.add_argument("--kill-every", type=span, default=None,
+                    help="seconds between kill -9 of a worker (default 45; chaos: 15,30)")
+    ap.add_argument("--concurrency", type=int, default=12, help="clients (default mode)")
+    ap.add_argument("--png", default=None,
+                    help="plot (default docs/soak.png; chaos: docs/soak-chaos.png)")
+    ap.add_argument("--json", default="", help="write the summary here as JSON")
+    chaos = ap.add_argument_group("chaos mode")
+    chaos.add_argument("--clients", default="10,50,100",
+                       help="keep-alive clients; a list runs one equal stage per level")
+    chaos.add_argument("--think", type=float, default=0.05,
+                       help="mean seconds a keep-alive client waits between requests")
+    chaos.add_argument("--load-procs", type=int, default=2,
+                       help="processes the keep-alive clients are spread over")
+    chaos.add_argument("--burst-every", type=span, default=span("20,40"),
+                       help="seconds between HUP bursts")
+    chaos.add_argument("--burst-size", type=int, default=5, help="HUPs within 0.5 s")
+    chaos.add_argument("--stop-every", type=span, default=span("15,30"),
+                       help="seconds between SIGSTOPs of a worker")
+    chaos.add_argument("--stop-for", type=span, default=span("2,5"),
+                       help="seconds until its SIGCONT (keep below worker_timeout, 30)")
+    chaos.add_argument("--slow-readers", type=int, default=1)
+    chaos.add_argument("--slow-kb", type=int, default=64,
+                       help="the slow reader's prompt, streamed back (about 3.5x as NDJSON)")
+    chaos.add_argument("--slow-rate", type=int, default=16384,
+                       help="bytes/s the slow reader reads")
+    chaos.add_argument("--uploaders", type=int, default=1)
+    chaos.add_argument("--upload-kb", type=int, default=256,
+                       help="body of each upload, sent in 1-2 byte chunks")
+    chaos.add_argument("--timeout", type=float, default=60.0,
+                       help="client socket timeout: a request silent this long is lost "
+                            "(above graceful_timeout, 30, so a draining worker that holds a "
+                            "request to the end shows as the server's doing)")
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--out-md", default="", help="write the summary here as markdown")
+    args = ap.parse_args()
+    chaos_mode = bool(args.chaos)
+    if args.reload_every is None:
+        args.reload_every = span("1,3" if chaos_mode else "30")
+    if args.kill_every is None:
+        args.kill_every = span("15,30" if chaos_mode else "45")
+    if args.png is None:
+        args.png = str(ROOT / "docs" / ("soak-chaos.png" if chaos_mode else "soak.png"))
+    return args
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=600)
-    ap.add_argument("--reload-every", type=float, default=30)
-    ap.add_argument("--kill-every", type=float, default=45)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=12)
-    ap.add_argument("--png", default=str(ROOT / "docs" / "soak.png"))
-    ap.add_argument("--json", default="")
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="neurohttp-soak-"))
-    port = free_port()
-    cfg = tmp / "soak.toml"
-    cfg.write_text(CONFIG.format(port=port, workers=args.workers, error_log=tmp / "error.log"))
-    pid_file = str(tmp / "soak.pid")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "neurohttp", "start", "-c", str(cfg), "--pid-file", pid_file]
-    server = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    master = psutil.Process(server.pid)
-    deadline = time.monotonic() + 20
-    while len(master.children()) < args.workers or not os.path.exists(pid_file):
-        if time.monotonic() > deadline or server.poll() is not None:
-            print("server did not start", file=sys.stderr)
-            server.kill()
-            return 2
-        time.sleep(0.1)
+    args = arguments()
+    if args.chaos:
+        import soak_chaos
+        return soak_chaos.run(args)
+    server = SoakServer(CONFIG, args.workers)
+    try:
+        server.start(20)
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 2
     time.sleep(0.5)
+    pid_file = server.pid_file
+    env = server.env
 
-    q: mp.Queue = mp.Queue()
+    q: mp.Queue[Any] = mp.Queue()
     start = time.time()
     end = start + args.duration
-    loader = mp.Process(target=load_process, args=(port, q, end, args.concurrency, 1))
+    loader = mp.Process(target=load_process, args=(server.port, q, end, args.concurrency, 1))
     loader.start()
     reloads: list[float] = []
     kills: list[tuple[float, int]] = []
     rss: list[tuple[float, dict[str, float]]] = []
     ticks: list[tuple[float, int]] = []
-    events: list = []
+    events: list[Event] = []
     ok = retried = 0
-    next_reload = start + args.reload_every
-    next_kill = start + args.kill_every
-    next_sample = start
     rng = random.Random(7)
+    next_reload = start + rng.uniform(*args.reload_every)
+    next_kill = start + rng.uniform(*args.kill_every)
+    next_sample = start
     done = False
     try:
         while not done:
             now = time.time()
             if now >= next_sample:
-                rss.append((now - start, rss_sample(master)))
+                rss.append((now - start, rss_sample(server)))
                 next_sample += 2.0
             if now < end and now >= next_reload:
                 r = subprocess.run([sys.executable, "-m", "neurohttp", "reload", "--pid-file",
@@ -299,14 +340,14 @@ def main() -> int:
                 if r.returncode != 0:
                     print("reload failed:", r.stderr, file=sys.stderr)
                 reloads.append(time.time())
-                next_reload += args.reload_every
+                next_reload += rng.uniform(*args.reload_every)
             if now < end and now >= next_kill:
-                kids = [c.pid for c in master.children()]
+                kids = server.worker_pids()
                 if kids:
                     victim = rng.choice(kids)
                     kills.append((time.time(), victim))
                     os.kill(victim, signal.SIGKILL)
-                next_kill += args.kill_every
+                next_kill += rng.uniform(*args.kill_every)
             while True:
                 try:
                     msg = q.get(timeout=0.2)
@@ -324,14 +365,7 @@ def main() -> int:
         loader.join(10)
         if loader.is_alive():
             loader.kill()
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = -9
-    from neurohttp.stats.block import block_name
-    shm_left = os.path.exists(f"/dev/shm/{block_name(pid_file)}")
+        code, shm_left = server.stop(60)
 
     # A failure is excused only if it was in flight when a worker was SIGKILLed.
     kill_times = [k for k, _ in kills]
@@ -345,8 +379,8 @@ def main() -> int:
     workers_rss = [mb for _, s in rss for n, mb in s.items() if n.startswith("worker")]
     master_rss = [mb for _, s in rss for n, mb in s.items() if n.startswith("master")]
     summary = {
-        "duration_s": args.duration, "reload_every": args.reload_every,
-        "kill_every": args.kill_every, "requests": total, "ok": ok,
+        "duration_s": args.duration, "reload_every": args.reload_every[0],
+        "kill_every": args.kill_every[0], "requests": total, "ok": ok,
         "retried_on_reused_keepalive": retried,
         "failed_in_flight_on_killed_worker": len(in_flight), "failed_lost": len(lost),
         "lost": [list(e) for e in lost][:50],
@@ -358,9 +392,8 @@ def main() -> int:
         "master_rss_mb": {"first": round(master_rss[0], 1), "last": round(master_rss[-1], 1),
                           "max": round(max(master_rss), 1)},
         "worker_processes_seen": sum(1 for n in worker_peak if n.startswith("worker")),
-        "error_log": str(tmp / "error.log"),
+        "error_log": str(server.error_log),
     }
-    # RSS of the first and last workers alive: growth of a worker over its life
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -368,8 +401,10 @@ def main() -> int:
     return 0 if not lost and code == 0 and not shm_left else 1
 
 
-def plot(path: str, start: float, rss, ticks, events, in_flight, lost, reloads, kills,
-         summary) -> None:
+def plot(path: str, start: float, rss: list[tuple[float, dict[str, float]]],
+         ticks: list[tuple[float, int]], events: list[Event], in_flight: list[Event],
+         lost: list[Event], reloads: list[float], kills: list[tuple[float, int]],
+         summary: dict[str, Any]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -380,11 +415,11 @@ def plot(path: str, start: float, rss, ticks, events, in_flight, lost, reloads, 
         for name, mb in sample.items():
             series.setdefault(name, []).append((t, mb))
     for name, pts in series.items():
-        xs, ys = zip(*pts, strict=True)
+        px, py = zip(*pts, strict=True)
         if name.startswith("master"):
-            ax1.plot(xs, ys, color="black", lw=2, label="master")
+            ax1.plot(px, py, color="black", lw=2, label="master")
         else:
-            ax1.plot(xs, ys, color="tab:blue", lw=1, alpha=0.7)
+            ax1.plot(px, py, color="tab:blue", lw=1, alpha=0.7)
     ax1.plot([], [], color="tab:blue", label="workers (one line per process)")
     ax1.set_ylabel("RSS (MiB)")
     ax1.set_ylim(bottom=0)
@@ -402,9 +437,9 @@ def plot(path: str, start: float, rss, ticks, events, in_flight, lost, reloads, 
     ax3 = ax2.twinx()
     for evs, color, label in ((in_flight, "tab:orange", "failed: in flight on a killed worker"),
                               (lost, "tab:red", "failed: lost (must be 0)")):
-        pts = sorted(e[1] - start for e in evs)
-        ax3.step([0] + pts + [summary["duration_s"]], [0] + list(range(1, len(pts) + 1))
-                 + [len(pts)], where="post", color=color, lw=2, label=label)
+        ends = sorted(e[1] - start for e in evs)
+        ax3.step([0] + ends + [summary["duration_s"]], [0] + list(range(1, len(ends) + 1))
+                 + [len(ends)], where="post", color=color, lw=2, label=label)
     ax3.set_ylabel("failed requests (cumulative)")
     ax3.set_ylim(bottom=0, top=max(5, len(in_flight) + len(lost)) * 1.2)
     for ax in (ax1, ax2):
