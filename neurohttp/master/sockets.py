@@ -250,6 +250,15 @@ class Listener:
             except OSError:
                 pass
 
+    def close_in_child(self, keep: set[int]) -> None:
+        """In a new worker: close the copies of every socket but `keep` (fds)
+        and of the steering map, which only the master uses."""
+        for sock in self.sockets:
+            if sock.fileno() not in keep:
+                sock.close()
+        if isinstance(self.round_robin, RoundRobin):
+            self.round_robin.close()
+
     def close(self) -> None:
         for s in self.sockets:
             s.close()
