@@ -169,8 +169,15 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {"echo": {"provider": "echo", "token
 class Section:
     """Attribute access to one checked table (`cfg.server.bind`)."""
 
+    options: dict[str, dict[str, Any]]   # [plugins] only: each plugin's own table
+
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a key the table does not have; declared so that type
+        # checkers accept the schema's keys as attributes.
+        raise AttributeError(name)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -262,15 +262,17 @@ def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
     with open(path, "w") as f:
         f.write(text.replace('bind = ["127.0.0.1:0"]', f'bind = ["127.0.0.1:0", "127.0.0.1:{extra}"]')
                 .replace("workers = 1", "workers = 2"))
-    before = (master.cfg, master.target, master.generation, list(master.listeners))
+    before = (master.cfg, master.target, master.generation, list(master.listeners),
+              master.switching)
 
     def boom() -> None:
         raise RuntimeError("boom while publishing")
     master._publish_info = boom
     with caplog.at_level("ERROR", logger="neurohttp"):
         master.reload()
-    assert (master.cfg, master.target, master.generation, master.listeners) == before
-    assert master.block.words[L.H_GENERATION] == 1 and not master.switching
+    assert (master.cfg, master.target, master.generation, master.listeners,
+            master.switching) == before
+    assert master.block.words[L.H_GENERATION] == 1
     [rec] = [r for r in caplog.records if "reload refused" in r.getMessage()]
     assert "RuntimeError: boom while publishing" in rec.getMessage() and rec.exc_info
     with socket.socket() as s:  # the address the failed reload bound is free again

@@ -94,10 +94,11 @@ class Master:
         self.last_worker_error = ""
         self.exit_code = 0
         self.steering = True         # False once the kernel refused a steering program
-        # Reload: `switching` while the newest generation is starting (a HUP then
-        # only sets `reload_pending`: one more reload, of the latest config, once
-        # it serves); `generation_failing` once one of its workers died.
-        self.switching = False
+        # `switching` while the newest generation (the first one too) is starting:
+        # a HUP then only sets `reload_pending` (one more reload, of the config
+        # as it is then, once it serves); `generation_failing` once one of its
+        # workers died.
+        self.switching = True
         self.reload_pending = False
         self.generation_failing = False
         self.slots_full = False      # "no free stats slot" was logged (once per episode)

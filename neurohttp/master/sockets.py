@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import struct
+from typing import Literal
 
 from .steering import RoundRobin
 
@@ -148,7 +149,7 @@ class Listener:
         self.steered: list[int] | None = None     # positions last given to steer()
         self.attached = False                     # a steering program is in the kernel
         # Round-robin steering (steering.py); None: not tried yet, False: refused.
-        self.round_robin: RoundRobin | None | bool = None
+        self.round_robin: RoundRobin | None | Literal[False] = None
 
     @property
     def address(self) -> str:
