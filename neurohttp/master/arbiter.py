@@ -636,7 +636,7 @@ class Master:
                 if key not in have:
                     lst = Listener(key[0], key[1], new.server.backlog)
                     opened.append(lst)
-                    lst.ensure(new.worker_count)
+                    lst.ensure(min(new.worker_count, self._max_workers()))
         except BaseException:
             for lst in opened:
                 lst.close()
