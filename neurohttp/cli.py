@@ -35,9 +35,17 @@ def _pid_path(config_path: str | None, pid_file: str | None) -> str:
     return _load(config_path).server.pid_file
 
 
-def _master_pid(config_path: str | None, pid_file: str | None) -> tuple[str, int | None]:
+def _find_master(config_path: str | None, pid_file: str | None
+                 ) -> tuple[str, int | None, str]:
+    """(pid file, master pid or None, why not: the sentence to print when None).
+    A pid file whose pid is not a neurohttpd master is stale: never signalled."""
     path = _pid_path(config_path, pid_file)
-    return path, pidfile.read(path)
+    found = pidfile.inspect(path)
+    if found.master:
+        return path, found.pid, ""
+    if found.stale:
+        return path, None, f"not running (stale pid file {path}: {found.stale})"
+    return path, None, f"not running (no live master in {path})"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,7 +73,11 @@ def start(config_path: str | None, bind: tuple[str, ...], workers: int | None,
     overrides = {"server": server} if server else {}
     cfg = _load(config_path, overrides)
     from . import logs
-    logs.setup(cfg.log.level, cfg.log.error_log)
+    try:
+        logs.setup_from(cfg)
+    except config_mod.ConfigError as e:
+        click.echo(f"neurohttpd: {e}", err=True)
+        sys.exit(1)
     notify_fd = _daemonize() if daemon else -1
     from .master.arbiter import Master
     sys.exit(Master(cfg, overrides, notify_fd=notify_fd).run())
@@ -116,9 +128,9 @@ def _daemonize() -> int:
               help="Seconds to wait for the master to exit.")
 def stop(config_path: str | None, pid_file: str | None, now: bool, timeout: float) -> None:
     """Stop the master: graceful (SIGTERM) or quick (--now, SIGQUIT)."""
-    path, pid = _master_pid(config_path, pid_file)
+    path, pid, why = _find_master(config_path, pid_file)
     if pid is None:
-        click.echo(f"neurohttpd: not running (no live master in {path})", err=True)
+        click.echo(f"neurohttpd: {why}", err=True)
         return
     os.kill(pid, signal.SIGQUIT if now else signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -141,9 +153,9 @@ def _alive(pid: int) -> bool:
 @PIDFILE_OPT
 def reload(config_path: str | None, pid_file: str | None) -> None:
     """Reload the config and replace every worker gracefully (SIGHUP)."""
-    path, pid = _master_pid(config_path, pid_file)
+    path, pid, why = _find_master(config_path, pid_file)
     if pid is None:
-        click.echo(f"neurohttpd: not running (no live master in {path})", err=True)
+        click.echo(f"neurohttpd: {why}", err=True)
         sys.exit(7)  # LSB: program is not running
     if config_path:
         _load(config_path)  # refuse early, with the error, if the new config is bad
@@ -157,12 +169,14 @@ def reload(config_path: str | None, pid_file: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (for scripts).")
 def status(config_path: str | None, pid_file: str | None, as_json: bool) -> None:
     """Exit 0 and describe the server while it runs, 3 when it does not."""
-    path, pid = _master_pid(config_path, pid_file)
+    path, pid, why = _find_master(config_path, pid_file)
     if pid is None:
         if as_json:
-            click.echo(json.dumps({"running": False, "pid_file": os.path.abspath(path)}))
+            stale = pidfile.inspect(path).stale
+            click.echo(json.dumps({"running": False, "pid_file": os.path.abspath(path),
+                                   **({"stale": stale} if stale else {})}))
         else:
-            click.echo(f"neurohttpd is not running (pid file {path})")
+            click.echo(f"neurohttpd is {why}")
         sys.exit(3)
     doc = _status_doc(path, pid)
     if as_json:
@@ -291,7 +305,7 @@ def _url_for(host: str, port: int) -> str:
 def _default_url(config_path: str | None, pid_file: str | None) -> str:
     """The running master's listening address (found through its pid file), else
     the config's first bind address, else http://127.0.0.1:8080."""
-    _, pid = _master_pid(config_path, pid_file)
+    _, pid, _ = _find_master(config_path, pid_file)
     if pid is not None:
         import psutil
         try:

@@ -8,15 +8,24 @@ step). Errors name the file and the dotted key, like nginx -t does.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 
 class ConfigError(Exception):
     """A config that cannot be used; the message names the file and the key."""
+
+
+NUM = (int, float)
+MiB, GiB = 1 << 20, 1 << 30
+HOUR, DAY = 3600, 86400
+# Numbers without a range of their own (a key someone adds) must still be finite
+# and within this; every key below has its own.
+DEFAULT_RANGE: tuple[float, float] = (0, 10**9)
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,17 @@ class Key:
     type: type | tuple[type, ...]
     default: Any
     check: Callable[[Any], str | None] | None = None
+    # Numbers: inclusive bounds. Every number must also be finite (TOML has inf
+    # and nan): an infinite timeout crashed the master's arithmetic on reload.
+    range: tuple[float, float] | None = None
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in (int, float, NUM)
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.range or DEFAULT_RANGE
 
 
 def _positive(v: Any) -> str | None:
@@ -92,30 +112,28 @@ def _str_list(v: Any) -> str | None:
     return None if all(isinstance(x, str) and x for x in v) else "must be a list of names"
 
 
-NUM = (int, float)
-
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
         "bind": Key(list, ["127.0.0.1:8080"], _bind_list),
-        "workers": Key(int, 0, _non_negative),
-        "backlog": Key(int, 2048, _positive),
-        "max_connections": Key(int, 10000, _positive),
-        "max_header_bytes": Key(int, 16384, _positive),
-        "max_body_bytes": Key(int, 8 * 1024 * 1024, _non_negative),
-        "header_timeout": Key(NUM, 10.0, _positive),
-        "body_timeout": Key(NUM, 30.0, _positive),
-        "keepalive_timeout": Key(NUM, 5.0, _non_negative),
-        "send_timeout": Key(NUM, 60.0, _positive),
-        "graceful_timeout": Key(NUM, 30.0, _non_negative),
-        "worker_timeout": Key(NUM, 30.0, _positive),
-        "max_requests": Key(int, 0, _non_negative),
-        "max_requests_jitter": Key(int, 0, _non_negative),
-        "max_worker_rss_mb": Key(int, 0, _non_negative),
-        "max_pipeline": Key(int, 32, _positive),
-        "write_buffer_bytes": Key(int, 256 * 1024, _positive),
-        "sse_ping_s": Key(NUM, 15.0, _non_negative),
-        "ws_ping_s": Key(NUM, 20.0, _non_negative),
-        "ws_idle_timeout": Key(NUM, 300.0, _non_negative),
+        "workers": Key(int, 0, _non_negative, range=(0, 1024)),
+        "backlog": Key(int, 2048, _positive, range=(1, 65535)),
+        "max_connections": Key(int, 10000, _positive, range=(1, 1_000_000)),
+        "max_header_bytes": Key(int, 16384, _positive, range=(1, MiB)),
+        "max_body_bytes": Key(int, 8 * 1024 * 1024, _non_negative, range=(0, GiB)),
+        "header_timeout": Key(NUM, 10.0, _positive, range=(0, HOUR)),
+        "body_timeout": Key(NUM, 30.0, _positive, range=(0, HOUR)),
+        "keepalive_timeout": Key(NUM, 5.0, _non_negative, range=(0, HOUR)),
+        "send_timeout": Key(NUM, 60.0, _positive, range=(0, HOUR)),
+        "graceful_timeout": Key(NUM, 30.0, _non_negative, range=(0, HOUR)),
+        "worker_timeout": Key(NUM, 30.0, _positive, range=(1, HOUR)),
+        "max_requests": Key(int, 0, _non_negative, range=(0, 10**9)),
+        "max_requests_jitter": Key(int, 0, _non_negative, range=(0, 10**9)),
+        "max_worker_rss_mb": Key(int, 0, _non_negative, range=(0, MiB)),
+        "max_pipeline": Key(int, 32, _positive, range=(1, 1024)),
+        "write_buffer_bytes": Key(int, 256 * 1024, _positive, range=(1, 64 * MiB)),
+        "sse_ping_s": Key(NUM, 15.0, _non_negative, range=(0, HOUR)),
+        "ws_ping_s": Key(NUM, 20.0, _non_negative, range=(0, HOUR)),
+        "ws_idle_timeout": Key(NUM, 300.0, _non_negative, range=(0, DAY)),
         "pid_file": Key(str, "neurohttpd.pid"),
         "loop": Key(str, "auto", _one_of("auto", "uvloop", "asyncio")),
     },
@@ -138,7 +156,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
 MODEL_KEYS: dict[str, dict[str, Key]] = {
     "echo": {
         "provider": Key(str, "echo"),
-        "token_delay_ms": Key(NUM, 0, _non_negative),
+        "token_delay_ms": Key(NUM, 0, _non_negative, range=(0, 60_000)),
         "response": Key(str, ""),
         "repeat": Key(bool, False),
         "split": Key(str, "word", _one_of("word", "token")),
@@ -151,8 +169,15 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {"echo": {"provider": "echo", "token
 class Section:
     """Attribute access to one checked table (`cfg.server.bind`)."""
 
+    options: dict[str, dict[str, Any]]   # [plugins] only: each plugin's own table
+
     def __init__(self, values: dict[str, Any]) -> None:
         self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a key the table does not have; declared so that type
+        # checkers accept the schema's keys as attributes.
+        raise AttributeError(name)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -192,6 +217,10 @@ def _type_name(t: type | tuple[type, ...]) -> str:
             dict: "a table"}.get(t, t.__name__)
 
 
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
 def _check_value(where: str, key: str, spec: Key, value: Any) -> Any:
     # bool is an int subclass in Python; TOML true must not pass as a number.
     if isinstance(value, bool) and spec.type is not bool:
@@ -200,10 +229,18 @@ def _check_value(where: str, key: str, spec: Key, value: Any) -> Any:
         value = [value]
     if not isinstance(value, spec.type):
         raise ConfigError(f"{where}: {key} must be {_type_name(spec.type)}, got {value!r}")
+    number = cast(float, value)
+    if spec.numeric and not math.isfinite(number):
+        raise ConfigError(f"{where}: {key} must be a finite number (got {value!r})")
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
             raise ConfigError(f"{where}: {key} {problem} (got {value!r})")
+    if spec.numeric:
+        lo, hi = spec.bounds
+        if not lo <= number <= hi:
+            raise ConfigError(f"{where}: {key} must be between {_number(lo)} and "
+                              f"{_number(hi)} (got {value!r})")
     return value
 
 

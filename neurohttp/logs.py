@@ -10,9 +10,12 @@ from time import gmtime as _gmtime
 from time import monotonic as _monotonic
 from time import strftime as _strftime
 from time import time as _time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orjson import dumps as _dumps
+
+if TYPE_CHECKING:
+    from .config import Config
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 _handler: logging.Handler | None = None
@@ -34,19 +37,31 @@ def setup(level: str = "info", error_log: str = "-") -> None:
     """Point the "neurohttp" logger at `error_log` with `level`."""
     global _handler, _path
     logger = logging.getLogger("neurohttp")
-    if _handler is not None:
-        logger.removeHandler(_handler)
-        _handler.close()
+    # The new file first: if it cannot be opened (OSError), the old log stays.
     if error_log in ("-", ""):
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
     else:
         os.makedirs(os.path.dirname(os.path.abspath(error_log)), exist_ok=True)
         handler = _ReopenableFileHandler(error_log, encoding="utf-8")
+    if _handler is not None:
+        logger.removeHandler(_handler)
+        _handler.close()
     handler.setFormatter(logging.Formatter(FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
     _handler, _path = handler, error_log
+
+
+def setup_from(cfg: Config) -> None:
+    """setup() with a config's [log]; a file that cannot be opened is a
+    ConfigError naming the key and the config file."""
+    from .config import ConfigError
+    try:
+        setup(cfg.log.level, cfg.log.error_log)
+    except OSError as e:
+        raise ConfigError(f"{cfg.path or '<defaults>'}: log.error_log: cannot open "
+                          f"{cfg.log.error_log!r}: {e.strerror}") from None
 
 
 def reopen() -> None:

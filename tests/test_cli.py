@@ -143,3 +143,35 @@ def test_daemon_start_status_stop(tmp_path):
                 os.unlink(f"/dev/shm/{block_name(str(pid_file))}")
             except FileNotFoundError:
                 pass
+
+
+def test_stale_pid_file_naming_another_process_is_never_signalled(make_server):
+    """After a crash the pid in the pid file may belong to another process by
+    now. status, reload and stop must not believe it (stop killed a `sleep`):
+    they say the file is stale and signal nothing; start replaces it."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        srv = make_server(workers=1, start=False)
+        Path(srv.pid_file).write_text(f"{sleeper.pid}\n")
+        stale = f"stale pid file {srv.pid_file}: pid {sleeper.pid} is 'sleep 300', " \
+                "not a neurohttpd master"
+        r = cli("status", "--pid-file", srv.pid_file)
+        assert r.returncode == 3 and stale in r.stdout, r.stdout
+        doc = json.loads(cli("status", "--json", "--pid-file", srv.pid_file).stdout)
+        assert doc["running"] is False and "not a neurohttpd master" in doc["stale"]
+        r = cli("reload", "--pid-file", srv.pid_file)
+        assert r.returncode == 7 and stale in r.stderr, r.stderr
+        for args in (["stop"], ["stop", "--now"]):
+            r = cli(*args, "--pid-file", srv.pid_file, timeout=10)
+            assert r.returncode == 0 and stale in r.stderr, r.stderr
+        time.sleep(0.2)
+        assert sleeper.poll() is None, "an unrelated process was signalled"
+        srv.start()
+        assert Path(srv.pid_file).read_text().strip() == str(srv.pid)
+        assert f"stale pid file {srv.pid_file} (pid {sleeper.pid} is 'sleep 300'" in srv.log()
+        r = cli("status", "--pid-file", srv.pid_file)
+        assert r.returncode == 0 and f"master pid {srv.pid}" in r.stdout
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

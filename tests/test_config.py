@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 import sys
@@ -101,3 +102,63 @@ def test_check_command(tmp_path):
     r = run_cli("check", "-c", str(bad))
     assert r.returncode == 1
     assert "server.frobnicate" in r.stderr and str(bad) in r.stderr
+
+
+def _numeric_keys() -> list[tuple[str, str, config.Key]]:
+    """(table, key, spec) of every number in the schema and in every provider's
+    model keys; a model key lives in a [models.m] table with its provider."""
+    out = [(f"[{section}]", k, spec) for section, keys in config.SCHEMA.items()
+           for k, spec in keys.items() if spec.numeric]
+    out += [(f'[models.m]\nprovider = "{provider}"', k, spec)
+            for provider, keys in config.MODEL_KEYS.items()
+            for k, spec in keys.items() if spec.numeric]
+    return out
+
+
+def test_every_numeric_key_rejects_non_finite_and_out_of_range_values(tmp_path):
+    """TOML has inf and nan: every number must be finite and inside its range
+    (an infinite worker_timeout crashed the master on reload, an infinite
+    token_delay_ms hung that model's requests)."""
+    keys = _numeric_keys()
+    assert len(keys) >= 20
+    path = tmp_path / "bad.toml"
+    for table, key, spec in keys:
+        name = table.split("]")[0].strip("[") + "." + key
+        lo, hi = spec.bounds
+        assert lo < hi and all(map(math.isfinite, (lo, hi))), name
+        bad = ["inf", "-inf", "nan", repr(int(hi) + 1), repr(int(lo) - 1)]
+        if spec.type is int:
+            bad = bad[3:]  # inf and nan are floats: refused as "must be an integer"
+        for value in bad:
+            path.write_text(f"{table}\n{key} = {value}\n")
+            with pytest.raises(config.ConfigError) as e:
+                config.load(str(path))
+            assert name in str(e.value) and str(path) in str(e.value), (value, e.value)
+        path.write_text(f"{table}\n{key} = {int(hi)!r}\n")
+        config.load(str(path))  # its upper bound itself is accepted
+    # the server's own keys and the echo model's each have a range of their own
+    without = [k for table, k, spec in keys
+               if ("provider" not in table or '"echo"' in table) and spec.range is None]
+    assert not without
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[server]\nworker_timeout = inf\n", "server.worker_timeout must be a finite number"),
+    ("[server]\ngraceful_timeout = nan\n", "server.graceful_timeout must be a finite number"),
+    ("[server]\nworker_timeout = 0.1\n", "server.worker_timeout must be between 1 and 3600"),
+    ("[server]\nworkers = 100000\n", "server.workers must be between 0 and 1024"),
+    ("[models.echo]\ntoken_delay_ms = inf\n", "models.echo.token_delay_ms must be a finite"),
+    ("[models.slow]\nprovider = \"echo\"\ntoken_delay_ms = 1e12\n",
+     "models.slow.token_delay_ms must be between 0 and 60000"),
+])
+def test_check_and_start_refuse_non_finite_and_out_of_range_values(tmp_path, text, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "[log]\nlevel = \"info\"\n")
+    r = run_cli("check", "-c", str(path))
+    assert r.returncode == 1, r.stdout
+    assert needle in r.stderr and str(path) in r.stderr, r.stderr
+    r = run_cli("start", "-c", str(path), "-b", "127.0.0.1:0", "--pid-file",
+                str(tmp_path / "p.pid"), cwd=tmp_path)
+    assert r.returncode == 1
+    assert needle in r.stderr and str(path) in r.stderr, r.stderr
+    assert not (tmp_path / "p.pid").exists()

@@ -229,3 +229,79 @@ def test_stale_block_from_killed_master_is_replaced(tmp_path):
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---- the master's bookkeeping, without forking: a Master object with a small
+# stats block and a real listener, driven by calling its methods.
+
+@pytest.fixture
+def master(tmp_path):
+    from neurohttp import config
+    from neurohttp.master.arbiter import Master
+    from neurohttp.master.sockets import open_listeners
+    from neurohttp.stats.block import StatsBlock
+    path = tmp_path / "m.toml"
+    path.write_text(f'[server]\nbind = ["127.0.0.1:0"]\nworkers = 1\n'
+                    f'pid_file = "{tmp_path / "m.pid"}"\n')
+    m = Master(config.load(str(path)))
+    m.block = StatsBlock.create(block_name(m.cfg.server.pid_file), worker_slots=4)
+    m.listeners = open_listeners(m.cfg.binds, 1, 16)
+    yield m
+    m._close_listeners()
+    m.block.unlink()
+
+
+def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
+    """Any exception while a reload is applied (not only a bad config or a
+    taken address) is logged with its cause, and the master keeps its config,
+    generation, listeners and workers' target: the running generation serves on."""
+    from neurohttp.stats import layout as L
+    extra = free_port()
+    path = master.cfg.path
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text.replace('bind = ["127.0.0.1:0"]', f'bind = ["127.0.0.1:0", "127.0.0.1:{extra}"]')
+                .replace("workers = 1", "workers = 2"))
+    before = (master.cfg, master.target, master.generation, list(master.listeners),
+              master.switching)
+
+    def boom() -> None:
+        raise RuntimeError("boom while publishing")
+    master._publish_info = boom
+    with caplog.at_level("ERROR", logger="neurohttp"):
+        master.reload()
+    assert (master.cfg, master.target, master.generation, master.listeners,
+            master.switching) == before
+    assert master.block.words[L.H_GENERATION] == 1
+    [rec] = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    assert "RuntimeError: boom while publishing" in rec.getMessage() and rec.exc_info
+    with socket.socket() as s:  # the address the failed reload bound is free again
+        s.bind(("127.0.0.1", extra))
+
+
+def test_no_free_stats_slot_is_logged_once_and_retried(master, caplog):
+    """Every slot held (by draining workers, say): spawning waits, retried each
+    loop turn, and says so once, not five times a second."""
+    for _ in range(master.block.nslots - 1):
+        assert master.block.reserve_slot(9, 1) > 0
+    with caplog.at_level("WARNING", logger="neurohttp"):
+        for _ in range(20):
+            assert master.spawn(1) is None
+    assert sum("no free stats slot" in r.getMessage() for r in caplog.records) == 1
+    assert master.workers == {}
+
+
+def test_worker_count_stays_within_half_the_stats_slots(master, caplog):
+    """A reload runs two generations side by side, so TTIN and a reload's
+    `workers` stop at half the slots: a new generation always finds room."""
+    assert master._max_workers() == 2
+    master.signals = [signal.SIGTTIN] * 3
+    with caplog.at_level("INFO", logger="neurohttp"):
+        master._handle_signals()
+    assert master.target == 2
+    assert any("TTIN ignored: at most 2 workers" in r.getMessage() for r in caplog.records)
+    master.overrides = {"server": {"workers": 9}}
+    with caplog.at_level("WARNING", logger="neurohttp"):
+        master.reload()
+    assert master.target == 2 and master.generation == 2
+    assert any("workers = 9 capped at 2" in r.getMessage() for r in caplog.records)

@@ -41,6 +41,13 @@ MAX_BACKOFF = 10.0
 DUMP_GRACE = 1.0
 RSS_CHECK_EVERY = 1.0   # seconds between psutil RSS checks (max_worker_rss_mb)
 EXIT_NO_WORKER = 3      # no worker could start (gunicorn's WORKER_BOOT_ERROR)
+# A draining worker ends its own drain at graceful_timeout plus 0.5 s for its cut
+# streams' last events (worker.CUT_FLUSH); the master kills it 0.5 s after that.
+KILL_GRACE = 1.0
+# Workers stamp their heartbeat every 0.5 s. One whose stamp is older than this
+# gets no new connections (its loop is stuck or the process stopped) until it
+# stamps again; worker_timeout later it is killed.
+STEER_LATE_MS = 1500
 
 
 class StartupError(Exception):
@@ -64,6 +71,7 @@ class WorkerProc:
     recycle: str = ""           # why it is to be replaced, once it is
     hung_since: float = 0.0     # heartbeat missed: SIGUSR2 sent at this time
     stuck_on: str = ""
+    late: bool = False          # heartbeat late: steered no new connections
 
 
 class Master:
@@ -86,6 +94,14 @@ class Master:
         self.last_worker_error = ""
         self.exit_code = 0
         self.steering = True         # False once the kernel refused a steering program
+        # `switching` while the newest generation (the first one too) is starting:
+        # a HUP then only sets `reload_pending` (one more reload, of the config
+        # as it is then, once it serves); `generation_failing` once one of its
+        # workers died.
+        self.switching = True
+        self.reload_pending = False
+        self.generation_failing = False
+        self.slots_full = False      # "no free stats slot" was logged (once per episode)
         self._next_rss_check = 0.0
         self._procs: dict[int, object] = {}   # pid -> psutil.Process, for RSS checks
         self._wake_r = self._wake_w = -1
@@ -95,9 +111,18 @@ class Master:
         """Everything before the first fork; raises StartupError with a clear message."""
         cfg = self.cfg
         pid_path = cfg.server.pid_file
-        running = pidfile.read(pid_path)
-        if running and running != self.pid:
-            raise StartupError(f"already running: master pid {running} (pid file {pid_path})")
+        # The title first: `neurohttpd stop/status` believe a pid file only when
+        # its pid has this title.
+        try:
+            from setproctitle import setproctitle
+            setproctitle(pidfile.MASTER_TITLE + (f" {cfg.path}" if cfg.path else ""))
+        except ImportError:
+            pass
+        found = pidfile.inspect(pid_path)
+        if found.master and found.pid != self.pid:
+            raise StartupError(f"already running: master pid {found.pid} (pid file {pid_path})")
+        if found.stale:
+            log.warning("stale pid file %s (%s); replacing it", pid_path, found.stale)
         try:
             self.listeners = open_listeners(cfg.binds, self.target, cfg.server.backlog)
         except BindError as e:
@@ -117,11 +142,6 @@ class Master:
             raise StartupError(f"cannot write pid file {pid_path}: {e.strerror}") from None
         self.block.words[L.H_GENERATION] = self.generation
         self._publish_info()
-        try:
-            from setproctitle import setproctitle
-            setproctitle("neurohttpd: master" + (f" {cfg.path}" if cfg.path else ""))
-        except ImportError:
-            pass
         # Load what every worker needs once, before forking, so its pages are
         # shared and a new worker does not spend ~150 ms importing.
         from ..ai import tokenizer
@@ -229,13 +249,17 @@ class Master:
             elif self.stopping:
                 continue
             elif sig == signal.SIGHUP:
-                self.reload()
+                self.request_reload()
             elif sig == signal.SIGUSR1:
                 self.reopen_logs()
             elif sig == signal.SIGTTIN:
-                self.target += 1
-                log.info("TTIN: %d workers", self.target)
-                self._publish_info()
+                if self.target < self._max_workers():
+                    self.target += 1
+                    log.info("TTIN: %d workers", self.target)
+                    self._publish_info()
+                else:
+                    log.warning("TTIN ignored: at most %d workers (%s)", self.target,
+                                self._slots_note())
             elif sig == signal.SIGTTOU:
                 if self.target > 1:
                     self.target -= 1
@@ -249,8 +273,16 @@ class Master:
         assert self.block is not None
         index = self.block.reserve_slot(worker_id, self.generation)
         if index < 0:
-            log.error("no free stats slot for worker %d", worker_id)
+            # Every slot is held, by draining workers among others (a reload
+            # needs at most two generations' worth, see _max_workers): wait for
+            # them to exit, retrying every loop turn, and say so once.
+            if not self.slots_full:
+                log.warning("no free stats slot for worker %d: all %d are held by starting, "
+                            "serving or draining workers; it starts when one exits",
+                            worker_id, self.block.nslots - 1)
+                self.slots_full = True
             return None
+        self.slots_full = False
         for lst in self.listeners:
             lst.ensure(worker_id)
         socks = [lst.socket_for(worker_id - 1) for lst in self.listeners]
@@ -283,13 +315,14 @@ class Master:
             signal.signal(sig, signal.SIG_DFL)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self.notify_fd >= 0:
+            os.close(self.notify_fd)
         # Keep only this worker's sockets: a copy of another socket would keep
-        # it open (and its queue unserved) after the master gives it up.
+        # it open (and its queue unserved) after the master gives it up. The
+        # steering programs' maps are the master's too.
         keep_fds = {s.fileno() for s in keep}
         for lst in self.listeners + self.removed:
-            for s in lst.sockets:
-                if s.fileno() not in keep_fds:
-                    s.close()
+            lst.close_in_child(keep_fds)
         gc.unfreeze()
 
     def _current(self) -> list[WorkerProc]:
@@ -328,20 +361,25 @@ class Master:
                                  and self._ready(o) for o in current):
                 log.info("worker %d (pid %d) recycled: %s", w.worker_id, w.pid, w.recycle)
                 self.retire(w)
-        # Old-generation workers retire once the new generation is serving.
+        # Old-generation workers retire once the new generation is serving:
+        # every worker id has a ready worker of it.
+        ready_ids = {w.worker_id for w in self._current() if self._ready(w)}
+        if not all(i in ready_ids for i in range(1, self.target + 1)):
+            return
         old = [w for w in self.workers.values()
                if w.generation != self.generation and not w.retiring]
-        staying = [w for w in self._current() if not w.recycle]
-        if old and staying and all(self._ready(w) for w in staying) \
-                and len(staying) >= self.target:
-            for lst in self.removed:
-                lst.refuse_all()
-                lst.close()
-            self.removed = []
+        for lst in self.removed:
+            lst.refuse_all()
+            lst.close()
+        self.removed = []
+        if old:
             for w in old:
                 self.retire(w)
             log.info("reload: generation %d serving, %d old workers retiring",
                      self.generation, len(old))
+        self.switching = False
+        if self.reload_pending:
+            self.reload()
 
     def _shrink(self, lst: Listener) -> None:
         try:
@@ -351,12 +389,31 @@ class Master:
 
     def _steer(self) -> None:
         """New connections go only to sockets a ready worker is accepting on: a
-        socket whose worker died waits for its replacement without new load."""
+        socket whose worker died waits for its replacement without new load,
+        and one whose worker's heartbeat is late (a loop stuck, a process
+        stopped) gets nothing new until the heartbeat comes back."""
         if not self.steering:
             return
-        ready = {w.worker_id - 1 for w in self.workers.values() if self._ready(w)}
+        assert self.block is not None
+        now_ms = _monotonic_ms()
+        ready = [w for w in self.workers.values() if self._ready(w)]
+        for w in ready:
+            age = now_ms - self.block.slot(w.slot)[L.S_HEARTBEAT]
+            late = age > STEER_LATE_MS
+            if late != w.late:
+                w.late = late
+                if late:
+                    log.warning("worker %d (pid %d): no heartbeat for %.1f s; no new "
+                                "connections until it is back", w.worker_id, w.pid, age / 1000)
+                else:
+                    log.info("worker %d (pid %d): heartbeat back; taking new connections",
+                             w.worker_id, w.pid)
+        # Every ready worker late at once is the machine stalling, not one
+        # worker: keep steering to all of them rather than to none.
+        chosen = [w for w in ready if not w.late] or ready
+        steer_to = {w.worker_id - 1 for w in chosen}
         for lst in self.listeners:
-            indices = sorted(i for i in ready if i < len(lst.sockets))
+            indices = sorted(i for i in steer_to if i < len(lst.sockets))
             if not indices:
                 continue
             try:
@@ -373,7 +430,7 @@ class Master:
     def retire(self, w: WorkerProc) -> None:
         """Ask a worker to drain and exit; kill it if it overstays graceful_timeout."""
         w.retiring = True
-        w.kill_at = time.monotonic() + self.cfg.server.graceful_timeout + 5.0
+        w.kill_at = time.monotonic() + self.cfg.server.graceful_timeout + KILL_GRACE
         self._signal(w.pid, signal.SIGTERM)
 
     def _reap(self) -> None:
@@ -407,6 +464,8 @@ class Master:
             return
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
         log.warning("worker %d (pid %d) %s; replacing it", w.worker_id, w.pid, how)
+        if self.switching and w.generation == self.generation:
+            self.generation_failing = True
         self.block.words[L.H_RESTARTS] += 1
         if time.monotonic() - w.started < START_GRACE and code != 0:
             if text:
@@ -514,7 +573,7 @@ class Master:
         now = time.monotonic()
         if self.stopping and graceful:
             return  # already stopping; a second TERM changes nothing
-        wait = self.cfg.server.graceful_timeout + 5.0 if graceful else QUICK_STOP_WAIT
+        wait = self.cfg.server.graceful_timeout + KILL_GRACE if graceful else QUICK_STOP_WAIT
         self.stopping = now + wait
         log.info("%s stop requested", "graceful" if graceful else "quick")
         if graceful:
@@ -528,53 +587,99 @@ class Master:
             w.kill_at = self.stopping
             self._signal(w.pid, sig)
 
+    def request_reload(self) -> None:
+        """HUP. While the last reload's generation is still starting, reloading
+        again would start a third generation beside it (a burst of HUPs filled
+        every stats slot that way): note it instead, and reload once more, with
+        the config as it is then, when that generation serves. The last config
+        wins and none is lost (nginx, gunicorn). A generation whose workers die
+        is not waited for: the new config may be the fix."""
+        if self.switching and not self.generation_failing:
+            if not self.reload_pending:
+                log.info("HUP: generation %d is still starting; reloading again once it "
+                         "serves", self.generation)
+            self.reload_pending = True
+            return
+        self.reload()
+
     def reload(self) -> None:
-        """Re-read the config; keep the running one if the new one is bad."""
+        """Re-read the config and start a generation with it. Anything that goes
+        wrong before the switch (a bad value, an address taken, a log file that
+        cannot be opened, a bug) leaves the running generation serving with the
+        running config, and is logged with its cause."""
+        self.reload_pending = False
         path = self.cfg.path
+        saved = (self.cfg, self.target, self.generation, self.listeners, self.removed,
+                 self.switching, self.generation_failing)
+        opened: list[Listener] = []
         try:
             new = config_mod.load(path, self.overrides)
-        except config_mod.ConfigError as e:
-            log.error("reload refused, keeping the running configuration: %s", e)
-            return
+            opened = self._bind_new(new)
+            self._switch(new, opened)
+        except Exception as e:
+            (self.cfg, self.target, self.generation, self.listeners, self.removed,
+             self.switching, self.generation_failing) = saved
+            if self.block is not None:
+                self.block.words[L.H_GENERATION] = self.generation
+            for lst in opened:
+                lst.close()
+            expected = isinstance(e, (config_mod.ConfigError, BindError))
+            log.error("reload refused, keeping the running configuration: %s",
+                      e if expected else f"{type(e).__name__}: {e}", exc_info=not expected)
+
+    def _bind_new(self, new: Config) -> list[Listener]:
+        """Bind the addresses `new` adds (all or none)."""
+        have = {(lst.host, lst.requested_port) for lst in self.listeners}
+        opened: list[Listener] = []
         try:
-            self._apply_binds(new)
-        except BindError as e:
-            log.error("reload refused, keeping the running configuration: %s", e)
-            return
+            for key in new.binds:
+                if key not in have:
+                    lst = Listener(key[0], key[1], new.server.backlog)
+                    opened.append(lst)
+                    lst.ensure(min(new.worker_count, self._max_workers()))
+        except BaseException:
+            for lst in opened:
+                lst.close()
+            raise
+        return opened
+
+    def _switch(self, new: Config, opened: list[Listener]) -> None:
+        """Start generation + 1 with `new`. What can fail comes first (the log
+        file); removed addresses keep serving until the old workers retire."""
         old = self.cfg
-        self.cfg = new
         if (new.log.level, new.log.error_log) != (old.log.level, old.log.error_log):
             from .. import logs
-            logs.setup(new.log.level, new.log.error_log)
+            logs.setup_from(new)
+        have = {(lst.host, lst.requested_port): lst for lst in self.listeners}
+        wanted = new.binds
+        self.removed = self.removed + [lst for key, lst in have.items() if key not in wanted]
+        self.listeners = [have[k] for k in wanted if k in have] + opened
+        self.cfg = new
         self.target = new.worker_count
+        if self.target > self._max_workers():
+            log.warning("workers = %d capped at %d (%s)", self.target, self._max_workers(),
+                        self._slots_note())
+            self.target = self._max_workers()
         self.generation += 1
         self.start_failures = 0
+        self.switching = True
+        self.generation_failing = False
         assert self.block is not None
         self.block.words[L.H_GENERATION] = self.generation
         self.block.words[L.H_RELOADS] += 1
         self._publish_info()
-        log.info("reloading %s: generation %d with %d workers on %s", path or "the defaults",
+        log.info("reloading %s: generation %d with %d workers on %s", new.path or "the defaults",
                  self.generation, self.target, ", ".join(lst.address for lst in self.listeners))
 
-    def _apply_binds(self, new: Config) -> None:
-        """Bind the new addresses now (all or none); the removed ones keep
-        serving until the old workers retire, then close."""
-        wanted = new.binds
-        have = {(lst.host, lst.requested_port): lst for lst in self.listeners}
-        opened: list[Listener] = []
-        try:
-            for key in wanted:
-                if key not in have:
-                    lst = Listener(key[0], key[1], new.server.backlog)
-                    lst.ensure(new.worker_count)
-                    opened.append(lst)
-        except BindError:
-            for lst in opened:
-                lst.close()
-            raise
-        removed = [lst for key, lst in have.items() if key not in set(wanted)]
-        self.listeners = [have[k] for k in wanted if k in have] + opened
-        self.removed += removed
+    def _max_workers(self) -> int:
+        """A reload runs two generations side by side: each may have half the slots."""
+        assert self.block is not None
+        return (self.block.nslots - 1) // 2
+
+    def _slots_note(self) -> str:
+        assert self.block is not None
+        return (f"the stats block has {self.block.nslots - 1} worker slots, 4 per worker "
+                f"started with and at least {L.DEFAULT_WORKER_SLOTS}; a restart resizes it")
 
     def reopen_logs(self) -> None:
         from ..logs import reopen

@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import struct
+from typing import Literal
 
 from .steering import RoundRobin
 
@@ -148,7 +149,7 @@ class Listener:
         self.steered: list[int] | None = None     # positions last given to steer()
         self.attached = False                     # a steering program is in the kernel
         # Round-robin steering (steering.py); None: not tried yet, False: refused.
-        self.round_robin: RoundRobin | None | bool = None
+        self.round_robin: RoundRobin | None | Literal[False] = None
 
     @property
     def address(self) -> str:
@@ -249,6 +250,15 @@ class Listener:
                 refuse_new(sock)
             except OSError:
                 pass
+
+    def close_in_child(self, keep: set[int]) -> None:
+        """In a new worker: close the copies of every socket but `keep` (fds)
+        and of the steering map, which only the master uses."""
+        for sock in self.sockets:
+            if sock.fileno() not in keep:
+                sock.close()
+        if isinstance(self.round_robin, RoundRobin):
+            self.round_robin.close()
 
     def close(self) -> None:
         for s in self.sockets:

@@ -138,13 +138,13 @@
     ctx.textBaseline = "middle";
     workers.forEach((wk, i) => {
       const y0 = 2 + i * rowH;
-      const cpu = state.cpuPct[wk.pid] || 0;
+      const cpu = state.cpuPct[wk.pid];  // undefined: not known (yet), not 0%
       ctx.fillStyle = COLORS.axis;
       ctx.textAlign = "left";
       ctx.fillText("worker " + wk.id, 0, y0 + rowH / 2 - gap / 2);
       const bars = [
         [wk.window.rps_last / maxRps, COLORS.blue, fmt(wk.window.rps_last) + " req/s"],
-        [cpu / 100, COLORS.orange, fmt(cpu, 0) + "% CPU"],
+        [(cpu || 0) / 100, COLORS.orange, fmt(cpu, 0) + "% CPU"],
         [wk.active_connections / maxConn, COLORS.purple, fmt(wk.active_connections) + " conns"],
       ];
       bars.forEach(([frac, color, text], k) => {
@@ -190,7 +190,10 @@
     procs.push([s.master.pid, s.master.process]);
     const next = {};
     for (const [pid, p] of procs) {
-      if (!p) continue;
+      if (!p) {
+        delete state.cpuPct[pid];  // the server could not read it: unknown, not idle
+        continue;
+      }
       const prev = state.cpuPrev[pid];
       if (prev && now > prev.t) {
         state.cpuPct[pid] = (100 * (p.cpu_seconds - prev.cpu)) / (now - prev.t);
