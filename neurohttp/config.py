@@ -126,6 +126,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "stats": {
         "allow": Key(list, [], _cidr_list),
+        # the shared-memory block's room, fixed at start (0: computed; stats/sizing.py)
+        "max_workers": Key(int, 0, _non_negative),
+        "max_routes": Key(int, 0, _non_negative),
+        "max_models": Key(int, 0, _non_negative),
+    },
+    "state": {
+        "max_keys": Key(int, 16384, _positive),
     },
     # Besides these keys, [plugins.<name>] tables hold each plugin's options.
     "plugins": {
@@ -167,6 +174,7 @@ class Config:
     server: Section
     log: Section
     stats: Section
+    state: Section
     plugins: Section   # also .options: {plugin name: its [plugins.<name>] table}
 
     def __init__(self, path: str | None, sections: dict[str, Section],

@@ -23,6 +23,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
+from ..stats.sizing import geometry_for
 from . import pidfile
 from .sockets import BindError, Listener, open_listeners
 
@@ -103,8 +104,7 @@ class Master:
         except BindError as e:
             raise StartupError(str(e)) from None
         try:
-            self.block = StatsBlock.create(block_name(pid_path),
-                                           max(L.DEFAULT_WORKER_SLOTS, 4 * self.target))
+            self.block = StatsBlock.create(block_name(pid_path), geometry_for(cfg))
         except BlockInUse as e:
             self._close_listeners()
             raise StartupError(str(e)) from None
@@ -233,9 +233,10 @@ class Master:
             elif sig == signal.SIGUSR1:
                 self.reopen_logs()
             elif sig == signal.SIGTTIN:
-                self.target += 1
-                log.info("TTIN: %d workers", self.target)
-                self._publish_info()
+                if self._room_for(self.target + 1, "TTIN refused"):
+                    self.target += 1
+                    log.info("TTIN: %d workers", self.target)
+                    self._publish_info()
             elif sig == signal.SIGTTOU:
                 if self.target > 1:
                     self.target -= 1
@@ -243,6 +244,17 @@ class Master:
                     self._publish_info()
                 else:
                     log.info("TTOU ignored: never fewer than one worker")
+
+    def _room_for(self, workers: int, what: str) -> bool:
+        """Whether the stats block has slots for `workers` (and a reload's second
+        generation beside them); if not, say what to change."""
+        assert self.block is not None
+        most = self.block.geometry.max_workers
+        if workers <= most:
+            return True
+        log.error("%s: %d workers is more than the stats block was sized for at start (%d); "
+                  "raise [stats] max_workers and restart", what, workers, most)
+        return False
 
     # ------------------------------------------------------------ workers
     def spawn(self, worker_id: int) -> WorkerProc | None:
@@ -546,10 +558,13 @@ class Master:
         if (new.log.level, new.log.error_log) != (old.log.level, old.log.error_log):
             from .. import logs
             logs.setup(new.log.level, new.log.error_log)
-        self.target = new.worker_count
+        assert self.block is not None
+        if not self._room_for(new.worker_count, "reload: keeping fewer workers"):
+            self.target = self.block.geometry.max_workers
+        else:
+            self.target = new.worker_count
         self.generation += 1
         self.start_failures = 0
-        assert self.block is not None
         self.block.words[L.H_GENERATION] = self.generation
         self.block.words[L.H_RELOADS] += 1
         self._publish_info()

@@ -104,6 +104,18 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     w.one("neurohttp_worker_restarts_total", "counter",
           "Workers replaced after dying or hanging.", h[L.H_RESTARTS])
     w.one("neurohttp_reloads_total", "counter", "Configuration reloads.", h[L.H_RELOADS])
+    state = snap.state
+    w.family("neurohttp_state_keys", "gauge",
+             "Keys held in the shared-state tables (named: from the config; open: IPs, ...).",
+             [({"table": k}, v["used"]) for k, v in state.items()])
+    w.family("neurohttp_state_capacity", "gauge", "Entries the shared-state tables can hold.",
+             [({"table": k}, v["capacity"]) for k, v in state.items()])
+    w.family("neurohttp_state_full_total", "counter",
+             "Operations refused (as over their limit) because the table had no room for a new key.",
+             [({"table": k}, v["full"]) for k, v in state.items()])
+    w.family("neurohttp_state_lock_recoveries_total", "counter",
+             "Times a process died holding a shared-state lock and the next one recovered it.",
+             [({"table": k}, v["recovered"]) for k, v in state.items()])
     models = doc["models"]
     w.family("neurohttp_errors_total", "counter",
              "Errors by kind: protocol (malformed requests), client (4xx), server (5xx), "
