@@ -33,5 +33,10 @@ class SharedState:
         KeyTable.init(words[:split], addr, named_keys)
         KeyTable.init(words[split:], addr + split * 8, open_keys)
 
+    def release(self) -> None:
+        """Let go of the views of the block (before it is closed)."""
+        for t in (self.named, self.open):
+            t.w.release()
+
     def figures(self) -> dict[str, dict[str, int]]:
         return {"named": self.named.figures(), "open": self.open.figures()}

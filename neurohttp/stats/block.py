@@ -132,7 +132,9 @@ class StatsBlock:
         return self._state
 
     def close(self) -> None:
-        self._state = None
+        if self._state is not None:
+            self._state.release()
+            self._state = None
         try:
             self.words.release()
             self.shm.close()
