@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from array import array
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_slow_writer_is_waited_for():
 R = 1000  # what every folded worker counted: totals move in steps of R
 
 
-def _fold_in_a_loop(name: str, seconds: float, done: multiprocessing.Value) -> None:
+def _fold_in_a_loop(name: str, seconds: float, done: Any) -> None:
     """The master's part, as fast as it goes: a worker slot fills, then is folded."""
     block = StatsBlock.attach(name)
     try:
@@ -131,7 +132,7 @@ def test_totals_never_go_back_while_the_master_folds():
         final = Snapshot(block).totals[L.S_REQUESTS]
         assert final == done.value * R
     finally:
-        if folder.is_alive():
+        if folder.is_alive() and folder.pid is not None:
             os.kill(folder.pid, 9)
             folder.join(5)
         gc.collect()

@@ -9,7 +9,6 @@ import math
 import multiprocessing
 import os
 import signal
-import time
 import uuid
 from typing import Any
 
@@ -200,7 +199,7 @@ def _run(block: StatsBlock, what: str, procs: int, n: int) -> int:
         return int(total.value)
     finally:
         for p in ps:
-            if p.is_alive():
+            if p.is_alive() and p.pid is not None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(5)
 

@@ -74,15 +74,8 @@ def table_capacity(wanted: int) -> int:
     return cap
 
 
-def _now_us(now: float | None) -> int:
-    return int((time.time() if now is None else now) * 1_000_000)
-
-
-def _interval(rate: float) -> int:
-    """GCRA's emission interval in µs for `rate` per second."""
-    if rate <= 0:
-        raise ValueError(f"rate must be positive, not {rate!r}")
-    return max(1, round(1_000_000 / rate))
+_time = time.time
+_new = tuple.__new__  # builds an Admission without NamedTuple's Python-level __new__
 
 
 class KeyTable:
@@ -111,7 +104,11 @@ class KeyTable:
     # ------------------------------------------------------------ locking
     def _lock(self) -> None:
         rc = trylock(self.addr)
-        if rc and lock_slow(self.addr, rc):
+        if rc:
+            self._lock_slow(rc)
+
+    def _lock_slow(self, rc: int) -> None:
+        if lock_slow(self.addr, rc):
             self.w[T_RECOVERED] += 1
             log.warning("shared state %s: a process died holding its lock; recovered",
                         self.name)
@@ -200,80 +197,98 @@ class KeyTable:
                       "(as over their limit) until old ones lapse. Raise %s and restart",
                       self.name, self.cap,
                       "[state] max_keys" if self.name == "open" else "the config's key count")
-        return Admission(False, 1.0, 0, 1.0)
+        return _new(Admission, (False, 1.0, 0, 1.0))
 
     # ------------------------------------------------------------ Store operations
-    def admit(self, key: str, cost: int, rate: float, burst: int,
-              now: float | None = None) -> Admission:
-        return self._gcra(key, cost, rate, burst, now, False)
-
+    # Each operation is written out in full, and finds its key at its home
+    # entry inline: on the request path every call and attribute costs (the
+    # budget of a key check and a quota is 2 µs; loadtests/shm_primitives_bench.py).
     def charge(self, key: str, cost: int, rate: float, burst: int,
                now: float | None = None) -> Admission:
-        return self._gcra(key, cost, rate, burst, now, True)
+        return self.admit(key, cost, rate, burst, now, debt=True)
 
-    def _gcra(self, key: str, cost: int, rate: float, burst: int, now: float | None,
-              force: bool) -> Admission:
-        t = _now_us(now)
-        step = _interval(rate)
+    def admit(self, key: str, cost: int, rate: float, burst: int,
+              now: float | None = None, *, debt: bool = False) -> Admission:
+        t = int((_time() if now is None else now) * 1_000_000)
+        step = round(1_000_000 / rate) or 1  # the emission interval, µs
         h1 = hash(key) or 1
         h2 = hash(key + "\0")
-        self._lock()
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
         try:
-            e = self._entry(h1, h2, t)
-            if e < 0:
-                return self._full()
             w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, t)
+                if e < 0:
+                    return self._full()
             tat = w[e + E_EXP]
             if tat < t:
                 tat = t
             new = tat + cost * step
             allow_at = new - burst * step
-            if allow_at > t and not force:
+            if allow_at > t and not debt:
                 # refused, not charged
-                return Admission(False, inf if cost > burst else (allow_at - t) / 1e6,
-                                 max(0, (t + burst * step - tat) // step), (tat - t) / 1e6)
+                return _new(Admission, (False, inf if cost > burst else (allow_at - t) / 1e6,
+                                        max(0, (t + burst * step - tat) // step),
+                                        (tat - t) / 1e6))
             w[e + E_EXP] = new  # one word: the state and its lapse time at once
         finally:
-            unlock(self.addr)
-        return Admission(allow_at <= t, 0.0 if allow_at <= t else (allow_at - t) / 1e6,
-                         max(0, (t + burst * step - new) // step), (new - t) / 1e6)
+            unlock(a)
+        if allow_at <= t:
+            return _new(Admission, (True, 0.0, (t + burst * step - new) // step, (new - t) / 1e6))
+        return _new(Admission, (False, (allow_at - t) / 1e6, 0, (new - t) / 1e6))
 
     def quota(self, key: str, cost: int, limit: int, window_s: int,
               now: float | None = None, force: bool = False) -> Admission:
-        t = _now_us(now)
+        t = int((_time() if now is None else now) * 1_000_000)
         span = window_s * 1_000_000
         h1 = hash(key) or 1
         h2 = hash(key + "\0")
-        self._lock()
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
         try:
-            e = self._entry(h1, h2, t)
-            if e < 0:
-                return self._full()
             w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, t)
+                if e < 0:
+                    return self._full()
             end = w[e + E_EXP]
             if end <= t:  # a new window: its end first (strict if we die here), then the count
                 end = w[e + E_EXP] = t - t % span + span
                 w[e + E_V0] = 0
             count = w[e + E_V0]
             if count + cost > limit and not force:
-                return Admission(False, inf if cost > limit else (end - t) / 1e6,
-                                 max(0, limit - count), (end - t) / 1e6)
+                return _new(Admission, (False, inf if cost > limit else (end - t) / 1e6,
+                                        max(0, limit - count), (end - t) / 1e6))
             count = w[e + E_V0] = count + cost
         finally:
-            unlock(self.addr)
-        return Admission(count <= limit, 0.0 if count <= limit else (end - t) / 1e6,
-                         max(0, limit - count), (end - t) / 1e6)
+            unlock(a)
+        if count <= limit:
+            return _new(Admission, (True, 0.0, limit - count, (end - t) / 1e6))
+        return _new(Admission, (False, (end - t) / 1e6, 0, (end - t) / 1e6))
 
     def add(self, key: str, n: int = 1) -> int:
         h1 = hash(key) or 1
         h2 = hash(key + "\0")
-        self._lock()
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
         try:
-            e = self._entry(h1, h2, _now_us(None))
-            if e < 0:
-                self._full()
-                raise TableFull(f"shared state {self.name} is full: counter {key!r} not added to")
             w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, int(_time() * 1_000_000))
+                if e < 0:
+                    self._full()
+                    raise TableFull(f"shared state {self.name} is full: "
+                                    f"counter {key!r} not added to")
             value = w[e + E_V0] + n
             if value:
                 w[e + E_EXP] = NEVER  # kept while not 0 (set before the value)
@@ -282,7 +297,7 @@ class KeyTable:
                 w[e + E_V0] = 0
                 w[e + E_EXP] = 0  # 0 is what an absent counter reads: droppable
         finally:
-            unlock(self.addr)
+            unlock(a)
         return value
 
     def get(self, key: str) -> int:

@@ -67,9 +67,15 @@ class StatsBlock:
         self.shm = shm
         self.owner = owner
         self.stale_pid = -1  # create(): >= 0 when a dead master's block was replaced
-        self.words = shm.buf.cast("Q")
+        self.words = self._buf.cast("Q")
         self._read_geometry()
         self._state: SharedState | None = None
+
+    @property
+    def _buf(self) -> memoryview:
+        buf = self.shm.buf
+        assert buf is not None, "the block is closed"
+        return buf
 
     def _read_geometry(self) -> None:
         self.geometry = L.Geometry.read(self.words) if self.valid() else L.Geometry()
@@ -120,7 +126,7 @@ class StatsBlock:
         geo = self.geometry if self.valid() else None
         off = self.words[L.H_STATE_OFF] if geo is None else geo.state_off
         n = self.words[L.H_STATE_WORDS] if geo is None else geo.state_words
-        return self.shm.buf[off * 8:(off + n) * 8]
+        return self._buf[off * 8:(off + n) * 8]
 
     @property
     def state(self) -> SharedState:
@@ -221,12 +227,12 @@ class StatsBlock:
         """Store a short UTF-8 text in a slot's text area (truncated, NUL-padded)."""
         data = text.encode("utf-8", "replace")[:L.TEXT_BYTES]
         start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
-        buf = self.shm.buf
+        buf = self._buf
         buf[start:start + L.TEXT_BYTES] = data.ljust(L.TEXT_BYTES, b"\0")
 
     def read_text(self, index: int) -> str:
         start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
-        raw = bytes(self.shm.buf[start:start + L.TEXT_BYTES])
+        raw = bytes(self._buf[start:start + L.TEXT_BYTES])
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def live_slots(self) -> list[int]:

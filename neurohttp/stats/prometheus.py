@@ -7,6 +7,7 @@ The latency histogram's buckets are the shared-memory buckets (quarter-octave,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from . import layout as L
@@ -38,7 +39,7 @@ class _Writer:
         self.lines: list[str] = []
 
     def family(self, name: str, kind: str, help_text: str,
-               samples: list[tuple[dict[str, Any] | None, float]]) -> None:
+               samples: Sequence[tuple[dict[str, Any] | None, float]]) -> None:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:

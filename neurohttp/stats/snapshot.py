@@ -280,14 +280,14 @@ def stats_document(block: StatsBlock | Snapshot, now: float | None = None,
     }
     routes_doc = {}
     for r, name in enumerate(snap.route_names):
-        since, last = snap.route(r, False), snap.route(r, True)
-        if r == 0 and not since.count:
+        since_r, last_r = snap.route(r, False), snap.route(r, True)
+        if r == 0 and not since_r.count:
             continue  # "other" only once something fell into it
         routes_doc[name] = {
-            "requests": since.count, "status": _status(since.status),
-            "latency_ms": since.latency_ms(),
-            "window": {"requests": last.count, "rps": round(last.count / span, 3),
-                       "status": _status(last.status), "latency_ms": last.latency_ms()},
+            "requests": since_r.count, "status": _status(since_r.status),
+            "latency_ms": since_r.latency_ms(),
+            "window": {"requests": last_r.count, "rps": round(last_r.count / span, 3),
+                       "status": _status(last_r.status), "latency_ms": last_r.latency_ms()},
         }
     models_doc = {}
     for m, name in enumerate(snap.model_names):
@@ -300,7 +300,7 @@ def stats_document(block: StatsBlock | Snapshot, now: float | None = None,
         wdoc["tokens_out_per_s"] = round(last_m[L.MB_TOKENS_OUT] / span, 3)
         doc["window"] = wdoc
         models_doc[name] = doc
-    master = {
+    master: dict[str, Any] = {
         "pid": h[L.H_MASTER_PID],
         "started": started,
         "workers": h[L.H_WORKERS],

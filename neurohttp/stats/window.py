@@ -77,7 +77,8 @@ class Meter:
         self.models = {name: i for i, name in enumerate(self.model_names) if i}
         # each model's block relative to `cur`, so a model's figures are one add away
         self._other = geo.c_models - L.C_ROUTES  # model 0's block
-        self._model_off = {name: self._other + i * _MW for name, i in self.models.items()}
+        self._model_off: dict[str | None, int] = {
+            name: self._other + i * _MW for name, i in self.models.items()}
         self._zero_cell = _zeros(geo.cell_words)
         sec = int(clock() if now is None else now)
         self._record_widths()
@@ -328,7 +329,7 @@ class Figures:
     def __init__(self, hist: list[int], status: list[int] | None = None) -> None:
         self.hist = hist
         self.count = sum(hist)
-        self.status = status  # 1xx..5xx, for routes
+        self.status = status if status is not None else [0] * 5  # 1xx..5xx, for routes
 
     def quantile_ms(self, q: float) -> float:
         return round(percentile(self.hist, q, L.CBUCKET_BOUNDS_US) / 1000.0, 3)
