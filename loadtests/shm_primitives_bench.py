@@ -1,6 +1,13 @@
 """Cost of the candidates for an exact cross-worker counter, measured in one run.
 
-    python loadtests/shm_primitives_bench.py [--n 200000] [--rounds 5]
+    python loadtests/shm_primitives_bench.py [--n 200000] [--rounds 5] [--contended]
+
+Instructions per operation, stable on a busy machine (user space only: a
+system call's kernel work is not counted), for one candidate:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null python \
+        loadtests/shm_primitives_bench.py --rounds 1 --n 20000 --only "robust"
+    (and --n 40000; the difference divided by 20000)
 
 Each candidate does an add-and-read of one 64-bit word in shared memory (or
 what the candidate offers for it) N times; the best of `rounds` interleaved
@@ -130,9 +137,11 @@ def candidates(buf: memoryview, n: int) -> dict[str, Callable[[], None]]:
         pe, pd = ctypes.byref(exp), ctypes.byref(des)
 
         def raw_add() -> None:
+            seen = 0
             for _ in range(n):
                 fetch_add(addr, pv, 5, pr)
-                assert res.value
+                seen = res.value
+            assert seen >= 0
         out["atomics' libpatomic fetch_add via ctypes (internals)"] = raw_add
 
         def raw_cas() -> None:
@@ -142,7 +151,8 @@ def candidates(buf: memoryview, n: int) -> dict[str, Callable[[], None]]:
                 des.value = v + 1
                 cas(addr, pe, pd, 5, 5)
         out["atomics' libpatomic load+CAS via ctypes (internals)"] = raw_cas
-        out["_keep"] = lambda: (ctx, a)  # type: ignore[assignment,return-value]
+        out["_keep"] = lambda: None
+        out["_ctx"] = ctx.__exit__  # type: ignore[assignment]
     except ImportError:
         pass
     return out
@@ -175,8 +185,9 @@ def table_ops(block: StatsBlock, n: int) -> dict[str, Callable[[], None]]:
             "KeyTable.admit over 8000 open keys": new_keys}
 
 
-def best(fns: dict[str, Callable[[], None]], n: int, rounds: int) -> dict[str, float]:
-    res = {k: float("inf") for k in fns if not k.startswith("_")}
+def best(fns: dict[str, Callable[[], None]], n: int, rounds: int, only: str = ""
+         ) -> dict[str, float]:
+    res = {k: float("inf") for k in fns if not k.startswith("_") and only in k}
     for _ in range(rounds):
         for k in res:
             gc.collect()
@@ -200,16 +211,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--contended", action="store_true", help="also 2 processes on one counter")
+    ap.add_argument("--only", default="", help="only the candidates whose name has this text "
+                    "(for callgrind: run --n N and --n 2N --rounds 1 and subtract)")
     args = ap.parse_args()
     buf = memoryview(bytearray(4096))
     geo = L.Geometry(routes=4, models=2, max_workers=1, named_keys=1024, open_keys=16384)
     block = StatsBlock.create(f"neurohttp-bench-{uuid.uuid4().hex[:12]}", geo)
     try:
         print(f"add-and-read of one shared word, best of {args.rounds} rounds, ns/op:")
-        for k, v in best(candidates(buf, args.n), args.n, args.rounds).items():
+        for k, v in best(candidates(buf, args.n), args.n, args.rounds, args.only).items():
             print(f"  {k:58s} {v:8.0f}")
         print("operations on the chosen primitive (neurohttp/shared/table.py), ns/op:")
-        for k, v in best(table_ops(block, args.n), args.n, args.rounds).items():
+        for k, v in best(table_ops(block, args.n), args.n, args.rounds, args.only).items():
             print(f"  {k:58s} {v:8.0f}")
         if args.contended:
             ctx = multiprocessing.get_context("fork")

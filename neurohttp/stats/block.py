@@ -93,7 +93,9 @@ class StatsBlock:
             shm = _open(name, create=True, size=size)
         except FileExistsError:
             old = cls.attach(name)
-            pid = old.words[L.H_MASTER_PID] if old.valid() else 0
+            # the magic alone: a running master of another layout version owns its block too
+            w = old.words
+            pid = w[L.H_MASTER_PID] if len(w) > L.HEADER_WORDS and w[L.H_MAGIC] == L.MAGIC else 0
             old.close()
             if pid and pid != os.getpid() and pid_alive(pid):
                 raise BlockInUse(f"stats block /dev/shm/{name} belongs to running master pid {pid}") from None
