@@ -7,12 +7,12 @@ import logging
 import signal
 
 import httpx
+from server import wait_for
 
 from neurohttp import config
 from neurohttp.app import App
 from neurohttp.messages import Response
 from neurohttp.stats.sizing import CORE_ROUTES, PLUGIN_ROUTES, geometry_for
-from server import wait_for
 
 
 def _cfg(models: int, workers: int = 2, **stats: int) -> config.Config:
