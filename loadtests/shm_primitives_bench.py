@@ -15,7 +15,9 @@ rounds is reported in ns per operation, beside the bare loop. Then the
 operations built on the chosen primitive (neurohttp/shared/table.py) and,
 with --contended, the chosen counter hammered by 2 processes at once (the
 total is checked). The numbers and the choice are in docs/ARCHITECTURE.md,
-"Shared state".
+"Shared state". The `atomics` and `posix_ipc` candidates run when those
+packages are installed (`pip install atomics posix-ipc`; the server needs
+neither).
 """
 
 from __future__ import annotations
