@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from neurohttp import config  # noqa: E402
 from neurohttp.stats.block import StatsBlock  # noqa: E402
+from neurohttp.stats.sizing import geometry_for  # noqa: E402
 from neurohttp.worker.connection import HttpConnection  # noqa: E402
 from neurohttp.worker.worker import Worker  # noqa: E402
 
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
     args = ap.parse_args()
     cfg = config.load(None)
-    block = StatsBlock.create("neurohttp-microbench", 4)
+    block = StatsBlock.create("neurohttp-microbench", geometry_for(cfg))
     try:
         idx = block.reserve_slot(1, 1)
         w = Worker(cfg, block, idx, 1, [], 0)

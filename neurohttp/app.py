@@ -14,7 +14,6 @@ from typing import Any
 
 from .errors import error_response
 from .messages import Request, Response, StreamingResponse
-from .stats.layout import MAX_ROUTES
 
 log = logging.getLogger("neurohttp")
 
@@ -25,7 +24,7 @@ Handler = Callable[[Request], Result]
 class App:
     """Routing table and hooks shared by core routes and plugins."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats_routes: int = 64) -> None:
         self.routes: dict[str, dict[str, Handler]] = {}
         # The same tables keyed by the raw request target, so the common request
         # ("/health", no query, no escapes) is routed without decoding its path.
@@ -36,22 +35,28 @@ class App:
         self.providers: dict[str, Callable[[dict], Any]] = {}
         self._allow: dict[str, str] = {}
         # Route identity for the stats: each path gets a small index once, when it
-        # is registered; 0 is "other" (unmatched paths, and paths past MAX_ROUTES).
-        # Keyed by the path and, like raw_routes, by its raw bytes.
+        # is registered; 0 is "other" (unmatched paths, and paths past the stats
+        # block's room, `stats_routes` with "other"). Keyed by the path and, like
+        # raw_routes, by its raw bytes.
         self.route_index: dict[str | bytes, int] = {}
         self.route_names: list[str] = ["other"]
+        self.stats_routes = stats_routes
+        self._routes_full = False  # logged once
 
     # ------------------------------------------------------------ registration
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         if path not in self.routes:
-            if len(self.route_names) < MAX_ROUTES:
+            if len(self.route_names) < self.stats_routes:
                 self.route_index[path] = len(self.route_names)
                 if path.isascii() and "%" not in path:
                     self.route_index[path.encode()] = len(self.route_names)
                 self.route_names.append(path)
-            else:
-                log.info("route %s is counted as 'other' in the stats: more than %d routes",
-                         path, MAX_ROUTES - 1)
+            elif not self._routes_full:
+                self._routes_full = True
+                log.error("route %s and any later one are counted as 'other' in the stats: "
+                          "the stats block has room for %d routes (sized at start from the "
+                          "config); raise [stats] max_routes and restart",
+                          path, self.stats_routes - 1)
         methods = self.routes.setdefault(path, {})
         if path.isascii() and "%" not in path:
             self.raw_routes[path.encode()] = methods

@@ -144,6 +144,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "stats": {
         "allow": Key(list, [], _cidr_list),
+        # the shared-memory block's room, fixed at start (0: computed; stats/sizing.py)
+        "max_workers": Key(int, 0, _non_negative, range=(0, 1024)),
+        "max_routes": Key(int, 0, _non_negative, range=(0, 4096)),
+        "max_models": Key(int, 0, _non_negative, range=(0, 4096)),
+    },
+    "state": {
+        "max_keys": Key(int, 16384, _positive, range=(16, 16_777_216)),
     },
     # Besides these keys, [plugins.<name>] tables hold each plugin's options.
     "plugins": {
@@ -192,6 +199,7 @@ class Config:
     server: Section
     log: Section
     stats: Section
+    state: Section
     plugins: Section   # also .options: {plugin name: its [plugins.<name>] table}
 
     def __init__(self, path: str | None, sections: dict[str, Section],

@@ -149,11 +149,16 @@ class Server:
         request, so nothing shows in access logs or counters)."""
         try:
             with open(f"/dev/shm/{block_name(self.pid_file)}", "rb") as f:
-                w = memoryview(f.read()).cast("Q")
+                head = memoryview(f.read(L.HEADER_WORDS * 8)).cast("Q")
+                if len(head) < L.HEADER_WORDS:
+                    return 0
+                n, sw = head[L.H_NSLOTS], head[L.H_SLOT_WORDS]
+                states = [int.from_bytes(os.pread(f.fileno(), 8, (L.slot_offset(i, sw)
+                                                                  + L.S_STATE) * 8), "little")
+                          for i in range(1, n)]
         except FileNotFoundError:
             return 0
-        n, sw = w[L.H_NSLOTS], w[L.H_SLOT_WORDS]
-        return sum(1 for i in range(1, n) if w[L.slot_offset(i, sw) + L.S_STATE] == L.STATE_READY)
+        return states.count(L.STATE_READY)
 
     @property
     def pid(self) -> int:

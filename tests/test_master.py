@@ -240,11 +240,12 @@ def master(tmp_path):
     from neurohttp.master.arbiter import Master
     from neurohttp.master.sockets import open_listeners
     from neurohttp.stats.block import StatsBlock
+    from neurohttp.stats.layout import Geometry
     path = tmp_path / "m.toml"
     path.write_text(f'[server]\nbind = ["127.0.0.1:0"]\nworkers = 1\n'
                     f'pid_file = "{tmp_path / "m.pid"}"\n')
     m = Master(config.load(str(path)))
-    m.block = StatsBlock.create(block_name(m.cfg.server.pid_file), worker_slots=4)
+    m.block = StatsBlock.create(block_name(m.cfg.server.pid_file), Geometry(max_workers=2))
     m.listeners = open_listeners(m.cfg.binds, 1, 16)
     yield m
     m._close_listeners()
@@ -291,17 +292,19 @@ def test_no_free_stats_slot_is_logged_once_and_retried(master, caplog):
     assert master.workers == {}
 
 
-def test_worker_count_stays_within_half_the_stats_slots(master, caplog):
-    """A reload runs two generations side by side, so TTIN and a reload's
-    `workers` stop at half the slots: a new generation always finds room."""
+def test_worker_count_stays_within_the_blocks_room(master, caplog):
+    """TTIN and a reload's `workers` stop at the workers the block was sized for
+    (it has two slots each, so a reload's new generation always finds room)."""
     assert master._max_workers() == 2
     master.signals = [signal.SIGTTIN] * 3
     with caplog.at_level("INFO", logger="neurohttp"):
         master._handle_signals()
     assert master.target == 2
-    assert any("TTIN ignored: at most 2 workers" in r.getMessage() for r in caplog.records)
+    assert any("TTIN refused: 3 workers is more than the stats block was sized for"
+               in r.getMessage() for r in caplog.records)
     master.overrides = {"server": {"workers": 9}}
     with caplog.at_level("WARNING", logger="neurohttp"):
         master.reload()
     assert master.target == 2 and master.generation == 2
-    assert any("workers = 9 capped at 2" in r.getMessage() for r in caplog.records)
+    assert any("reload: keeping fewer workers: 9 workers" in r.getMessage()
+               for r in caplog.records)

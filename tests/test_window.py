@@ -22,7 +22,7 @@ MODELS = ["echo", "llama"]
 
 @pytest.fixture
 def block():
-    blk = StatsBlock.create(f"neurohttp-test-{uuid.uuid4().hex[:12]}", worker_slots=4)
+    blk = StatsBlock.create(f"neurohttp-test-{uuid.uuid4().hex[:12]}", L.Geometry(max_workers=2))
     yield blk
     gc.collect()  # views of the block held in reference cycles would keep it mapped
     blk.unlink()
@@ -34,7 +34,7 @@ def start_worker(block: StatsBlock, slot: int, now: float) -> Meter:
     s[L.S_PID] = os.getpid()
     s[L.S_WORKER_ID] = slot
     s[L.S_STARTED] = int(now) - 1000
-    return Meter(s, MODELS, now=now)
+    return Meter(s, MODELS, block.geometry, ROUTES, now=now)
 
 
 def doc(block: StatsBlock, now: float) -> dict:
@@ -50,7 +50,8 @@ def test_coarse_buckets_are_pairs_of_fine_buckets():
         hi_coarse = L.CBUCKET_BOUNDS_US[c] if c < len(L.CBUCKET_BOUNDS_US) else None
         if hi_coarse is not None:
             assert hi_fine is not None and hi_fine <= hi_coarse
-    assert L.CELL_WORDS * L.RING_CELLS + L.S_RING == L.SLOT_WORDS
+    geo = L.Geometry()
+    assert geo.cell_words * L.RING_CELLS + geo.s_ring <= geo.slot_words
     # Meter.model_request skips the search below the first coarse bound: same bucket
     from bisect import bisect_right
     for us in range(0, 5000):

@@ -23,6 +23,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
+from ..stats.sizing import geometry_for
 from . import pidfile
 from .sockets import BindError, Listener, open_listeners
 
@@ -128,8 +129,7 @@ class Master:
         except BindError as e:
             raise StartupError(str(e)) from None
         try:
-            self.block = StatsBlock.create(block_name(pid_path),
-                                           max(L.DEFAULT_WORKER_SLOTS, 4 * self.target))
+            self.block = StatsBlock.create(block_name(pid_path), geometry_for(cfg))
         except BlockInUse as e:
             self._close_listeners()
             raise StartupError(str(e)) from None
@@ -253,13 +253,10 @@ class Master:
             elif sig == signal.SIGUSR1:
                 self.reopen_logs()
             elif sig == signal.SIGTTIN:
-                if self.target < self._max_workers():
+                if self._room_for(self.target + 1, "TTIN refused"):
                     self.target += 1
                     log.info("TTIN: %d workers", self.target)
                     self._publish_info()
-                else:
-                    log.warning("TTIN ignored: at most %d workers (%s)", self.target,
-                                self._slots_note())
             elif sig == signal.SIGTTOU:
                 if self.target > 1:
                     self.target -= 1
@@ -267,6 +264,17 @@ class Master:
                     self._publish_info()
                 else:
                     log.info("TTOU ignored: never fewer than one worker")
+
+    def _room_for(self, workers: int, what: str) -> bool:
+        """Whether the stats block has slots for `workers` (and a reload's second
+        generation beside them); if not, say what to change."""
+        assert self.block is not None
+        most = self.block.geometry.max_workers
+        if workers <= most:
+            return True
+        log.error("%s: %d workers is more than the stats block was sized for at start (%d); "
+                  "raise [stats] max_workers and restart", what, workers, most)
+        return False
 
     # ------------------------------------------------------------ workers
     def spawn(self, worker_id: int) -> WorkerProc | None:
@@ -656,9 +664,7 @@ class Master:
         self.listeners = [have[k] for k in wanted if k in have] + opened
         self.cfg = new
         self.target = new.worker_count
-        if self.target > self._max_workers():
-            log.warning("workers = %d capped at %d (%s)", self.target, self._max_workers(),
-                        self._slots_note())
+        if not self._room_for(self.target, "reload: keeping fewer workers"):
             self.target = self._max_workers()
         self.generation += 1
         self.start_failures = 0
@@ -672,14 +678,10 @@ class Master:
                  self.generation, self.target, ", ".join(lst.address for lst in self.listeners))
 
     def _max_workers(self) -> int:
-        """A reload runs two generations side by side: each may have half the slots."""
+        """Workers the block was sized for; it has two slots each, so a reload's
+        new generation always finds room beside the old one."""
         assert self.block is not None
-        return (self.block.nslots - 1) // 2
-
-    def _slots_note(self) -> str:
-        assert self.block is not None
-        return (f"the stats block has {self.block.nslots - 1} worker slots, 4 per worker "
-                f"started with and at least {L.DEFAULT_WORKER_SLOTS}; a restart resizes it")
+        return self.block.geometry.max_workers
 
     def reopen_logs(self) -> None:
         from ..logs import reopen

@@ -7,11 +7,14 @@ request path only touches a memoryview of 64-bit words.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import sys
 import time
+from array import array
 from multiprocessing import resource_tracker, shared_memory
 
+from ..shared.state import SharedState
 from . import layout as L
 from .window import fold_window
 
@@ -57,28 +60,42 @@ def pid_alive(pid: int) -> bool:
 
 
 class StatsBlock:
-    """A mapped stats block; `words` is the whole block as unsigned 64-bit words."""
+    """A mapped stats block; `words` is the whole block as unsigned 64-bit words,
+    `geometry` its sizes as its header records them."""
 
     def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self.shm = shm
         self.owner = owner
         self.stale_pid = -1  # create(): >= 0 when a dead master's block was replaced
-        self.words = shm.buf.cast("Q")
+        self.words = self._buf.cast("Q")
+        self._read_geometry()
+        self._state: SharedState | None = None
+
+    @property
+    def _buf(self) -> memoryview:
+        buf = self.shm.buf
+        assert buf is not None, "the block is closed"
+        return buf
+
+    def _read_geometry(self) -> None:
+        self.geometry = L.Geometry.read(self.words) if self.valid() else L.Geometry()
         self.nslots = self.words[L.H_NSLOTS]
         self.slot_words = self.words[L.H_SLOT_WORDS]
 
     # ------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, name: str, worker_slots: int = L.DEFAULT_WORKER_SLOTS) -> StatsBlock:
-        """Create the block; replace a stale one whose master is dead."""
-        nslots = worker_slots + 1
-        size = L.block_words(nslots) * 8
+    def create(cls, name: str, geometry: L.Geometry | None = None) -> StatsBlock:
+        """Create the block with these sizes; replace a stale one whose master is dead."""
+        geo = geometry or L.Geometry()
+        size = geo.block_words * 8
         stale_pid = -1
         try:
             shm = _open(name, create=True, size=size)
         except FileExistsError:
             old = cls.attach(name)
-            pid = old.words[L.H_MASTER_PID] if old.valid() else 0
+            # the magic alone: a running master of another layout version owns its block too
+            w = old.words
+            pid = w[L.H_MASTER_PID] if len(w) > L.HEADER_WORDS and w[L.H_MAGIC] == L.MAGIC else 0
             old.close()
             if pid and pid != os.getpid() and pid_alive(pid):
                 raise BlockInUse(f"stats block /dev/shm/{name} belongs to running master pid {pid}") from None
@@ -88,13 +105,13 @@ class StatsBlock:
         blk = cls(shm, owner=True)
         blk.stale_pid = stale_pid
         w = blk.words
-        w[L.H_NSLOTS] = nslots
-        w[L.H_SLOT_WORDS] = L.SLOT_WORDS
-        blk.nslots, blk.slot_words = nslots, L.SLOT_WORDS
+        geo.write(w)
+        SharedState.init(blk._state_buf(), geo.named_keys, geo.open_keys)
         w[L.H_VERSION] = L.LAYOUT_VERSION
         w[L.H_MASTER_PID] = os.getpid()
         w[L.H_STARTED] = int(time.time())
         w[L.H_MAGIC] = L.MAGIC
+        blk._read_geometry()
         return blk
 
     @classmethod
@@ -107,7 +124,25 @@ class StatsBlock:
         return (len(w) > L.HEADER_WORDS and w[L.H_MAGIC] == L.MAGIC
                 and w[L.H_VERSION] == L.LAYOUT_VERSION)
 
+    def _state_buf(self) -> memoryview:
+        geo = self.geometry if self.valid() else None
+        off = self.words[L.H_STATE_OFF] if geo is None else geo.state_off
+        n = self.words[L.H_STATE_WORDS] if geo is None else geo.state_words
+        return self._buf[off * 8:(off + n) * 8]
+
+    @property
+    def state(self) -> SharedState:
+        """The shared state (exact counters, limiters) of this block, for any
+        process the master forked after creating it."""
+        if self._state is None:
+            g = self.geometry
+            self._state = SharedState(self._state_buf(), g.named_keys, g.open_keys)
+        return self._state
+
     def close(self) -> None:
+        if self._state is not None:
+            self._state.release()
+            self._state = None
         try:
             self.words.release()
             self.shm.close()
@@ -144,35 +179,62 @@ class StatsBlock:
     def fold(self, index: int) -> None:
         """Master: add a dead worker's counters to the retired slot and free it.
 
-        Readers retry while H_SEQ is odd, so the move is atomic to them.
+        The new retired slot is computed aside (nobody else writes slot 0 or a
+        dead worker's slot), then copied in and the dead slot marked free under
+        the seqlock: readers retry while H_SEQ is odd or has moved, so the move
+        is atomic to them, and the odd stretch is a few copies long.
         """
         w = self.words
         src = self.slot(index)
         dst = self.slot(0)
+        geo = self.geometry
+        # the words the fold changes in slot 0: the head, and the window's prefix
+        nr = max(src[L.S_WIN_ROUTES], dst[L.S_WIN_ROUTES])
+        nm = max(src[L.S_WIN_MODELS], dst[L.S_WIN_MODELS])
+        spans = [(0, L.S_TEXT)]
+        for c in range(-1, L.RING_CELLS):  # CUM, then the cells
+            spans += geo.cell_spans(geo.s_ring + c * geo.cell_words, nr, nm)
+        new = memoryview(array("Q", bytes(self.slot_words * 8)))
+        for a, b in spans:
+            new[a:b] = dst[a:b]
+        for k in L.COUNTERS:
+            new[k] += src[k]
+        for k in range(L.S_HIST, L.HIST_END):
+            new[k] += src[k]
+        for k in L.MAXIMA:
+            if src[k] > new[k]:
+                new[k] = src[k]
+        new[L.S_WIN_ROUTES], new[L.S_WIN_MODELS] = nr, nm
+        fold_window(src, new, int(time.time()), geo)
         w[L.H_SEQ] += 1
         try:
-            for k in L.COUNTERS:
-                dst[k] += src[k]
-            for k in range(L.S_HIST, L.HIST_END):
-                dst[k] += src[k]
-            for k in L.MAXIMA:
-                if src[k] > dst[k]:
-                    dst[k] = src[k]
-            fold_window(src, dst, int(time.time()))
-            src[:] = memoryview(bytes(self.slot_words * 8)).cast("Q")
+            for a, b in spans:
+                dst[a:b] = new[a:b]
+            src[L.S_STATE] = L.STATE_FREE  # readers skip it from here
         finally:
             w[L.H_SEQ] += 1
+        self._clear_slot(index)
+
+    def _clear_slot(self, index: int) -> None:
+        """Zero a freed slot, handing its pages back to the system: a slot
+        costs memory only while a worker uses it."""
+        start = L.slot_offset(index, self.slot_words) * 8
+        size = self.slot_words * 8
+        try:
+            self.shm._mmap.madvise(mmap.MADV_REMOVE, start, size)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            self.slot(index)[:] = memoryview(bytes(size)).cast("Q")
 
     def write_text(self, index: int, text: str) -> None:
         """Store a short UTF-8 text in a slot's text area (truncated, NUL-padded)."""
         data = text.encode("utf-8", "replace")[:L.TEXT_BYTES]
         start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
-        buf = self.shm.buf
+        buf = self._buf
         buf[start:start + L.TEXT_BYTES] = data.ljust(L.TEXT_BYTES, b"\0")
 
     def read_text(self, index: int) -> str:
         start = (L.slot_offset(index, self.slot_words) + L.S_TEXT) * 8
-        raw = bytes(self.shm.buf[start:start + L.TEXT_BYTES])
+        raw = bytes(self._buf[start:start + L.TEXT_BYTES])
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def live_slots(self) -> list[int]:

@@ -1,16 +1,28 @@
-"""Layout of the shared-memory stats block: 64-bit words, no pointers.
+"""Layout of the shared-memory block: 64-bit words, no pointers.
 
-    [ header: HEADER_WORDS ][ slot 0: retired totals ][ slot 1 ] ... [ slot N ]
+    [ header: HEADER_WORDS ][ slot 0: retired totals ][ slot 1 ] ... [ slot N ][ shared state ]
 
 Every slot has the same layout. A worker writes only its own slot (so the
 request path takes no lock); the master folds a dead worker's slot into slot 0
 under a seqlock (`H_SEQ`) so readers never see a counter counted twice or lost.
+The shared state (exact counters, rate limiters: neurohttp/shared/) follows the
+slots.
+
+The sizes (slots, routes and models per cell, shared-state tables) are computed
+from the config when the master creates the block (`Geometry`, stats/sizing.py)
+and recorded in the header; every reader takes them from there.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
+from ..shared.table import table_words
+
 MAGIC = 0x4E455552_4F485454  # "NEUROHTT"
-LAYOUT_VERSION = 2     # 2: the per-second ring (windowed figures) after the histogram
+LAYOUT_VERSION = 3     # 3: sizes from the config in the header, the shared-state area
+PAGE_WORDS = 512       # slots and the state area start on a page: a freed slot's pages are dropped
 
 # ---- header words
 H_MAGIC = 0
@@ -24,6 +36,13 @@ H_SEQ = 7              # seqlock: odd while the master folds a slot
 H_RELOADS = 8
 H_RESTARTS = 9         # workers replaced after dying or hanging
 H_GENERATION = 10      # config generation; bumped on every reload
+H_ROUTES = 11          # route blocks per cell (index 0 is "other")
+H_MODELS = 12          # model blocks per cell (index 0 is "other")
+H_MAX_WORKERS = 13     # workers the block was sized for (TTIN's ceiling); slots = 2x (reloads)
+H_STATE_OFF = 14       # word offset of the shared-state area (neurohttp/shared/)
+H_STATE_WORDS = 15
+H_NAMED_KEYS = 16      # capacity of the named-key table (keys known from the config)
+H_OPEN_KEYS = 17       # capacity of the open-key table ([state] max_keys: IPs, header values)
 HEADER_WORDS = 64
 
 # ---- slot words: identity (never folded)
@@ -79,13 +98,11 @@ HIST_END = S_HIST + N_BUCKETS
 # A cell holds, per route and per model, a coarse latency histogram (half-octave:
 # two fine buckets per coarse bucket, so the request path finds the coarse bucket
 # with a shift) and a few counters. Route and model 0 are "other" (unmatched
-# paths, protocol errors, routes past MAX_ROUTES; models past MAX_MODELS).
+# paths, protocol errors, routes and models past the block's room).
 CBUCKET_BOUNDS_US: list[int] = BUCKET_BOUNDS_US[1::2]  # coarse bucket c = fine bucket >> 1
 N_CBUCKETS = len(CBUCKET_BOUNDS_US) + 1                 # 45, the last is +Inf
 assert N_CBUCKETS == (N_BUCKETS + 1) // 2
 
-MAX_ROUTES = 24        # route 0 + 23 registered paths (/v1/models/<name> is one per model)
-MAX_MODELS = 8         # model 0 + 7 configured models
 # route block: [coarse histogram][responses by status class 1xx..5xx]. The
 # histogram counts every response, so the request path skips the 2xx word: the
 # reader derives 2xx as the histogram's total minus the other classes.
@@ -101,9 +118,7 @@ MODEL_WORDS = N_CBUCKETS + 5
 C_STAMP = 0            # Unix second the cell counts (0: never used)
 C_CONNECTIONS = 1      # active connections, sampled when the cell closes
 C_STREAMS = 2          # active streams, sampled when the cell closes
-C_ROUTES = 4
-C_MODELS = C_ROUTES + MAX_ROUTES * ROUTE_WORDS
-CELL_WORDS = C_MODELS + MAX_MODELS * MODEL_WORDS
+C_ROUTES = 4           # then `routes` route blocks, then `models` model blocks (Geometry)
 
 WINDOW_SECONDS = 60
 RING_CELLS = 64        # 60 closed seconds + the current one + slack for slow readers
@@ -112,11 +127,12 @@ RING_CELLS = 64        # 60 closed seconds + the current one + slack for slow re
 S_WIN_SEQ = 160        # odd while the worker's tick closes a cell
 S_WIN_CUR = 161        # stamp of the current cell
 S_WIN_FOLDED = 162     # stamp of the last cell added into CUM
-S_CUM = 1024           # after the text area (S_TEXT, below)
-S_RING = S_CUM + CELL_WORDS
-
-SLOT_WORDS = S_RING + RING_CELLS * CELL_WORDS
-DEFAULT_WORKER_SLOTS = 16  # at least; the master makes 4 per configured worker
+# How many route and model indexes this slot's writer uses: the prefix of each
+# cell it zeroes and sums, and all a reader or the fold reads of it. Pages past
+# it are never touched, so the room the block has for more costs no memory.
+S_WIN_ROUTES = 163
+S_WIN_MODELS = 164
+S_CUM = 1024           # after the text area (S_TEXT, below); the ring follows CUM
 
 # ---- text (never summed): in a worker's slot, why it failed or what it was
 # stuck on, for the master to log; in slot 0, the master's own facts as JSON
@@ -128,16 +144,87 @@ assert HIST_END <= S_WIN_SEQ and S_WIN_FOLDED < S_TEXT
 assert S_TEXT * 8 + TEXT_BYTES <= S_CUM * 8
 
 
-def slot_offset(slot: int, slot_words: int = SLOT_WORDS) -> int:
+def _pages(words: int) -> int:
+    """`words` rounded up to whole pages."""
+    return -(-words // PAGE_WORDS) * PAGE_WORDS
+
+
+# The block starts with the header; slot 0 then starts on the next page.
+SLOTS_OFF = PAGE_WORDS
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes of one block: chosen from the config at start, kept in its header."""
+
+    routes: int = 64        # route indexes per cell, "other" included
+    models: int = 16        # model indexes per cell, "other" included
+    max_workers: int = 8    # live workers at once; the block has twice as many slots
+    named_keys: int = 1024  # shared-state table of keys known from the config
+    open_keys: int = 16384  # shared-state table of open-ended keys (client IPs, ...)
+
+    @cached_property
+    def nslots(self) -> int:
+        """Slots including the retired slot 0: a reload runs two generations at once."""
+        return 2 * self.max_workers + 1
+
+    @cached_property
+    def c_models(self) -> int:
+        return C_ROUTES + self.routes * ROUTE_WORDS
+
+    @cached_property
+    def cell_words(self) -> int:
+        return self.c_models + self.models * MODEL_WORDS
+
+    @cached_property
+    def s_ring(self) -> int:
+        return S_CUM + self.cell_words
+
+    @cached_property
+    def slot_words(self) -> int:
+        return _pages(self.s_ring + RING_CELLS * self.cell_words)
+
+    @cached_property
+    def state_off(self) -> int:
+        return SLOTS_OFF + self.nslots * self.slot_words
+
+    @cached_property
+    def state_words(self) -> int:
+        return table_words(self.named_keys) + table_words(self.open_keys)
+
+    @cached_property
+    def block_words(self) -> int:
+        return self.state_off + self.state_words
+
+    def cell_spans(self, base: int, nroutes: int, nmodels: int) -> list[tuple[int, int]]:
+        """The word ranges of the cell at `base` that a writer using `nroutes`
+        routes and `nmodels` models touches: the cell's head with the routes,
+        then the models."""
+        m = base + self.c_models
+        return [(base, base + C_ROUTES + nroutes * ROUTE_WORDS), (m, m + nmodels * MODEL_WORDS)]
+
+    def ring_cell(self, stamp: int) -> int:
+        """Slot-relative word offset of the ring cell for Unix second `stamp`."""
+        return self.s_ring + (stamp % RING_CELLS) * self.cell_words
+
+    def write(self, header: memoryview) -> None:
+        header[H_NSLOTS] = self.nslots
+        header[H_SLOT_WORDS] = self.slot_words
+        header[H_ROUTES] = self.routes
+        header[H_MODELS] = self.models
+        header[H_MAX_WORKERS] = self.max_workers
+        header[H_STATE_OFF] = self.state_off
+        header[H_STATE_WORDS] = self.state_words
+        header[H_NAMED_KEYS] = self.named_keys
+        header[H_OPEN_KEYS] = self.open_keys
+
+    @classmethod
+    def read(cls, header: memoryview) -> Geometry:
+        return cls(routes=header[H_ROUTES], models=header[H_MODELS],
+                   max_workers=header[H_MAX_WORKERS], named_keys=header[H_NAMED_KEYS],
+                   open_keys=header[H_OPEN_KEYS])
+
+
+def slot_offset(slot: int, slot_words: int) -> int:
     """Word offset of `slot` in the block."""
-    return HEADER_WORDS + slot * slot_words
-
-
-def block_words(nslots: int, slot_words: int = SLOT_WORDS) -> int:
-    """Words in a block of `nslots` slots (including the retired slot 0)."""
-    return HEADER_WORDS + nslots * slot_words
-
-
-def ring_cell(stamp: int) -> int:
-    """Slot-relative word offset of the ring cell for Unix second `stamp`."""
-    return S_RING + (stamp % RING_CELLS) * CELL_WORDS
+    return SLOTS_OFF + slot * slot_words

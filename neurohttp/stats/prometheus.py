@@ -7,6 +7,7 @@ The latency histogram's buckets are the shared-memory buckets (quarter-octave,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from . import layout as L
@@ -38,7 +39,7 @@ class _Writer:
         self.lines: list[str] = []
 
     def family(self, name: str, kind: str, help_text: str,
-               samples: list[tuple[dict[str, Any] | None, float]]) -> None:
+               samples: Sequence[tuple[dict[str, Any] | None, float]]) -> None:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
@@ -104,6 +105,18 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     w.one("neurohttp_worker_restarts_total", "counter",
           "Workers replaced after dying or hanging.", h[L.H_RESTARTS])
     w.one("neurohttp_reloads_total", "counter", "Configuration reloads.", h[L.H_RELOADS])
+    state = snap.state
+    w.family("neurohttp_state_keys", "gauge",
+             "Keys held in the shared-state tables (named: from the config; open: IPs, ...).",
+             [({"table": k}, v["used"]) for k, v in state.items()])
+    w.family("neurohttp_state_capacity", "gauge", "Entries the shared-state tables can hold.",
+             [({"table": k}, v["capacity"]) for k, v in state.items()])
+    w.family("neurohttp_state_full_total", "counter",
+             "Operations refused (as over their limit) because the table had no room for a new key.",
+             [({"table": k}, v["full"]) for k, v in state.items()])
+    w.family("neurohttp_state_lock_recoveries_total", "counter",
+             "Times a process died holding a shared-state lock and the next one recovered it.",
+             [({"table": k}, v["recovered"]) for k, v in state.items()])
     models = doc["models"]
     w.family("neurohttp_errors_total", "counter",
              "Errors by kind: protocol (malformed requests), client (4xx), server (5xx), "

@@ -30,7 +30,8 @@ def _copy(block: StatsBlock, words: int) -> tuple[list[int], list[list[int]]]:
     sw = block.slot_words
     header = w[:L.HEADER_WORDS].tolist()
     # Free slots are all zero (the fold clears them): copy only the retired and used ones.
-    states = w[L.HEADER_WORDS + L.S_STATE::sw].tolist()
+    start = L.SLOTS_OFF + L.S_STATE
+    states = w[start:start + block.nslots * sw:sw].tolist()
     free = [0] * words
     slots = []
     for i in range(block.nslots):
@@ -65,17 +66,18 @@ def _read(block: StatsBlock, now: int, nroutes: int, nmodels: int) -> _Raw:
     slots, from one pass that no fold by the master interleaved with. Cells are
     copied only for the routes and models that have counted anything."""
     width = nroutes * L.ROUTE_WORDS + nmodels * L.MODEL_WORDS
+    geo = block.geometry
 
     def read() -> _Raw:
         raw = _Raw()
         raw.header, raw.slots = _copy(block, L.HIST_END)
         used = [i for i, s in enumerate(raw.slots) if i == 0 or s[L.S_STATE] != L.STATE_FREE]
-        since = raw.since = vsum([read_since(block.slot(i), i == 0, nroutes, nmodels)
+        since = raw.since = vsum([read_since(block.slot(i), i == 0, nroutes, nmodels, geo)
                                   for i in used], width)
         raw.routes = [r for r in range(nroutes) if any(route_block(since, r))]
         raw.models = [m for m in range(nmodels) if any(model_block(since, nroutes, m))]
-        ranges = block_ranges(raw.routes, raw.models)
-        raw.cells = {i: read_cells(block.slot(i), now, ranges) for i in used}
+        ranges = block_ranges(raw.routes, raw.models, geo)
+        raw.cells = {i: read_cells(block.slot(i), now, ranges, geo) for i in used}
         return raw
 
     return read_consistent(block.words, L.H_SEQ, read)
@@ -108,11 +110,13 @@ class Snapshot:
                  models: list[str] | None = None, now: float | None = None) -> None:
         self.now = time.time() if now is None else now
         sec = self.sec = int(self.now)
-        self.route_names = list(routes or ["other"])
-        self.model_names = list(models or ["other"])
+        geo = block.geometry
+        self.route_names = list(routes or ["other"])[:geo.routes]
+        self.model_names = list(models or ["other"])[:geo.models]
         nr, nm = len(self.route_names), len(self.model_names)
         raw = _read(block, sec, nr, nm)
         self.header, self.slots = raw.header, raw.slots
+        self.state = block.state.figures()  # each word alone is exact: no seqlock
         for slot in self.slots:
             # Workers count a response once, in its status class; the total is their sum.
             slot[L.S_RESPONSES] = sum(slot[L.S_STATUS + 1:L.S_STATUS + 6])
@@ -276,14 +280,14 @@ def stats_document(block: StatsBlock | Snapshot, now: float | None = None,
     }
     routes_doc = {}
     for r, name in enumerate(snap.route_names):
-        since, last = snap.route(r, False), snap.route(r, True)
-        if r == 0 and not since.count:
+        since_r, last_r = snap.route(r, False), snap.route(r, True)
+        if r == 0 and not since_r.count:
             continue  # "other" only once something fell into it
         routes_doc[name] = {
-            "requests": since.count, "status": _status(since.status),
-            "latency_ms": since.latency_ms(),
-            "window": {"requests": last.count, "rps": round(last.count / span, 3),
-                       "status": _status(last.status), "latency_ms": last.latency_ms()},
+            "requests": since_r.count, "status": _status(since_r.status),
+            "latency_ms": since_r.latency_ms(),
+            "window": {"requests": last_r.count, "rps": round(last_r.count / span, 3),
+                       "status": _status(last_r.status), "latency_ms": last_r.latency_ms()},
         }
     models_doc = {}
     for m, name in enumerate(snap.model_names):
@@ -296,7 +300,7 @@ def stats_document(block: StatsBlock | Snapshot, now: float | None = None,
         wdoc["tokens_out_per_s"] = round(last_m[L.MB_TOKENS_OUT] / span, 3)
         doc["window"] = wdoc
         models_doc[name] = doc
-    master = {
+    master: dict[str, Any] = {
         "pid": h[L.H_MASTER_PID],
         "started": started,
         "workers": h[L.H_WORKERS],
@@ -333,4 +337,5 @@ def stats_document(block: StatsBlock | Snapshot, now: float | None = None,
         "models": models_doc,
         "workers": workers,
         "master": master,
+        "state": snap.state,
     }

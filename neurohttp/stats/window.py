@@ -17,9 +17,11 @@ dead worker's ring into the retired slot.
 
 from __future__ import annotations
 
+import logging
 import time
 from array import array
 from bisect import bisect_right
+from collections.abc import Sequence
 from operator import add
 from time import monotonic
 from typing import Any
@@ -27,33 +29,60 @@ from typing import Any
 from . import layout as L
 from .seqlock import read_consistent
 
+log = logging.getLogger("neurohttp")
+
 _RW, _MW = L.ROUTE_WORDS, L.MODEL_WORDS
 _BOUNDS = L.BUCKET_BOUNDS_US
-_OTHER_MODEL = L.C_MODELS - L.C_ROUTES  # model 0's block, relative to Meter.cur
 _CB0 = L.CBUCKET_BOUNDS_US[0]  # the first coarse bucket's upper bound, in µs
-_ZERO_CELL = memoryview(bytes(L.CELL_WORDS * 8)).cast("Q")
+
+
+def _zeros(n: int) -> memoryview:
+    return memoryview(bytes(n * 8)).cast("Q")
+
+
+def _sum_ranges(geo: L.Geometry, nroutes: int, nmodels: int) -> list[tuple[int, int]]:
+    """Cell-relative ranges that are summed (CUM, folds): the routes and models in use."""
+    return [(L.C_ROUTES, L.C_ROUTES + nroutes * _RW),
+            (geo.c_models, geo.c_models + nmodels * _MW)]
 
 
 class Meter:
     """One worker's writer of the ring in its own slot.
 
     `cur` is the slot-relative offset of the current cell's route section: the
-    request path adds to `slot[cur + route * ROUTE_WORDS + ...]`.
+    request path adds to `slot[cur + route * ROUTE_WORDS + ...]`. The meter
+    zeroes and sums only the routes of `route_names` (the App's list: it may
+    grow) and the models it knows, and records how many in the slot
+    (S_WIN_ROUTES, S_WIN_MODELS), so the pages of the room beyond are never
+    touched.
     """
 
-    __slots__ = ("slot", "cur", "stamp", "models", "model_names", "_model_off", "_clock")
+    __slots__ = ("slot", "cur", "stamp", "models", "model_names", "geo", "_route_names",
+                 "_model_off", "_other", "_clock", "_zero_cell")
 
-    def __init__(self, slot: memoryview, model_names: list[str],
+    def __init__(self, slot: memoryview, model_names: list[str], geometry: L.Geometry,
+                 route_names: Sequence[str] | None = None,
                  now: float | None = None, clock: Any = time.time) -> None:
         self.slot = slot
+        self.geo = geo = geometry
         self._clock = clock
+        self._route_names = route_names
         # Model 0 is "other"; configured models get 1.. in config order.
-        self.model_names = ["other", *model_names[:L.MAX_MODELS - 1]]
+        room = geo.models - 1
+        if len(model_names) > room:
+            log.error("models %s are counted as 'other' in the stats: the stats block has "
+                      "room for %d models (sized at start from the config); raise "
+                      "[stats] max_models and restart", ", ".join(model_names[room:]), room)
+        self.model_names = ["other", *model_names[:room]]
         self.models = {name: i for i, name in enumerate(self.model_names) if i}
         # each model's block relative to `cur`, so a model's figures are one add away
-        self._model_off = {name: _OTHER_MODEL + i * _MW for name, i in self.models.items()}
+        self._other = geo.c_models - L.C_ROUTES  # model 0's block
+        self._model_off: dict[str | None, int] = {
+            name: self._other + i * _MW for name, i in self.models.items()}
+        self._zero_cell = _zeros(geo.cell_words)
         sec = int(clock() if now is None else now)
-        base = L.ring_cell(sec)
+        self._record_widths()
+        base = geo.ring_cell(sec)
         self._zero(base)
         slot[base + L.C_STAMP] = sec
         slot[L.S_WIN_FOLDED] = 0
@@ -61,24 +90,37 @@ class Meter:
         self.stamp = sec
         self.cur = base + L.C_ROUTES
 
+    def _record_widths(self) -> None:
+        names = self._route_names
+        n = self.geo.routes if names is None else min(len(names), self.geo.routes)
+        s = self.slot
+        if s[L.S_WIN_ROUTES] < n:  # never shrinks: what was counted stays readable
+            s[L.S_WIN_ROUTES] = n
+        s[L.S_WIN_MODELS] = len(self.model_names)
+
     def _zero(self, base: int) -> None:
         s = self.slot
-        s[base:base + L.CELL_WORDS] = _ZERO_CELL
+        z = self._zero_cell
+        for a, b in self.geo.cell_spans(base, s[L.S_WIN_ROUTES], s[L.S_WIN_MODELS]):
+            s[a:b] = z[:b - a]
 
     def tick(self, now: float | None = None) -> None:
         """Close the current cell if its second is over (the worker's tick calls this)."""
         sec = int(self._clock() if now is None else now)
+        self._record_widths()  # routes registered since (the first tick: all of them)
         if sec <= self.stamp:
             return  # same second, or the clock stepped back: keep counting here
         s = self.slot
-        old = L.ring_cell(self.stamp)
-        new = L.ring_cell(sec)
+        geo = self.geo
+        old = geo.ring_cell(self.stamp)
+        new = geo.ring_cell(sec)
+        cum = L.S_CUM
         s[L.S_WIN_SEQ] += 1  # odd: readers retry
         try:
             s[old + L.C_CONNECTIONS] = s[L.S_ACTIVE_CONNECTIONS]
             s[old + L.C_STREAMS] = s[L.S_STREAMS_ACTIVE]
-            a, b = L.S_CUM + L.C_ROUTES, L.S_CUM + L.CELL_WORDS
-            s[a:b] = _words(map(add, s[a:b], s[old + L.C_ROUTES:old + L.CELL_WORDS]))
+            for a, b in _sum_ranges(geo, s[L.S_WIN_ROUTES], s[L.S_WIN_MODELS]):
+                s[cum + a:cum + b] = _words(map(add, s[cum + a:cum + b], s[old + a:old + b]))
             s[L.S_WIN_FOLDED] = self.stamp
             self._zero(new)
             s[new + L.C_STAMP] = sec
@@ -103,7 +145,7 @@ class Meter:
         """model_request() for an answer the provider gave at once (no model time:
         the first latency bucket), without reading the clock."""
         s = self.slot
-        base = self.cur + self._model_off.get(model, _OTHER_MODEL)
+        base = self.cur + self._model_off.get(model, self._other)
         s[base] += 1
         s[base + L.MB_TOKENS_IN] += tokens_in
         s[base + L.MB_TOKENS_OUT] += tokens_out
@@ -113,7 +155,7 @@ class Meter:
         prompt, at its start). The model's figures only: the caller counts the
         slot's totals (S_TOKENS_IN/OUT), as the pipeline does."""
         s = self.slot
-        base = self.cur + self._model_off.get(model, _OTHER_MODEL)
+        base = self.cur + self._model_off.get(model, self._other)
         if tokens_in:
             s[base + L.MB_TOKENS_IN] += tokens_in
         if tokens_out:
@@ -127,7 +169,7 @@ class Meter:
         response are written, so a client sees it in any later /stats."""
         us = int((monotonic() - started) * 1e6)
         s = self.slot
-        base = self.cur + self._model_off.get(model, _OTHER_MODEL)
+        base = self.cur + self._model_off.get(model, self._other)
         # the coarse bucket (also the request count); an instant answer needs no search
         s[base + (0 if us < _CB0 else bisect_right(_BOUNDS, us) >> 1)] += 1
         if tokens_in:
@@ -143,78 +185,107 @@ def _words(values: Any) -> memoryview:
     return memoryview(array("Q", values))
 
 
-def fold_window(src: memoryview, dst: memoryview, now: int) -> None:
-    """Master, folding a dead worker's slot `src` into the retired slot `dst`:
-    CUM gets everything the worker counted; its recent cells join the retired
-    ring so the last minute keeps them. Caller holds the block's seqlock."""
-    a, b = L.C_ROUTES, L.CELL_WORDS
-    cur = L.ring_cell(src[L.S_WIN_CUR])
-    ca, cb = L.S_CUM + a, L.S_CUM + b
-    total = map(add, src[ca:cb], src[cur + a:cur + b]) if src[cur] == src[L.S_WIN_CUR] \
-        and src[L.S_WIN_CUR] > src[L.S_WIN_FOLDED] else src[ca:cb]
-    dst[ca:cb] = _words(map(add, dst[ca:cb], total))
+def fold_window(src: memoryview, dst: memoryview, now: int, geo: L.Geometry) -> None:
+    """Master, folding a dead worker's slot `src` into the retired slot `dst`
+    (whose S_WIN_ROUTES/MODELS already cover src's): CUM gets everything the
+    worker counted; its recent cells join the retired ring so the last minute
+    keeps them. Reads and writes only the routes and models in use."""
+    nr, nm = src[L.S_WIN_ROUTES], src[L.S_WIN_MODELS]
+    sums = _sum_ranges(geo, nr, nm)
+    cur_stamp = src[L.S_WIN_CUR]
+    cur = geo.ring_cell(cur_stamp)
+    open_cell = src[cur] == cur_stamp and cur_stamp > src[L.S_WIN_FOLDED]
+    c = L.S_CUM
+    for a, b in sums:
+        total = map(add, src[c + a:c + b], src[cur + a:cur + b]) if open_cell \
+            else src[c + a:c + b]
+        dst[c + a:c + b] = _words(map(add, dst[c + a:c + b], total))
+    dst_spans = (dst[L.S_WIN_ROUTES], dst[L.S_WIN_MODELS])
     for i in range(L.RING_CELLS):
-        base = L.S_RING + i * L.CELL_WORDS
+        base = geo.s_ring + i * geo.cell_words
         stamp = src[base]
         if not stamp or stamp < now - L.RING_CELLS + 2:
             continue
-        d = L.ring_cell(stamp)
+        d = geo.ring_cell(stamp)
         have = dst[d]
         if have > stamp:
             continue  # the retired ring moved past this second already
         if have < stamp:
-            dst[d:d + L.CELL_WORDS] = _ZERO_CELL
+            for a, b in geo.cell_spans(d, *dst_spans):
+                dst[a:b] = _zeros(b - a)
             dst[d] = stamp
-        dst[d + 1:d + b] = _words(map(add, dst[d + 1:d + b], src[base + 1:base + b]))
+        # the sampled gauges (words 1, 2) add up across workers too
+        for a, b in [(1, L.C_ROUTES)] + sums:
+            dst[d + a:d + b] = _words(map(add, dst[d + a:d + b], src[base + a:base + b]))
 
 
 # ---------------------------------------------------------------- read side
-def read_since(s: memoryview, retired: bool, nroutes: int, nmodels: int) -> list[int]:
+def _pieces(ranges: list[tuple[int, int]], s: memoryview, geo: L.Geometry
+            ) -> list[tuple[int, int, bool]]:
+    """`ranges` (cell-relative) cut where the slot's writer stops (S_WIN_ROUTES,
+    S_WIN_MODELS): (a, b, True) is read, (a, b, False) reads as zeros without
+    touching the block (an untouched page read would be allocated)."""
+    valid = _sum_ranges(geo, s[L.S_WIN_ROUTES], s[L.S_WIN_MODELS])
+    out = []
+    for a, b in ranges:
+        cuts = sorted({a, b, *(x for v in valid for x in v if a < x < b)})
+        for x, y in zip(cuts, cuts[1:], strict=False):
+            out.append((x, y, any(va <= x and y <= vb for va, vb in valid)))
+    return out
+
+
+def _take(s: memoryview, base: int, pieces: list[tuple[int, int, bool]]) -> list[int]:
+    vec: list[int] = []
+    for a, b, ok in pieces:
+        vec += s[base + a:base + b].tolist() if ok else [0] * (b - a)
+    return vec
+
+
+def read_since(s: memoryview, retired: bool, nroutes: int, nmodels: int,
+               geo: L.Geometry) -> list[int]:
     """One slot's since-start vector: `nroutes` route blocks then `nmodels` model
     blocks of CUM, plus the current cell for a live slot (the retired slot's CUM
     holds everything). Retries while the worker closes a cell."""
-    ra, rb = L.C_ROUTES, L.C_ROUTES + nroutes * _RW
-    ma, mb = L.C_MODELS, L.C_MODELS + nmodels * _MW
-    c = L.S_CUM
+    ranges = [(L.C_ROUTES, L.C_ROUTES + nroutes * _RW), (geo.c_models, geo.c_models + nmodels * _MW)]
 
     def read() -> list[int]:
-        since = s[c + ra:c + rb].tolist() + s[c + ma:c + mb].tolist()
+        pieces = _pieces(ranges, s, geo)
+        since = _take(s, L.S_CUM, pieces)
         stamp = s[L.S_WIN_CUR]
-        cur = L.ring_cell(stamp)
+        cur = geo.ring_cell(stamp)
         if not retired and s[cur] == stamp and stamp > s[L.S_WIN_FOLDED]:
-            since = list(map(add, since,
-                             s[cur + ra:cur + rb].tolist() + s[cur + ma:cur + mb].tolist()))
+            since = list(map(add, since, _take(s, cur, pieces)))
         return since
 
     return read_consistent(s, L.S_WIN_SEQ, read)
 
 
-def read_cells(s: memoryview, now: int, ranges: list[tuple[int, int]]
+def read_cells(s: memoryview, now: int, ranges: list[tuple[int, int]], geo: L.Geometry
                ) -> dict[int, tuple[int, int, list[int]]]:
     """One slot's cells of the last minute (stamped now-61 .. now), each as
     (connections, streams, the cell-relative word `ranges` concatenated)."""
     oldest = now - L.WINDOW_SECONDS - 1
 
     def read() -> dict[int, tuple[int, int, list[int]]]:
+        pieces = _pieces(ranges, s, geo)
         cells = {}
         for i in range(L.RING_CELLS):
-            base = L.S_RING + i * L.CELL_WORDS
+            base = geo.s_ring + i * geo.cell_words
             stamp = s[base]
             if oldest <= stamp <= now:
-                vec: list[int] = []
-                for a, b in ranges:
-                    vec += s[base + a:base + b].tolist()
-                cells[stamp] = (s[base + L.C_CONNECTIONS], s[base + L.C_STREAMS], vec)
+                cells[stamp] = (s[base + L.C_CONNECTIONS], s[base + L.C_STREAMS],
+                                _take(s, base, pieces))
         return cells
 
     return read_consistent(s, L.S_WIN_SEQ, read)
 
 
-def block_ranges(routes: list[int], models: list[int]) -> list[tuple[int, int]]:
+def block_ranges(routes: list[int], models: list[int], geo: L.Geometry
+                 ) -> list[tuple[int, int]]:
     """Cell-relative word ranges of these route blocks then these model blocks,
     adjacent blocks merged (fewer slices to copy)."""
     spans = [(L.C_ROUTES + r * _RW, L.C_ROUTES + (r + 1) * _RW) for r in routes]
-    spans += [(L.C_MODELS + m * _MW, L.C_MODELS + (m + 1) * _MW) for m in models]
+    spans += [(geo.c_models + m * _MW, geo.c_models + (m + 1) * _MW) for m in models]
     out: list[tuple[int, int]] = []
     for a, b in spans:
         if out and out[-1][1] == a:
@@ -258,7 +329,7 @@ class Figures:
     def __init__(self, hist: list[int], status: list[int] | None = None) -> None:
         self.hist = hist
         self.count = sum(hist)
-        self.status = status  # 1xx..5xx, for routes
+        self.status = status if status is not None else [0] * 5  # 1xx..5xx, for routes
 
     def quantile_ms(self, q: float) -> float:
         return round(percentile(self.hist, q, L.CBUCKET_BOUNDS_US) / 1000.0, 3)

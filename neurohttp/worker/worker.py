@@ -97,11 +97,12 @@ class Worker:
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
             if cfg.log.access_log else None
-        self.app = App()
+        self.app = App(block.geometry.routes)
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
         self.models = ModelRegistry(cfg.models, self.app.providers)
-        self.meter = Meter(self.slot, self.models.names())  # windowed + per-model figures
+        # windowed + per-model figures, for the routes the App numbers
+        self.meter = Meter(self.slot, self.models.names(), block.geometry, self.app.route_names)
         SiteHandlers(self).register(self.app)
         MetricsHandlers(self).register(self.app)
         self.pipeline = Pipeline(self)

@@ -1,0 +1,325 @@
+"""A fixed-capacity table of keyed entries in shared memory, guarded by one
+robust mutex (mutex.py), with the Store operations (store.py) on its entries.
+
+Table words (signed 64-bit):
+
+    [ mutex: 8 ][ T_CAPACITY .. : head ][ entry 0 ][ entry 1 ] ... [ entry capacity-1 ]
+
+An entry is ENTRY_WORDS words: two 64-bit fingerprints of its key (E_H1 is
+never 0; 0 marks an empty entry), E_EXP, the time (µs) from which the entry
+says nothing a fresh one would not (then it may be dropped without changing any
+answer), and values. Open addressing with linear probing from `E_H1 % capacity`;
+a lookup stops at the first empty entry, so a dropped entry is removed by
+shifting the entries after it back (Knuth's algorithm R), never left as a hole.
+
+Reclaiming: once the table is half full, every new key first sweeps a few
+entries from a cursor and drops those past their E_EXP. At 7/8 full a new key
+sweeps the whole table (at most once a second); if it is still 7/8 full the key
+is refused: the operation answers as if the limit were reached (allowed False,
+retry_after 1 s), counts it in T_FULL, and logs once per process. So a full
+table never lets a request through that a bigger one would refuse; it refuses
+new keys until old ones lapse. Keys already in the table are unaffected.
+
+Writes are ordered so that a process killed between any two of them (the next
+locker recovers the mutex) leaves a state that errs on the strict side: E_EXP
+is raised before a count is, and a moved entry is written before its old copy
+is cleared (at worst a stale duplicate further down its probe run, never read
+while the first copy exists).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from math import inf
+
+from .mutex import MUTEX_BYTES, init_mutex, lock_slow, trylock, unlock
+from .store import Admission
+
+log = logging.getLogger("neurohttp")
+
+# head words, after the mutex
+T_CAPACITY = MUTEX_BYTES // 8
+T_COUNT = T_CAPACITY + 1       # entries in use
+T_CURSOR = T_CAPACITY + 2      # where the incremental sweep goes on
+T_NEXT_FULL_SWEEP = T_CAPACITY + 3  # µs; a whole-table sweep waits until then
+T_FULL = T_CAPACITY + 4        # operations refused because the table was full
+T_RECOVERED = T_CAPACITY + 5   # mutex recoveries: a process died holding it
+T_RECLAIMED = T_CAPACITY + 6   # entries dropped because they had lapsed
+T_HIGH = T_CAPACITY + 7        # most entries ever in use
+TABLE_HEAD = T_CAPACITY + 8
+
+ENTRY_WORDS = 8
+E_H1 = 0
+E_H2 = 1
+E_EXP = 2          # GCRA: the theoretical arrival time itself; window: its end
+E_V0 = 3           # window: the count; counter: the value
+NEVER = (1 << 63) - 1
+
+SWEEP_STEP = 8          # entries looked at per new key once the table is half full
+FULL_SWEEP_EVERY = 1_000_000  # µs between whole-table sweeps when nearly full
+
+
+def table_words(capacity: int) -> int:
+    """Words of a table of `capacity` entries, rounded up to whole pages (a table
+    starts on a page, and pages of it nobody touched cost no memory)."""
+    return -(-(TABLE_HEAD + capacity * ENTRY_WORDS) // 512) * 512
+
+
+def table_capacity(wanted: int) -> int:
+    """The power of two at or above `wanted` (at least 16): the probe wraps with a mask."""
+    cap = 16
+    while cap < wanted:
+        cap *= 2
+    return cap
+
+
+_time = time.time
+_new = tuple.__new__  # builds an Admission without NamedTuple's Python-level __new__
+
+
+class KeyTable:
+    """One table; `words` is its region of the block as signed 64-bit words and
+    `addr` the address of its first byte (the mutex). `name` appears in logs,
+    /stats and /metrics."""
+
+    __slots__ = ("w", "addr", "name", "cap", "mask", "limit", "_logged_full")
+
+    def __init__(self, words: memoryview, addr: int, name: str) -> None:
+        self.w = words
+        self.addr = addr
+        self.name = name
+        self.cap = words[T_CAPACITY]
+        self.mask = self.cap - 1
+        self.limit = self.cap - self.cap // 8
+        self._logged_full = False
+
+    @staticmethod
+    def init(words: memoryview, addr: int, capacity: int) -> None:
+        """Master, on a zeroed region, before any worker exists."""
+        assert capacity & (capacity - 1) == 0 and len(words) >= table_words(capacity)
+        init_mutex(addr)
+        words[T_CAPACITY] = capacity
+
+    # ------------------------------------------------------------ locking
+    def _lock(self) -> None:
+        rc = trylock(self.addr)
+        if rc:
+            self._lock_slow(rc)
+
+    def _lock_slow(self, rc: int) -> None:
+        if lock_slow(self.addr, rc):
+            self.w[T_RECOVERED] += 1
+            log.warning("shared state %s: a process died holding its lock; recovered",
+                        self.name)
+
+    # ------------------------------------------------------------ entries (lock held)
+    def _find(self, h1: int, h2: int) -> int:
+        """Word offset of the key's entry, or -1 - (index of the empty entry that ends its run)."""
+        w = self.w
+        mask = self.mask
+        i = h1 & mask
+        while True:
+            e = TABLE_HEAD + i * ENTRY_WORDS
+            k = w[e]
+            if k == h1 and w[e + 1] == h2:
+                return e
+            if k == 0:
+                return -1 - i
+            i = (i + 1) & mask
+
+    def _entry(self, h1: int, h2: int, now: int) -> int:
+        """The key's entry, created (all values 0) if absent; -1 if the table is full."""
+        e = self._find(h1, h2)
+        if e >= 0:
+            return e
+        w = self.w
+        if w[T_COUNT] >= self.cap // 2:
+            self._sweep(now, SWEEP_STEP)
+            if w[T_COUNT] >= self.limit and now >= w[T_NEXT_FULL_SWEEP]:
+                w[T_NEXT_FULL_SWEEP] = now + FULL_SWEEP_EVERY
+                self._sweep(now, self.cap)
+            if w[T_COUNT] >= self.limit:
+                return -1
+            e = self._find(h1, h2)  # the sweep may have moved the run
+        e = TABLE_HEAD + (-1 - e) * ENTRY_WORDS
+        w[e + 1:e + ENTRY_WORDS] = _ZERO[1:]
+        w[e + E_H2] = h2
+        w[e] = h1  # last: the entry exists from here
+        n = w[T_COUNT] = w[T_COUNT] + 1
+        if n > w[T_HIGH]:
+            w[T_HIGH] = n
+        return e
+
+    def _sweep(self, now: int, steps: int) -> None:
+        """Drop the lapsed entries among the next `steps` from the cursor."""
+        w = self.w
+        mask = self.mask
+        i = w[T_CURSOR] & mask
+        for _ in range(min(steps, self.cap)):
+            e = TABLE_HEAD + i * ENTRY_WORDS
+            if w[e] and w[e + E_EXP] <= now:
+                self._delete(i)
+                w[T_RECLAIMED] += 1
+                # an entry may have shifted into i: look at i again next turn
+            else:
+                i = (i + 1) & mask
+        w[T_CURSOR] = i
+
+    def _delete(self, i: int) -> None:
+        """Empty entry i, shifting back the entries of its run that probed past it."""
+        w = self.w
+        mask = self.mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            ej = TABLE_HEAD + j * ENTRY_WORDS
+            k = w[ej]
+            if k == 0:
+                break
+            home = k & mask
+            # entry j stays unless i lies on its probe path: home cyclically in (i, j]
+            if (i < home <= j) if i <= j else (home > i or home <= j):
+                continue
+            ei = TABLE_HEAD + i * ENTRY_WORDS
+            w[ei + 1:ei + ENTRY_WORDS] = w[ej + 1:ej + ENTRY_WORDS]
+            w[ei] = k          # the copy exists ...
+            w[ej] = 0          # ... before the original goes
+            i = j
+        w[TABLE_HEAD + i * ENTRY_WORDS] = 0
+        w[T_COUNT] -= 1
+
+    def _full(self) -> Admission:
+        self.w[T_FULL] += 1
+        if not self._logged_full:
+            self._logged_full = True
+            log.error("shared state %s: all %d entries are in use; new keys are refused "
+                      "(as over their limit) until old ones lapse. Raise %s and restart",
+                      self.name, self.cap,
+                      "[state] max_keys" if self.name == "open" else "the config's key count")
+        return _new(Admission, (False, 1.0, 0, 1.0))
+
+    # ------------------------------------------------------------ Store operations
+    # Each operation is written out in full, and finds its key at its home
+    # entry inline: on the request path every call and attribute costs (the
+    # budget of a key check and a quota is 2 µs; loadtests/shm_primitives_bench.py).
+    def charge(self, key: str, cost: int, rate: float, burst: int,
+               now: float | None = None) -> Admission:
+        return self.admit(key, cost, rate, burst, now, debt=True)
+
+    def admit(self, key: str, cost: int, rate: float, burst: int,
+              now: float | None = None, *, debt: bool = False) -> Admission:
+        t = int((_time() if now is None else now) * 1_000_000)
+        step = round(1_000_000 / rate) or 1  # the emission interval, µs
+        h1 = hash(key) or 1
+        h2 = hash(key + "\0")
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, t)
+                if e < 0:
+                    return self._full()
+            tat = w[e + E_EXP]
+            if tat < t:
+                tat = t
+            new = tat + cost * step
+            allow_at = new - burst * step
+            if allow_at > t and not debt:
+                # refused, not charged
+                return _new(Admission, (False, inf if cost > burst else (allow_at - t) / 1e6,
+                                        max(0, (t + burst * step - tat) // step),
+                                        (tat - t) / 1e6))
+            w[e + E_EXP] = new  # one word: the state and its lapse time at once
+        finally:
+            unlock(a)
+        if allow_at <= t:
+            return _new(Admission, (True, 0.0, (t + burst * step - new) // step, (new - t) / 1e6))
+        return _new(Admission, (False, (allow_at - t) / 1e6, 0, (new - t) / 1e6))
+
+    def quota(self, key: str, cost: int, limit: int, window_s: int,
+              now: float | None = None, force: bool = False) -> Admission:
+        t = int((_time() if now is None else now) * 1_000_000)
+        span = window_s * 1_000_000
+        h1 = hash(key) or 1
+        h2 = hash(key + "\0")
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, t)
+                if e < 0:
+                    return self._full()
+            end = w[e + E_EXP]
+            if end <= t:  # a new window: its end first (strict if we die here), then the count
+                end = w[e + E_EXP] = t - t % span + span
+                w[e + E_V0] = 0
+            count = w[e + E_V0]
+            if count + cost > limit and not force:
+                return _new(Admission, (False, inf if cost > limit else (end - t) / 1e6,
+                                        max(0, limit - count), (end - t) / 1e6))
+            count = w[e + E_V0] = count + cost
+        finally:
+            unlock(a)
+        if count <= limit:
+            return _new(Admission, (True, 0.0, limit - count, (end - t) / 1e6))
+        return _new(Admission, (False, (end - t) / 1e6, 0, (end - t) / 1e6))
+
+    def add(self, key: str, n: int = 1) -> int:
+        h1 = hash(key) or 1
+        h2 = hash(key + "\0")
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            e = TABLE_HEAD + (h1 & self.mask) * ENTRY_WORDS
+            if w[e] != h1 or w[e + 1] != h2:
+                e = self._entry(h1, h2, int(_time() * 1_000_000))
+                if e < 0:
+                    self._full()
+                    raise TableFull(f"shared state {self.name} is full: "
+                                    f"counter {key!r} not added to")
+            value = w[e + E_V0] + n
+            if value:
+                w[e + E_EXP] = NEVER  # kept while not 0 (set before the value)
+                w[e + E_V0] = value
+            else:
+                w[e + E_V0] = 0
+                w[e + E_EXP] = 0  # 0 is what an absent counter reads: droppable
+        finally:
+            unlock(a)
+        return value
+
+    def get(self, key: str) -> int:
+        h1 = hash(key) or 1
+        h2 = hash(key + "\0")
+        self._lock()
+        try:
+            e = self._find(h1, h2)
+            return self.w[e + E_V0] if e >= 0 else 0
+        finally:
+            unlock(self.addr)
+
+    # ------------------------------------------------------------ figures
+    def figures(self) -> dict[str, int]:
+        """For /stats and /metrics: read without the lock (each word alone is exact)."""
+        w = self.w
+        return {"capacity": self.cap, "used": w[T_COUNT], "high": w[T_HIGH],
+                "full": w[T_FULL], "reclaimed": w[T_RECLAIMED], "recovered": w[T_RECOVERED]}
+
+
+class TableFull(Exception):
+    """An exact counter could not be created: the table has no room for its key."""
+
+
+_ZERO = memoryview(bytes(ENTRY_WORDS * 8)).cast("q")
