@@ -134,10 +134,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
+def _output_tokens(v: Any) -> str | None:
+    return None if 1 <= v <= 1_000_000_000 else "must be from 1 to 1000000000"
+
+
+# The ceiling on a request's max_tokens, a key of every model table whatever
+# its provider (a request above it is a 400).
+MAX_OUTPUT_TOKENS = Key(int, 4096, _output_tokens)
+
 # Keys every [models.<name>] table may have, by provider.
 MODEL_KEYS: dict[str, dict[str, Key]] = {
     "echo": {
         "provider": Key(str, "echo"),
+        "max_output_tokens": MAX_OUTPUT_TOKENS,
         "token_delay_ms": Key(NUM, 0, _non_negative),
         "response": Key(str, ""),
         "repeat": Key(bool, False),
@@ -240,6 +249,9 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
         keys = MODEL_KEYS.get(provider)
         if keys is None:
             if plugins:
+                if "max_output_tokens" in table:
+                    _check_value(where, f"models.{name}.max_output_tokens", MAX_OUTPUT_TOKENS,
+                                 table["max_output_tokens"])
                 out[name] = dict(table)
                 continue
             raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "

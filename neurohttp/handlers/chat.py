@@ -105,7 +105,13 @@ class SeedChat:
         if found.__class__ is Response:
             return found
         name, provider = found
+        if params:
+            too_many = pipeline.max_tokens_error(name, params)
+            if too_many is not None:
+                return error_response(req, 400, too_many.message, param=too_many.param)
         messages = [{"role": "user", "content": prompt}]
+        if len(req.body) > tokenizer.SLICE:  # a long prompt: counted in slices, off the fast path
+            return self._long(req, name, provider, messages, params, stream)
         prompt_tokens = tokenizer.count(prompt)
         if not stream and "stop" not in params and not pipeline.filters:
             # the fast path (pipeline.instant, inlined): no Generation, no task
@@ -129,6 +135,17 @@ class SeedChat:
         if gen.run_now():  # stop sequences or filters on a model that answers at once
             return self._answer(gen)
         return self._collect(req, gen)
+
+    async def _long(self, req: Request, name: str, provider: Any,
+                    messages: list[dict[str, Any]], params: dict[str, Any],
+                    stream: bool) -> Response | StreamingResponse:
+        """A long prompt: its tokens counted in slices that let the loop run, then
+        the answer through the token path (which also shares the loop)."""
+        prompt_tokens = await tokenizer.count_async(messages[0]["content"])
+        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+        if stream:
+            return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
+        return await self._collect(req, gen)
 
     def _answer(self, gen: Generation) -> Response:
         u = gen.finish()

@@ -163,6 +163,14 @@ class OpenAIHandlers:
         if found.__class__ is Response:
             return found
         name, provider = found
+        if "max_tokens" in params:
+            too_many = pipeline.max_tokens_error(
+                name, params, "max_completion_tokens" if body.get("max_completion_tokens")
+                is not None else "max_tokens")
+            if too_many is not None:
+                return error_response(req, 400, too_many.message, param=too_many.param)
+        if len(req.body) > tokenizer.SLICE:  # a long prompt: counted in slices, off the fast path
+            return self._long(req, name, provider, messages, params, stream, include_usage)
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
             answer = pipeline.instant(provider, messages, params)
@@ -186,6 +194,17 @@ class OpenAIHandlers:
         if gen.run_now():  # stop sequences or filters on a model that answers at once
             return self._collect_done(gen)
         return self._collect(gen)
+
+    async def _long(self, req: Request, name: str, provider: Any,
+                    messages: list[dict[str, Any]], params: dict[str, Any], stream: bool,
+                    include_usage: bool) -> Response | StreamingResponse:
+        """A long prompt: its tokens counted in slices that let the loop run, then
+        the answer through the token path (which also shares the loop)."""
+        prompt_tokens = await tokenizer.count_messages_async(messages)
+        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+        if stream:
+            return self._stream(gen, include_usage)
+        return await self._collect(gen)
 
     def _answer(self, model: str, text: str, finish: str, usage: dict[str, int]) -> Response:
         return Response(orjson.dumps({
