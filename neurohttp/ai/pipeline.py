@@ -130,8 +130,9 @@ class StopCutter:
             if end >= 0 and (end < hit or hit < 0 or len(s) > hit_len):
                 hit, hit_len = end, len(s)
         held = self.held
-        if hit >= 0:
+        if hit >= 0:  # the text ends here (were more fed, it would start afresh)
             self.held = ""
+            self.states = [0] * len(states)
             return (held + tok[:hit + 1])[:len(held) + hit + 1 - hit_len], True
         keep = max(states)
         if not keep:
@@ -279,9 +280,14 @@ class Generation:
 
     def _accept(self, source: Iterable[Any]) -> Generator[str, None, None]:
         parts = self.parts
-        if not self.stops and not self.filters and self.max_tokens is None:
+        if not self.stops and not self.filters:
+            left = sys.maxsize if self.max_tokens is None else self.max_tokens
             for tok in source:
                 if tok.__class__ is str:
+                    if not left:  # the provider ignored max_tokens
+                        self.finish_reason = "length"
+                        return
+                    left -= 1
                     if tok:
                         parts.append(tok)
                         yield tok
