@@ -59,7 +59,6 @@ def probe_while(srv: Server, heavy: Callable[[], Any]) -> tuple[Any, list[float]
     finally:
         conn.close()
     t.join(60)
-    print('PROBES', len(times), round(max(times), 3) if times else None)
     if "error" in out:
         raise out["error"]
     return out["result"], times
