@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 class ConfigError(Exception):
@@ -165,6 +165,10 @@ class Section:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    if TYPE_CHECKING:  # the keys are the schema's, set in __init__
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __repr__(self) -> str:
         return f"Section({self.__dict__!r})"

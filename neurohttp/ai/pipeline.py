@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable
 from itertools import islice
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -190,29 +190,29 @@ class _Rules:
 
     def feed(self, tok: str) -> tuple[str | None, bool]:
         """(text to send, whether the generation ends here)."""
+        text: str | None
         gen = self.gen
         self.n += 1
         if self.limit is not None and self.n > self.limit:  # the provider ignored max_tokens
             gen.finish_reason = "length"
             return None, True
         stop = False
+        text = tok
         if self.cutter is not None:
-            tok, stop = self.cutter.feed(tok)
-        if tok and gen.filters:
-            tok = gen._filtered(tok)
-            if tok is None:
+            text, stop = self.cutter.feed(tok)
+        if text and gen.filters:
+            text = gen._filtered(text)
+            if text is None:
                 return None, True
         if stop:
             gen.finish_reason = "stop"
-        return tok, stop
+        return text, stop
 
     def flush(self) -> str | None:
         if self.cutter is None:
             return None
         rest = self.cutter.flush()
-        if rest and self.gen.filters:
-            rest = self.gen._filtered(rest)
-        return rest
+        return self.gen._filtered(rest) if rest and self.gen.filters else rest
 
 
 class Generation:
@@ -261,10 +261,11 @@ class Generation:
     def _filtered(self, tok: str) -> str | None:
         req = self.req
         for f in self.filters:
-            tok = f(req, tok)
-            if tok is None:  # a plugin stopped the stream
+            out = f(req, tok)
+            if out is None:  # a plugin stopped the stream
                 self.finish_reason = "content_filter"
                 return None
+            tok = out
         return tok
 
     def ready(self) -> Generator[str, None, None] | None:
@@ -325,7 +326,7 @@ class Generation:
         self.rest = it
         return False
 
-    async def tokens(self) -> AsyncIterator[str]:
+    async def tokens(self) -> AsyncGenerator[str, None]:
         """The completion's tokens as they are produced. Closing this iterator
         closes the provider's generator."""
         agen = self.provider.stream(self.messages, self.params)
@@ -371,7 +372,7 @@ class Generation:
             await agen.aclose()
 
     async def frames_or_error(self, pre: bytes, post: bytes,
-                              error_frame: Callable[[dict], bytes]) -> AsyncIterator[bytes]:
+                              error_frame: Callable[[dict], bytes]) -> AsyncGenerator[bytes, None]:
         """frames(), except that a provider failure ends them with one error event
         (OpenAI's shape, framed by `error_frame`) and marks the generation failed:
         the caller then sends no final event."""
@@ -385,7 +386,7 @@ class Generation:
         finally:
             await frames.aclose()
 
-    async def frames(self, pre: bytes, post: bytes) -> AsyncIterator[bytes]:
+    async def frames(self, pre: bytes, post: bytes) -> AsyncGenerator[bytes, None]:
         """Each token framed as `pre` + the token as a JSON string + `post`.
         Tokens that all exist at once (an unpaced model) go out BATCH to a
         chunk: none waits for another, and the socket gets one write, not 64."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -82,10 +82,27 @@ def count(text: str) -> int:
     """Number of cl100k_base tokens in `text` (special-token text counts as plain text)."""
     if len(text) <= 256:
         return _count_short(text)  # prompts and answers repeat: remember the short ones
-    encode = encoding().encode_ordinary
     if len(text) <= SLICE:
-        return len(encode(text))
-    return sum(len(encode(s)) for s in slices(text))
+        return len(encoding().encode_ordinary(text))
+    return _count_slices(text)
+
+
+def count_now(text: str) -> int:
+    """count(text) when `text` is short enough to count at once (SLICE characters);
+    -1 for a longer one, which count_async counts letting the loop run."""
+    if len(text) <= 256:
+        return _count_short(text)
+    if len(text) <= SLICE:
+        return len(encoding().encode_ordinary(text))
+    return -1
+
+
+def _count_slices(text: str) -> int:
+    encode = encoding().encode_ordinary
+    n = 0
+    for s in slices(text):
+        n += len(encode(s))
+    return n
 
 
 async def count_async(text: str) -> int:
@@ -105,43 +122,39 @@ def _count_short(text: str) -> int:
     return len(encoding().encode_ordinary(text)) if text else 0
 
 
-def _prompt_parts(messages: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """A chat's prompt tokens the way OpenAI documents them for cl100k models:
-    (framing tokens: 3 per message, 1 per name, 3 to prime the reply; the texts
-    whose tokens are added to them)."""
+def count_messages(messages: list[dict[str, Any]],
+                   count_text: Callable[[str], int] = count) -> int:
+    """Prompt tokens of a chat, counted the way OpenAI documents for cl100k models:
+    3 tokens of framing per message, 1 for a name, 3 to prime the reply, plus
+    `count_text` of each text (content, content parts' text, role, name)."""
     n = 3
-    texts: list[str] = []
     for m in messages:
         n += 3
         content = m.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            n += count_text(content)
         elif isinstance(content, list):  # content parts: count the text ones
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
+                    n += count_text(part["text"])
         role = m.get("role")
         if isinstance(role, str):
-            texts.append(role)
-        name = m.get("name")
-        if isinstance(name, str):
-            n += 1
-            texts.append(name)
-    return n, texts
-
-
-def count_messages(messages: list[dict[str, Any]]) -> int:
-    """Prompt tokens of a chat (see _prompt_parts)."""
-    n, texts = _prompt_parts(messages)
-    for t in texts:
-        n += count(t)
+            n += count_text(role)
+        if isinstance(m.get("name"), str):
+            n += 1 + count_text(m["name"])
     return n
 
 
 async def count_messages_async(messages: list[dict[str, Any]]) -> int:
     """count_messages(messages), letting the event loop run every SLICE or so
     characters (many small messages included)."""
-    n, texts = _prompt_parts(messages)
+    texts: list[str] = []
+
+    def later(text: str) -> int:
+        texts.append(text)
+        return 0
+
+    n = count_messages(messages, later)  # the framing; the texts are counted below
     budget = SLICE
     for t in texts:
         if len(t) > SLICE:

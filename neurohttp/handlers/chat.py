@@ -14,10 +14,11 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, usage
+from ..ai.tokenizer import count, count_now
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..protocol import serialize as ser
-from ..stats import layout as L
+from ..stats.layout import S_TOKENS_IN, S_TOKENS_OUT
 
 if TYPE_CHECKING:
     from ..app import App
@@ -90,6 +91,7 @@ class SeedChat:
             return error_response(req, 400, "request body is not valid JSON")
         if type(body) is dict and len(body) == 1 and type(body.get("prompt")) is str:
             # the common request, {"prompt": "..."}: nothing else to check
+            params: dict[str, Any]
             prompt, model, params, stream = body["prompt"], None, {}, False
         else:
             try:
@@ -100,29 +102,32 @@ class SeedChat:
             if type(stream) is not bool:
                 return error_response(req, 400, "'stream' must be true or false",
                                       param="stream")
+            if "max_tokens" in params:  # (an unknown model has no ceiling: 404 below)
+                too_many = self.pipeline.max_tokens_error(
+                    self.pipeline.default_model[0] if model is None else model, params)
+                if too_many is not None:
+                    return error_response(req, 400, too_many.message, param=too_many.param)
         pipeline = self.pipeline
         found = pipeline.default_model if model is None else pipeline.find_model(req, model)
         if found.__class__ is Response:
             return found
-        name, provider = found
-        if params:
-            too_many = pipeline.max_tokens_error(name, params)
-            if too_many is not None:
-                return error_response(req, 400, too_many.message, param=too_many.param)
+        name, provider = found  # type: ignore[misc]  # a Response was returned above
         messages = [{"role": "user", "content": prompt}]
-        if len(req.body) > tokenizer.SLICE:  # a long prompt: counted in slices, off the fast path
+        prompt_tokens = count_now(prompt)
+        if prompt_tokens < 0:  # a long prompt: counted in slices, off the fast path
             return self._long(req, name, provider, messages, params, stream)
-        prompt_tokens = tokenizer.count(prompt)
         if not stream and "stop" not in params and not pipeline.filters:
             # the fast path (pipeline.instant, inlined): no Generation, no task
             complete_now = getattr(provider, "complete_now", None)
             answer = None if complete_now is None else complete_now(messages, params)
             if answer is not None:
                 text = answer if answer.__class__ is str else answer[0]
-                completion = tokenizer.count(text)
-                pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
-                pipeline.slot[L.S_TOKENS_OUT] += completion
-                pipeline.meter.model_instant(name, prompt_tokens, completion)
+                completion = count(text)
+                slot = pipeline.slot
+                slot[S_TOKENS_IN] += prompt_tokens
+                slot[S_TOKENS_OUT] += completion
+                pipeline.meter.model_instant(  # type: ignore[union-attr]  # a worker has one
+                    name, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name

@@ -34,7 +34,7 @@ class WebSocketChat:
         self.pipeline = pipeline
 
     def register(self, app: App) -> None:
-        app.add_route("GET", "/v1/ws", self.upgrade)
+        app.add_route("GET", "/v1/ws", self.upgrade)  # type: ignore[arg-type]  # the upgrade is the connection's
 
     def upgrade(self, req: Request) -> Response | WebSocketUpgrade:
         accept = handshake(req)

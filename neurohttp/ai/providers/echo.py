@@ -26,7 +26,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from .. import tokenizer
 from . import LENGTH, STOP, Finish
@@ -126,7 +126,7 @@ class EchoProvider:
         self.split = (tokenizer.split_iter if options.get("split", "word") == "token"
                       else words_iter)
         self._plan: _Plan | None = None
-        self._lists: dict[int | None, list[str]] = {}
+        self._lists: dict[int | None, list[str | Finish]] = {}
 
     def plan(self, messages: list[dict[str, Any]]) -> _Plan:
         if self.templated:
@@ -162,6 +162,8 @@ class EchoProvider:
         if self.delay:
             return None
         limit = params.get("max_tokens")
+        if limit is None and not self.templated:
+            return self.template  # the common case: no token list, no join
         if limit is not None and limit > _CACHE_MAX_TOKENS:
             return None
         if self.templated:
@@ -171,12 +173,11 @@ class EchoProvider:
             if limit is None:
                 return plan.text
             toks = list(plan.pieces(limit))
-        elif limit is None:
-            return self.template  # the common case: no token list, no join
         else:
             toks = self.tokens(messages, params)
-        last = toks.pop()
-        return "".join(toks), last.reason  # type: ignore[union-attr,arg-type]
+        last = toks.pop()  # a Finish, after text pieces
+        assert isinstance(last, Finish)
+        return "".join(cast("list[str]", toks)), last.reason
 
     def tokens_now(self, messages: list[dict[str, Any]],
                    params: dict[str, Any]) -> Iterator[str | Finish] | None:
