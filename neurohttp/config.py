@@ -134,6 +134,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
+
 def _output_tokens(v: Any) -> str | None:
     return None if 1 <= v <= 1_000_000_000 else "must be from 1 to 1000000000"
 

@@ -136,7 +136,7 @@ class SeedChat:
                                 200, None, _JSON)
         gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens)
         if stream:
-            return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
+            return self._stream(req, gen)
         if gen.run_now():  # stop sequences or filters on a model that answers at once
             return self._answer(gen)
         return self._collect(req, gen)
@@ -149,7 +149,7 @@ class SeedChat:
         prompt_tokens = await tokenizer.count_async(messages[0]["content"])
         gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
         if stream:
-            return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
+            return self._stream(req, gen)
         return await self._collect(req, gen)
 
     def _answer(self, gen: Generation) -> Response:
@@ -160,7 +160,8 @@ class SeedChat:
     async def _collect(self, req: Request, gen: Generation) -> Response:
         return await gen.run_to_end() or self._answer(gen)
 
-    def _stream(self, req: Request, gen: Generation, sse: bool) -> StreamingResponse:
+    def _stream(self, req: Request, gen: Generation) -> StreamingResponse:
+        sse = "text/event-stream" in (req.headers.get("accept") or "")
         if sse:
             def frame(obj: dict) -> bytes:
                 return b"data: " + orjson.dumps(obj) + b"\n\n"
