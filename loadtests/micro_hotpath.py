@@ -59,6 +59,9 @@ REQUESTS = {
     "POST /v1/chat": (b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
                       b"Content-Length: 18\r\nContent-Type: application/json\r\n\r\n"
                       b'{"prompt":"Hello"}'),
+    "POST /v1/chat/completions": (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                                  b"Content-Length: 63\r\nContent-Type: application/json\r\n\r\n"
+                                  b'{"model":"echo","messages":[{"role":"user","content":"Hello"}]}'),
 }
 
 

@@ -125,10 +125,12 @@ provider = "echo"
 token_delay_ms = {delay_ms}
 repeat = true
 split = "token"
+max_output_tokens = 1000000000
 [models.instant]
 provider = "echo"
 repeat = true
 split = "token"
+max_output_tokens = 1000000000
 """)
     return Proc("neurohttp", [sys.executable, "-m", "neurohttp", "start", "-c", str(cfg),
                               "-w", str(workers), "-b", f"127.0.0.1:{port}",

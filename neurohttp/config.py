@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 
 class ConfigError(Exception):
@@ -159,10 +159,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
+
+# The ceiling on a request's max_tokens, a key of every model table whatever
+# its provider (a request above it is a 400).
+MAX_OUTPUT_TOKENS = Key(int, 4096, range=(1, 1_000_000_000))
+
 # Keys every [models.<name>] table may have, by provider.
 MODEL_KEYS: dict[str, dict[str, Key]] = {
     "echo": {
         "provider": Key(str, "echo"),
+        "max_output_tokens": MAX_OUTPUT_TOKENS,
         "token_delay_ms": Key(NUM, 0, _non_negative, range=(0, 60_000)),
         "response": Key(str, ""),
         "repeat": Key(bool, False),
@@ -188,6 +194,10 @@ class Section:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    if TYPE_CHECKING:  # the keys are the schema's, set in __init__
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __repr__(self) -> str:
         return f"Section({self.__dict__!r})"
@@ -285,6 +295,9 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
         keys = MODEL_KEYS.get(provider)
         if keys is None:
             if plugins:
+                if "max_output_tokens" in table:
+                    _check_value(where, f"models.{name}.max_output_tokens", MAX_OUTPUT_TOKENS,
+                                 table["max_output_tokens"])
                 out[name] = dict(table)
                 continue
             raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 
 import pytest
 
+from neurohttp import config
 from neurohttp.ai import tokenizer
-from neurohttp.ai.pipeline import Generation, StopCutter
+from neurohttp.ai.pipeline import COMPACT_PARTS, MAX_STOP_CHARS, Generation, StopCutter, parse_stop
 from neurohttp.ai.providers import LENGTH, STOP
 from neurohttp.ai.providers.echo import EchoProvider
+from neurohttp.errors import BadInput
 from neurohttp.stats import layout as L
 
 
@@ -32,15 +36,85 @@ def cut_all(stops: list[str], toks: list[str]) -> tuple[list[str], bool]:
     (["world"], ["Hello", ",", " wor", "ld", "!"], "Hello, ", True),
     (["world"], ["Hello", ",", " wor", "k", "!"], "Hello, work!", False),
     (["\n\n"], ["a\n", "\nb"], "a", True),
-    (["b", "ab"], ["xa", "b"], "x", True),       # the earliest stop wins
+    (["b", "ab"], ["xa", "b"], "x", True),       # both end on one character: the longer wins
     (["abc"], ["ab", "ab", "abc"], "abab", True),
     (["zz"], ["z", "y", "z"], "zyz", False),       # held text comes back when it is not a stop
+    (["ab", "abc"], ["x", "a", "bc"], "x", True),  # a stop that begins another ends first
+    (["abc", "ab"], ["xab", "c"], "x", True),
+    (["abc", "b"], ["xa", "bc"], "xa", True),      # "b" is complete before "abc" could be
+    (["abcd", "bc"], ["xabcd"], "xa", True),       # the same wherever the tokens are cut
+    (["abcd", "bc"], ["xab", "cd"], "xa", True),
+    (["aab"], ["a", "a", "a", "a", "b", "!"], "aa", True),  # a stop that overlaps itself
+    (["\n\n", "User:", "###"], ["Hi", "\n", "Us", "er", ":"], "Hi\n", True),
 ])
 def test_stop_cutter(stops, toks, text, stopped):
     out, hit = cut_all(stops, toks)
     assert "".join(out) == text and hit is stopped
     for piece in out:  # nothing after a stop's start is ever sent
         assert not any(s in piece for s in stops)
+
+
+def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Where the first stop sequence completes (ties: the longer one), by brute force."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0], -best[1])):
+            best = (i + len(s), len(s))
+    return (text[:best[0] - best[1]], True) if best else (text, False)
+
+
+def test_stop_cutter_matches_the_reference_however_the_text_is_cut():
+    rnd = random.Random(7)
+    for _ in range(5000):
+        alpha = rnd.choice(["ab", "abc", "a b\n"])
+        text = "".join(rnd.choice(alpha) for _ in range(rnd.randint(0, 40)))
+        stops = ["".join(rnd.choice(alpha) for _ in range(rnd.randint(1, 6)))
+                 for _ in range(rnd.randint(1, 4))]
+        cuts = sorted(rnd.sample(range(len(text) + 1), min(len(text) + 1, rnd.randint(0, 12))))
+        toks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        c = StopCutter(stops)
+        for t in toks:
+            if c.feed(t)[1]:
+                break
+            assert len(c.held) < max(map(len, stops))  # held back: at most a stop's length - 1
+        out, hit = cut_all(stops, toks)
+        assert ("".join(out), hit) == reference_cut(text, stops), (text, stops, toks)
+
+
+def test_stop_matching_is_linear():
+    """Long tokens against a stop at the length limit that each one's tail could
+    begin: the matcher did O(len(stop)**2) work per token (minutes for this)."""
+    stop = "b" + "a" * (MAX_STOP_CHARS - 1)
+    c = StopCutter([stop, "zz"])
+    tok = "a" * 4096
+    t0 = time.monotonic()
+    for i in range(20_000):  # 80 MB of text
+        assert c.feed(tok) == (tok, False)
+        if not i % 1000:
+            assert time.monotonic() - t0 < 10, f"stuck: {i} tokens in 10 s"
+    assert c.feed(" b" + "a" * 5000) == (" ", True)
+
+
+def test_stop_length_is_capped():
+    assert parse_stop(["x" * MAX_STOP_CHARS, "\n"]) == ["x" * MAX_STOP_CHARS, "\n"]
+    with pytest.raises(BadInput) as e:
+        parse_stop("x" * (MAX_STOP_CHARS + 1))
+    assert e.value.param == "stop" and str(MAX_STOP_CHARS) in e.value.message
+
+
+def test_max_output_tokens_is_a_key_of_every_model_table(tmp_path):
+    cfg = config.from_dict({"models": {"m": {"provider": "echo"}}})
+    assert cfg.models["m"]["max_output_tokens"] == 4096
+    for bad in (0, -1, 10 ** 10, 1.5, True):
+        with pytest.raises(config.ConfigError, match=r"models\.m\.max_output_tokens"):
+            config.from_dict({"models": {"m": {"provider": "echo", "max_output_tokens": bad}}})
+    # a provider a plugin adds: its table is the plugin's, but this key is checked too
+    plugin = {"plugins": {"enabled": ["x"]}, "models": {"p": {"provider": "x"}}}
+    assert config.from_dict(plugin).models["p"] == {"provider": "x"}
+    plugin["models"]["p"]["max_output_tokens"] = 0
+    with pytest.raises(config.ConfigError, match=r"models\.p\.max_output_tokens"):
+        config.from_dict(plugin)
 
 
 def test_echo_answers():
@@ -299,3 +373,58 @@ def test_provider_failures_keep_openai_shapes(status, retry, expect):
     assert b"[DONE]" not in events[-2]
     texts = [json.loads(e[6:])["choices"][0]["delta"].get("content") for e in events[1:-2]]
     assert "".join(texts) == "partial answer"
+
+
+def test_long_non_stream_answers_are_made_in_slices():
+    """A long answer from a model that has it at once (unpaced echo): not made in
+    one go but READY_RUN tokens per turn of the loop, its text joined and counted
+    as it grows (never a list of every piece), and counted exactly."""
+    echo = EchoProvider({"repeat": True})
+    assert echo.complete_now([], {"max_tokens": 4096}) is not None
+    assert echo.complete_now([], {"max_tokens": 4097}) is None  # left to the token path
+    parrot = EchoProvider({"response": "{prompt}"})
+    assert parrot.complete_now([{"role": "user", "content": "x" * 16384}], {}) == "x" * 16384
+    assert parrot.complete_now([{"role": "user", "content": "x" * 16385}], {}) is None
+
+    g = gen_for(echo, {"max_tokens": 300_000})
+    longest = [0]
+
+    async def main() -> int:
+        turns = 0
+        done = False
+
+        async def watch() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                longest[0] = max(longest[0], len(g.parts))
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(watch())
+        assert not g.run_now()  # more than READY_RUN tokens: the rest is left for the loop
+        assert await g.run_to_end() is None
+        done = True
+        await task
+        return turns
+
+    assert asyncio.run(main()) > 100
+    assert longest[0] <= COMPACT_PARTS + 1
+    u = g.finish()
+    assert u["completion_tokens"] == 300_000 == tokenizer.count(g.text)
+    assert g.finish_reason == "length" and g.text.startswith("Hello, AI world! Hello")
+    assert len(g.kept) < 300_000 // COMPACT_PARTS + 2
+
+
+def test_long_parrot_answers_are_cut_lazily():
+    """A parrot of a long prompt is cut into pieces as they are sent: words are
+    at most WORD_MAX characters, tokens come slice by slice."""
+    from neurohttp.ai.providers.echo import WORD_MAX
+    prompt = "a" * 100_000 + " b  c" + " " * 300
+    for split in ("word", "token"):
+        p = EchoProvider({"response": "<{prompt}>", "split": split})
+        it = p.tokens_now([{"role": "user", "content": prompt}], {})
+        first = next(it)
+        assert len(first) <= WORD_MAX
+        rest = list(it)
+        assert first + "".join(rest[:-1]) == "<" + prompt + ">" and rest[-1] is STOP
+        assert max(map(len, rest[:-1])) <= max(WORD_MAX, 300)

@@ -163,7 +163,8 @@ def test_slow_reader_pauses_the_stream(make_server):
     memory does not grow with the answer (about 60 MB if buffered)."""
     srv = make_server(workers=1, config={
         "server": {"write_buffer_bytes": 65536},
-        "models": {"big": {"provider": "echo", "repeat": True, "split": "token"}}})
+        "models": {"big": {"provider": "echo", "repeat": True, "split": "token",
+                           "max_output_tokens": 1_000_000}}})
     httpx.post(srv.url + CHAT, json={"model": "big", "messages": HELLO, "max_tokens": 1000},
                timeout=10)  # warm up the worker before measuring it
     rss0 = worker_rss(srv)
@@ -206,7 +207,7 @@ def test_disconnect_stops_the_generation(make_server):
     srv = make_server(workers=1, config={
         "log": {"level": "debug"},
         "models": {"paced": {"provider": "echo", "token_delay_ms": 20, "repeat": True,
-                             "split": "token"}}})
+                             "split": "token", "max_output_tokens": 1_000_000}}})
     before = srv.stats()
     st = RawStream(srv.host, srv.port, CHAT, completion("paced", max_tokens=100_000))
     events = st.events()
@@ -229,7 +230,8 @@ def test_unpaced_stream_leaves_the_loop_free_and_stops(make_server):
     """A zero-delay answer of millions of tokens shares the worker with other
     requests, and stops when its client goes."""
     srv = make_server(workers=1, config={
-        "models": {"instant": {"provider": "echo", "repeat": True, "split": "token"}}})
+        "models": {"instant": {"provider": "echo", "repeat": True, "split": "token",
+                               "max_output_tokens": 1_000_000_000}}})
     st = RawStream(srv.host, srv.port, CHAT, completion("instant", max_tokens=50_000_000))
     stop = threading.Event()
     received = [0]

@@ -17,7 +17,8 @@ from websockets.sync.client import connect
 MODELS = {
     "echo": {"provider": "echo"},
     "parrot": {"provider": "echo", "response": "You said: {prompt}", "token_delay_ms": 5},
-    "paced": {"provider": "echo", "token_delay_ms": 20, "repeat": True, "split": "token"},
+    "paced": {"provider": "echo", "token_delay_ms": 20, "repeat": True, "split": "token",
+              "max_output_tokens": 1_000_000},
 }
 
 
@@ -212,7 +213,8 @@ def test_slow_ws_reader_is_bounded(make_server):
     """A WebSocket client that does not read pauses its answer too."""
     srv = make_server(workers=1, config={
         "server": {"write_buffer_bytes": 65536},
-        "models": {"big": {"provider": "echo", "repeat": True, "split": "token"}}})
+        "models": {"big": {"provider": "echo", "repeat": True, "split": "token",
+                           "max_output_tokens": 10_000_000}}})
     s, head, rest = ws_connect(srv.host, srv.port)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     s.sendall(frame(0x1, json.dumps({"prompt": "x", "model": "big",
@@ -326,7 +328,8 @@ def test_client_that_answers_pings_stays_connected(make_server):
 def test_ws_reader_that_never_reads_is_dropped_after_send_timeout(make_server):
     srv = make_server(workers=1, config={
         "server": {"write_buffer_bytes": 65536, "send_timeout": 1.0, "ws_ping_s": 0},
-        "models": {"big": {"provider": "echo", "repeat": True, "split": "token"}}})
+        "models": {"big": {"provider": "echo", "repeat": True, "split": "token",
+                           "max_output_tokens": 10_000_000}}})
     pids = srv.worker_pids()
     s, head, rest = ws_connect(srv.host, srv.port)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)

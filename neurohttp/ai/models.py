@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..config import MAX_OUTPUT_TOKENS
 from .providers.echo import EchoProvider
 
 BUILTIN_PROVIDERS: dict[str, Callable[[dict[str, Any]], Any]] = {"echo": EchoProvider}
@@ -19,8 +20,12 @@ class ModelRegistry:
                  extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
         factories = {**BUILTIN_PROVIDERS, **(extra_providers or {})}
         self.models: dict[str, Any] = {}
+        # per model: the ceiling on a request's max_tokens
+        self.max_output_tokens: dict[str, int] = {}
         for name, options in models.items():
             self.models[name] = factories[options.get("provider", "echo")](options)
+            self.max_output_tokens[name] = options.get("max_output_tokens",
+                                                       MAX_OUTPUT_TOKENS.default)
         self.default = "echo" if "echo" in self.models else next(iter(self.models))
 
     def get(self, name: str | None) -> tuple[str, Any]:

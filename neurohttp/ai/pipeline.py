@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable
+from itertools import islice
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -40,12 +40,12 @@ log = logging.getLogger("neurohttp")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_PING = b": ping\n\n"
 BATCH = 64  # ready tokens per chunk (see Generation.frames)
-COMPACT_PARTS = 1024  # a stream counts and drops its text every this many pieces
-
-# A place where no cl100k pre-token can span: after a letter or digit, before
-# anything else. Token counts add up across it exactly, so a long stream can
-# count its text in slices instead of keeping all of it.
-_CUT = re.compile(r"(?<=[^\W_])(?=[\W_])")
+COMPACT_PARTS = 1024  # a generation counts its text every this many pieces (a stream drops it)
+READY_RUN = 1024  # ready tokens produced between two turns of the loop (Generation.run_now)
+# The longest stop sequence accepted (characters). OpenAI documents no limit;
+# real ones are a few characters ("\n\n", "</s>", "User:"). A stream holds
+# back at most this much text, and matching costs O(len) per stop to set up.
+MAX_STOP_CHARS = 4096
 
 # The last event of a stream the server ends at its shutdown deadline.
 SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
@@ -69,6 +69,10 @@ def parse_stop(value: Any) -> list[str]:
     stop = [value] if type(value) is str else value
     if type(stop) is not list or len(stop) > 4 or any(type(s) is not str for s in stop):
         raise BadInput("'stop' must be a string or an array of up to 4 strings", "stop")
+    for s in stop:
+        if len(s) > MAX_STOP_CHARS:
+            raise BadInput(f"'stop' sequences must be at most {MAX_STOP_CHARS} characters "
+                           f"(got one of {len(s)})", "stop")
     return stop
 
 
@@ -82,39 +86,94 @@ def provider_error(exc: BaseException) -> tuple[int, dict]:
     return status, error_body(status, str(exc) or "the model failed to answer")
 
 
-class StopCutter:
-    """Cuts the text before the first stop sequence, holding back any tail that
-    could still become one, so no stop text is ever sent."""
+def _borders(s: str) -> list[int]:
+    """KMP's failure function: b[i] is the length of the longest proper prefix
+    of s[:i + 1] that is also its suffix."""
+    b = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        c = s[i]
+        while k and s[k] != c:
+            k = b[k - 1]
+        if s[k] == c:
+            k += 1
+        b[i] = k
+    return b
 
-    __slots__ = ("stops", "held")
+
+class StopCutter:
+    """Cuts the text where the first stop sequence completes (when two complete
+    on the same character, before the longer one), holding back any tail that
+    could still become one, so no stop text is ever sent.
+
+    Each stop sequence has a KMP automaton whose state is the length of the
+    longest suffix of the text so far that begins it: the work per token is
+    linear in the token (amortised), and the text held back is at most the
+    longest stop sequence minus one character."""
+
+    __slots__ = ("stops", "borders", "states", "held")
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
+        self.borders = [_borders(s) for s in stops]
+        self.states = [0] * len(stops)
         self.held = ""
 
     def feed(self, tok: str) -> tuple[str, bool]:
         """(text safe to send now, whether a stop sequence was reached)."""
-        buf = self.held + tok
-        first = -1
-        for s in self.stops:
-            i = buf.find(s)
-            if i >= 0 and (first < 0 or i < first):
-                first = i
-        if first >= 0:
+        states = self.states
+        hit = -1     # the earliest character of tok that completes a stop sequence
+        hit_len = 0  # the longest stop sequence completing there
+        for j, s in enumerate(self.stops):
+            q, end = _advance(s, self.borders[j], states[j], tok, hit)
+            states[j] = q
+            if end >= 0 and (end < hit or hit < 0 or len(s) > hit_len):
+                hit, hit_len = end, len(s)
+        held = self.held
+        if hit >= 0:  # the text ends here (were more fed, it would start afresh)
             self.held = ""
-            return buf[:first], True
-        keep = 0
-        for s in self.stops:  # the longest tail of buf that starts some stop sequence
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return (buf[:len(buf) - keep] if keep else buf), False
+            self.states = [0] * len(states)
+            return (held + tok[:hit + 1])[:len(held) + hit + 1 - hit_len], True
+        keep = max(states)
+        if not keep:
+            self.held = ""
+            return (held + tok if held else tok), False
+        if keep >= len(tok):
+            self.held = held[len(held) + len(tok) - keep:] + tok
+            return held[:len(held) + len(tok) - keep], False
+        self.held = tok[len(tok) - keep:]
+        return held + tok[:len(tok) - keep], False
 
     def flush(self) -> str:
         held, self.held = self.held, ""
         return held
+
+
+def _advance(s: str, borders: list[int], q: int, tok: str, limit: int) -> tuple[int, int]:
+    """Run the automaton of stop sequence `s` from state `q` over `tok`: (its
+    state after tok, the index of the character of tok that completes `s`, or -1).
+    It need not look past index `limit` (another stop sequence completes there;
+    -1: no limit)."""
+    m = len(s)
+    first = s[0]
+    n = len(tok) if limit < 0 else limit + 1
+    i = 0
+    while i < n:
+        if not q:  # nothing begun: jump to the next character that could begin s
+            i = tok.find(first, i, n)
+            if i < 0:
+                return 0, -1
+            q = 1
+        else:
+            c = tok[i]
+            while q and s[q] != c:
+                q = borders[q - 1]
+            if s[q] == c:
+                q += 1
+        if q == m:
+            return q, i
+        i += 1
+    return q, -1
 
 
 class _Rules:
@@ -131,36 +190,36 @@ class _Rules:
 
     def feed(self, tok: str) -> tuple[str | None, bool]:
         """(text to send, whether the generation ends here)."""
+        text: str | None
         gen = self.gen
         self.n += 1
         if self.limit is not None and self.n > self.limit:  # the provider ignored max_tokens
             gen.finish_reason = "length"
             return None, True
         stop = False
+        text = tok
         if self.cutter is not None:
-            tok, stop = self.cutter.feed(tok)
-        if tok and gen.filters:
-            tok = gen._filtered(tok)
-            if tok is None:
+            text, stop = self.cutter.feed(tok)
+        if text and gen.filters:
+            text = gen._filtered(text)
+            if text is None:
                 return None, True
         if stop:
             gen.finish_reason = "stop"
-        return tok, stop
+        return text, stop
 
     def flush(self) -> str | None:
         if self.cutter is None:
             return None
         rest = self.cutter.flush()
-        if rest and self.gen.filters:
-            rest = self.gen._filtered(rest)
-        return rest
+        return self.gen._filtered(rest) if rest and self.gen.filters else rest
 
 
 class Generation:
     """One completion through the pipeline."""
 
     __slots__ = ("slot", "req", "model", "provider", "messages", "params", "prompt_tokens",
-                 "filters", "max_tokens", "stops", "parts", "finish_reason",
+                 "filters", "max_tokens", "stops", "parts", "kept", "rest", "finish_reason",
                  "completion_tokens", "counted", "streaming", "tokens_before", "log_usage",
                  "meter", "started", "failed")
 
@@ -186,25 +245,30 @@ class Generation:
         stop = params.get("stop")
         self.stops: list[str] | None = [s for s in stop if s] or None if stop else None
         self.parts: list[str] = []
+        # Every COMPACT_PARTS pieces the text so far is counted and joined into
+        # `kept`, so a long answer is never a huge list of pieces nor counted in
+        # one go at the end. A stream needs only the count of what it sent, not
+        # the text: it keeps nothing.
+        self.kept: list[str] = []
+        self.rest: Generator[str, None, None] | None = None  # ready tokens run_now left for run_to_end
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.counted = False
-        # A stream needs only the count of what it sent, not the text: it counts
-        # and drops what it has sent every COMPACT_PARTS pieces.
         self.streaming = False
-        self.tokens_before = 0  # tokens of the text already counted and dropped
+        self.tokens_before = 0  # tokens of the text already counted (in `kept`, or dropped)
 
     # ------------------------------------------------------------ producing tokens
     def _filtered(self, tok: str) -> str | None:
         req = self.req
         for f in self.filters:
-            tok = f(req, tok)
-            if tok is None:  # a plugin stopped the stream
+            out = f(req, tok)
+            if out is None:  # a plugin stopped the stream
                 self.finish_reason = "content_filter"
                 return None
+            tok = out
         return tok
 
-    def ready(self) -> Iterator[str] | None:
+    def ready(self) -> Generator[str, None, None] | None:
         """The tokens as a plain iterator when the provider has them all at once
         (its `tokens_now`, e.g. the unpaced echo model); None otherwise."""
         tokens_now = getattr(self.provider, "tokens_now", None)
@@ -215,11 +279,16 @@ class Generation:
             return None
         return self._accept(source)
 
-    def _accept(self, source: Iterable[Any]) -> Iterator[str]:
+    def _accept(self, source: Iterable[Any]) -> Generator[str, None, None]:
         parts = self.parts
-        if not self.stops and not self.filters and self.max_tokens is None:
+        if not self.stops and not self.filters:
+            left = sys.maxsize if self.max_tokens is None else self.max_tokens
             for tok in source:
                 if tok.__class__ is str:
+                    if not left:  # the provider ignored max_tokens
+                        self.finish_reason = "length"
+                        return
+                    left -= 1
                     if tok:
                         parts.append(tok)
                         yield tok
@@ -244,15 +313,20 @@ class Generation:
             yield rest
 
     def run_now(self) -> bool:
-        """Produce the whole completion synchronously if the provider can."""
+        """Produce the whole completion synchronously if the provider can and it
+        is short (READY_RUN tokens); a longer one is left in `rest` for
+        run_to_end, which lets the loop run between slices of it."""
         it = self.ready()
         if it is None:
             return False
-        for _ in it:
+        for _ in islice(it, READY_RUN):
             pass
-        return True
+        if next(it, None) is None:
+            return True
+        self.rest = it
+        return False
 
-    async def tokens(self) -> AsyncIterator[str]:
+    async def tokens(self) -> AsyncGenerator[str, None]:
         """The completion's tokens as they are produced. Closing this iterator
         closes the provider's generator."""
         agen = self.provider.stream(self.messages, self.params)
@@ -270,7 +344,7 @@ class Generation:
                                 self.finish_reason = "length"
                                 return
                             parts.append(tok)
-                            if len(parts) > COMPACT_PARTS and self.streaming:
+                            if len(parts) > COMPACT_PARTS:
                                 self._compact()
                             yield tok
                     elif tok.__class__ is Finish:
@@ -285,7 +359,7 @@ class Generation:
                 text, done = rules.feed(tok)
                 if text:
                     parts.append(text)
-                    if len(parts) > COMPACT_PARTS and self.streaming:
+                    if len(parts) > COMPACT_PARTS:
                         self._compact()
                     yield text
                 if done:
@@ -298,7 +372,7 @@ class Generation:
             await agen.aclose()
 
     async def frames_or_error(self, pre: bytes, post: bytes,
-                              error_frame: Callable[[dict], bytes]) -> AsyncIterator[bytes]:
+                              error_frame: Callable[[dict], bytes]) -> AsyncGenerator[bytes, None]:
         """frames(), except that a provider failure ends them with one error event
         (OpenAI's shape, framed by `error_frame`) and marks the generation failed:
         the caller then sends no final event."""
@@ -312,7 +386,7 @@ class Generation:
         finally:
             await frames.aclose()
 
-    async def frames(self, pre: bytes, post: bytes) -> AsyncIterator[bytes]:
+    async def frames(self, pre: bytes, post: bytes) -> AsyncGenerator[bytes, None]:
         """Each token framed as `pre` + the token as a JSON string + `post`.
         Tokens that all exist at once (an unpaced model) go out BATCH to a
         chunk: none waits for another, and the socket gets one write, not 64."""
@@ -369,15 +443,17 @@ class Generation:
             await toks.aclose()
 
     def _compact(self) -> None:
-        """Count the sent text up to its last safe cut and drop it (in place:
-        the token loops hold the same list)."""
+        """Count the text so far up to a place where counts add up (within its
+        last 4 KiB) and keep it joined in `kept`, or drop it when streaming (in
+        place: the token loops hold the same list)."""
         parts = self.parts
         text = "".join(parts)
-        cut = 0
-        for m in _CUT.finditer(text, max(0, len(text) - 4096)):
-            cut = m.start()
+        cut = tokenizer.cut(text, max(0, len(text) - 4096), len(text))
         if cut:
-            self.tokens_before += tokenizer.count(text[:cut])
+            head = text[:cut]
+            self.tokens_before += tokenizer.count(head)
+            if not self.streaming:
+                self.kept.append(head)
             text = text[cut:]
         parts.clear()
         parts.append(text)
@@ -385,6 +461,8 @@ class Generation:
     # ------------------------------------------------------------ results
     @property
     def text(self) -> str:
+        if self.kept:
+            return "".join(self.kept) + "".join(self.parts)
         return "".join(self.parts)
 
     def finish(self) -> dict[str, int]:
@@ -415,8 +493,24 @@ class Generation:
         None when it completed; else the provider's failure as an error
         response in OpenAI's shape, with Retry-After when the provider gave one."""
         try:
-            async for _ in self.tokens():
-                pass
+            rest = self.rest
+            if rest is not None:  # what run_now left, in slices of READY_RUN tokens
+                self.rest = None
+                try:
+                    while True:
+                        await asyncio.sleep(0)
+                        n = 0
+                        for _ in islice(rest, READY_RUN):
+                            n += 1
+                        if len(self.parts) > COMPACT_PARTS:
+                            self._compact()
+                        if n < READY_RUN:
+                            break
+                finally:
+                    rest.close()
+            else:
+                async for _ in self.tokens():
+                    pass
         except Exception as e:
             self.failed = True
             self.close()
@@ -447,14 +541,6 @@ class Pipeline:
             return error_response(req, 404, f"The model '{model}' does not exist",
                                   code="model_not_found", param="model")
 
-    def start(self, req: Request | None, model: str | None, messages: list[dict[str, Any]],
-              params: dict[str, Any], prompt_tokens: int | None = None) -> Generation:
-        """Begin a completion; raises models.UnknownModel. Counts the prompt tokens."""
-        name, provider = self.models.get(model)
-        if prompt_tokens is None:
-            prompt_tokens = tokenizer.count_messages(messages)
-        return self.begin(req, name, provider, messages, params, prompt_tokens)
-
     def begin(self, req: Request | None, name: str, provider: Any,
               messages: list[dict[str, Any]], params: dict[str, Any],
               prompt_tokens: int) -> Generation:
@@ -483,6 +569,17 @@ class Pipeline:
         if answer.__class__ is tuple:
             return answer
         return answer, None
+
+    def max_tokens_error(self, name: str, params: dict[str, Any],
+                         param: str = "max_tokens") -> BadInput | None:
+        """The 400 for a max_tokens over the model's max_output_tokens (in the
+        words OpenAI uses for it), or None. `param`: the field the client used."""
+        mt = params.get("max_tokens")
+        ceiling = self.models.max_output_tokens.get(name)
+        if mt is None or ceiling is None or mt <= ceiling:
+            return None
+        return BadInput(f"{param} is too large: {mt}. This model supports at most {ceiling} "
+                        f"completion tokens, whereas you provided {mt}.", param)
 
     def count_out(self, text: str) -> int:
         n = tokenizer.count(text)

@@ -14,10 +14,11 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.pipeline import SHUTDOWN_ERROR, Generation, Pipeline, parse_stop, usage
+from ..ai.tokenizer import count, count_now
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
 from ..protocol import serialize as ser
-from ..stats import layout as L
+from ..stats.layout import S_TOKENS_IN, S_TOKENS_OUT
 
 if TYPE_CHECKING:
     from ..app import App
@@ -90,6 +91,7 @@ class SeedChat:
             return error_response(req, 400, "request body is not valid JSON")
         if type(body) is dict and len(body) == 1 and type(body.get("prompt")) is str:
             # the common request, {"prompt": "..."}: nothing else to check
+            params: dict[str, Any]
             prompt, model, params, stream = body["prompt"], None, {}, False
         else:
             try:
@@ -100,23 +102,32 @@ class SeedChat:
             if type(stream) is not bool:
                 return error_response(req, 400, "'stream' must be true or false",
                                       param="stream")
+            if "max_tokens" in params:  # (an unknown model has no ceiling: 404 below)
+                too_many = self.pipeline.max_tokens_error(
+                    self.pipeline.default_model[0] if model is None else model, params)
+                if too_many is not None:
+                    return error_response(req, 400, too_many.message, param=too_many.param)
         pipeline = self.pipeline
         found = pipeline.default_model if model is None else pipeline.find_model(req, model)
         if found.__class__ is Response:
             return found
-        name, provider = found
+        name, provider = found  # type: ignore[misc]  # a Response was returned above
         messages = [{"role": "user", "content": prompt}]
-        prompt_tokens = tokenizer.count(prompt)
+        prompt_tokens = count_now(prompt)
+        if prompt_tokens < 0:  # a long prompt: counted in slices, off the fast path
+            return self._long(req, name, provider, messages, params, stream)
         if not stream and "stop" not in params and not pipeline.filters:
             # the fast path (pipeline.instant, inlined): no Generation, no task
             complete_now = getattr(provider, "complete_now", None)
             answer = None if complete_now is None else complete_now(messages, params)
             if answer is not None:
                 text = answer if answer.__class__ is str else answer[0]
-                completion = tokenizer.count(text)
-                pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
-                pipeline.slot[L.S_TOKENS_OUT] += completion
-                pipeline.meter.model_instant(name, prompt_tokens, completion)
+                completion = count(text)
+                slot = pipeline.slot
+                slot[S_TOKENS_IN] += prompt_tokens
+                slot[S_TOKENS_OUT] += completion
+                pipeline.meter.model_instant(  # type: ignore[union-attr]  # a worker has one
+                    name, prompt_tokens, completion)
                 if pipeline.log_usage:  # model and tokens for the access log line
                     st = req.state
                     st["model"] = name
@@ -125,10 +136,21 @@ class SeedChat:
                                 200, None, _JSON)
         gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens)
         if stream:
-            return self._stream(req, gen, "text/event-stream" in (req.headers.get("accept") or ""))
+            return self._stream(req, gen)
         if gen.run_now():  # stop sequences or filters on a model that answers at once
             return self._answer(gen)
         return self._collect(req, gen)
+
+    async def _long(self, req: Request, name: str, provider: Any,
+                    messages: list[dict[str, Any]], params: dict[str, Any],
+                    stream: bool) -> Response | StreamingResponse:
+        """A long prompt: its tokens counted in slices that let the loop run, then
+        the answer through the token path (which also shares the loop)."""
+        prompt_tokens = await tokenizer.count_async(messages[0]["content"])
+        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+        if stream:
+            return self._stream(req, gen)
+        return await self._collect(req, gen)
 
     def _answer(self, gen: Generation) -> Response:
         u = gen.finish()
@@ -138,7 +160,8 @@ class SeedChat:
     async def _collect(self, req: Request, gen: Generation) -> Response:
         return await gen.run_to_end() or self._answer(gen)
 
-    def _stream(self, req: Request, gen: Generation, sse: bool) -> StreamingResponse:
+    def _stream(self, req: Request, gen: Generation) -> StreamingResponse:
+        sse = "text/event-stream" in (req.headers.get("accept") or "")
         if sse:
             def frame(obj: dict) -> bytes:
                 return b"data: " + orjson.dumps(obj) + b"\n\n"

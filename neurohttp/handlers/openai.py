@@ -33,15 +33,12 @@ if TYPE_CHECKING:
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _NUM = (int, float)
-
-
-def _number(body: dict, key: str, lo: float, hi: float) -> float | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if type(v) not in _NUM or not lo <= v <= hi:
-        raise BadInput(f"'{key}' must be a number from {lo:g} to {hi:g}", key)
-    return v
+# numeric sampling parameters: (name, lowest, highest)
+_RANGES = (("temperature", 0, 2), ("top_p", 0, 1),
+           ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2))
+# a body longer than this has its prompt counted in slices that let the loop run
+# (its texts are no longer than the body)
+_LONG = tokenizer.SLICE
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -90,10 +87,11 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
         raise BadInput("'n' must be a positive integer", "n")
     if n is not None and n > 1:
         raise BadInput("only n=1 is supported", "n")
-    for key, lo, hi in (("temperature", 0, 2), ("top_p", 0, 1),
-                        ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
-        v = _number(body, key, lo, hi)
+    for key, lo, hi in _RANGES:
+        v = body.get(key)
         if v is not None:
+            if type(v) not in _NUM or not lo <= v <= hi:
+                raise BadInput(f"'{key}' must be a number from {lo:g} to {hi:g}", key)
             params[key] = v
     seed = body.get("seed")
     if seed is not None:
@@ -162,7 +160,15 @@ class OpenAIHandlers:
         found = pipeline.find_model(req, model)
         if found.__class__ is Response:
             return found
-        name, provider = found
+        name, provider = found  # type: ignore[misc]  # a Response was returned above
+        if "max_tokens" in params:
+            too_many = pipeline.max_tokens_error(
+                name, params, "max_completion_tokens" if body.get("max_completion_tokens")
+                is not None else "max_tokens")
+            if too_many is not None:
+                return error_response(req, 400, too_many.message, param=too_many.param)
+        if len(req.body) > _LONG:  # a long prompt: counted in slices, off the fast path
+            return self._long(req, name, provider, messages, params, stream, include_usage)
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
             answer = pipeline.instant(provider, messages, params)
@@ -186,6 +192,17 @@ class OpenAIHandlers:
         if gen.run_now():  # stop sequences or filters on a model that answers at once
             return self._collect_done(gen)
         return self._collect(gen)
+
+    async def _long(self, req: Request, name: str, provider: Any,
+                    messages: list[dict[str, Any]], params: dict[str, Any], stream: bool,
+                    include_usage: bool) -> Response | StreamingResponse:
+        """A long prompt: its tokens counted in slices that let the loop run, then
+        the answer through the token path (which also shares the loop)."""
+        prompt_tokens = await tokenizer.count_messages_async(messages)
+        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+        if stream:
+            return self._stream(gen, include_usage)
+        return await self._collect(gen)
 
     def _answer(self, model: str, text: str, finish: str, usage: dict[str, int]) -> Response:
         return Response(orjson.dumps({

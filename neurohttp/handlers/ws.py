@@ -34,7 +34,7 @@ class WebSocketChat:
         self.pipeline = pipeline
 
     def register(self, app: App) -> None:
-        app.add_route("GET", "/v1/ws", self.upgrade)
+        app.add_route("GET", "/v1/ws", self.upgrade)  # type: ignore[arg-type]  # the upgrade is the connection's
 
     def upgrade(self, req: Request) -> Response | WebSocketUpgrade:
         accept = handshake(req)
@@ -65,13 +65,21 @@ class ChatSession:
         except BadInput as e:
             self._error(ws, 400, e.message, e.param)
             return
+        pipeline = self.pipeline
         try:
-            gen = self.pipeline.start(self.req, model, [{"role": "user", "content": prompt}],
-                                      params, tokenizer.count(prompt))
+            name, provider = pipeline.models.get(model)
         except UnknownModel:
             self._error(ws, 404, f"the model '{model}' does not exist", "model",
                         "model_not_found")
             return
+        too_many = pipeline.max_tokens_error(name, params)
+        if too_many is not None:
+            self._error(ws, 400, too_many.message, too_many.param)
+            return
+        # a long prompt is counted in slices that let the loop run
+        prompt_tokens = await tokenizer.count_async(prompt)
+        gen = pipeline.begin(self.req, name, provider, [{"role": "user", "content": prompt}],
+                             params, prompt_tokens)
         s = ws.slot
         s[L.S_STREAMS] += 1
         s[L.S_STREAMS_ACTIVE] += 1
