@@ -49,7 +49,8 @@ class StatsClient:
                 continue
             if r.status != 200:
                 raise OSError(f"HTTP {r.status} from {self.url}{self.path}")
-            return orjson.loads(body)
+            doc: dict[str, Any] = orjson.loads(body)
+            return doc
         raise OSError("unreachable")
 
     def close(self) -> None:
