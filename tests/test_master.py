@@ -263,8 +263,10 @@ def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
     with open(path, "w") as f:
         f.write(text.replace('bind = ["127.0.0.1:0"]', f'bind = ["127.0.0.1:0", "127.0.0.1:{extra}"]')
                 .replace("workers = 1", "workers = 2"))
+    from neurohttp.master.states import Phase
+    master.phase = Phase.SERVING   # generation 1 serves
     before = (master.cfg, master.target, master.generation, list(master.listeners),
-              master.switching)
+              master.phase)
 
     def boom() -> None:
         raise RuntimeError("boom while publishing")
@@ -272,7 +274,7 @@ def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
     with caplog.at_level("ERROR", logger="neurohttp"):
         master.reload()
     assert (master.cfg, master.target, master.generation, master.listeners,
-            master.switching) == before
+            master.phase) == before
     assert master.block.words[L.H_GENERATION] == 1
     [rec] = [r for r in caplog.records if "reload refused" in r.getMessage()]
     assert "RuntimeError: boom while publishing" in rec.getMessage() and rec.exc_info
@@ -303,6 +305,8 @@ def test_worker_count_stays_within_the_blocks_room(master, caplog):
     assert any("TTIN refused: 3 workers is more than the stats block was sized for"
                in r.getMessage() for r in caplog.records)
     master.overrides = {"server": {"workers": 9}}
+    from neurohttp.master.states import Phase
+    master.phase = Phase.SERVING   # generation 1 serves
     with caplog.at_level("WARNING", logger="neurohttp"):
         master.reload()
     assert master.target == 2 and master.generation == 2
