@@ -351,7 +351,7 @@ def test_a_worker_past_max_requests_retires_once_its_replacement_serves(world, c
         t.ready(new)
         t.turn()
     assert old.state is W.DRAINING and t.sys.signals_to(old.pid) == [signal.SIGTERM]
-    assert f"recycled: served 100 requests (max_requests 100 + jitter)" in caplog.text
+    assert "recycled: served 100 requests (max_requests 100 + jitter)" in caplog.text
 
 
 def test_a_worker_over_max_worker_rss_mb_is_recycled(world):
