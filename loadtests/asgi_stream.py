@@ -5,8 +5,10 @@ under uvicorn as the peer.
 
     uvicorn loadtests.asgi_stream:app --workers 2 --loop uvloop --http httptools
 
-Model "paced" sleeps 20 ms before every token after the first (the same rule
-as the echo model's token_delay_ms); any other model does not sleep.
+Model "paced" sleeps before every token after the first (the same rule as the
+echo model's token_delay_ms): ASGI_STREAM_DELAY_MS milliseconds (default 20),
+which stream_bench.py sets from its --delay-ms so both servers pace alike. Any
+other model does not sleep.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 # "Hello, AI world!" then " Hello, AI world!" again and again, as cl100k tokens
 FIRST = ["Hello", ",", " AI", " world", "!"]
 UNIT = [" Hello", ",", " AI", " world", "!"]
+PACED_DELAY = float(os.environ.get("ASGI_STREAM_DELAY_MS", "20")) / 1000
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
            (b"x-accel-buffering", b"no")]
 
@@ -45,7 +48,7 @@ async def app(scope, receive, send) -> None:
             break
     req = orjson.loads(body)
     n = int(req.get("max_tokens") or 16)
-    delay = 0.02 if req.get("model") == "paced" else 0.0
+    delay = PACED_DELAY if req.get("model") == "paced" else 0.0
     head = {"id": "chatcmpl-" + os.urandom(12).hex(), "object": "chat.completion.chunk",
             "created": int(time.time()), "model": req.get("model"), "system_fingerprint": None}
 

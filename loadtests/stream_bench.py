@@ -138,11 +138,13 @@ max_output_tokens = 1000000000
                 port, env={"PYTHONPATH": str(ROOT)}, cwd=str(tmp))
 
 
-def start_uvicorn(port: int, workers: int, python: str) -> Proc:
+def start_uvicorn(port: int, workers: int, python: str, delay_ms: float) -> Proc:
+    """The ASGI peer, pacing its "paced" model at `delay_ms` as neurohttp's is."""
     return Proc("uvicorn", [python, "-m", "uvicorn", "asgi_stream:app", "--app-dir",
                             str(ROOT / "loadtests"), "--workers", str(workers), "--loop",
                             "uvloop", "--http", "httptools", "--no-access-log", "--log-level",
-                            "warning", "--backlog", "4096", "--port", str(port)], port)
+                            "warning", "--backlog", "4096", "--port", str(port)], port,
+                env={"ASGI_STREAM_DELAY_MS": repr(delay_ms)})
 
 
 # ------------------------------------------------------------ client
@@ -372,9 +374,8 @@ def main() -> None:
                 servers["neurohttp"] = start_neurohttp(free_port(), args.workers, args.delay_ms,
                                                        Path(tmp))
             if "uvicorn" in names:
-                if args.delay_ms != 20.0:
-                    print("note: the ASGI peer paces at 20 ms", flush=True)
-                servers["uvicorn"] = start_uvicorn(free_port(), args.workers, args.python)
+                servers["uvicorn"] = start_uvicorn(free_port(), args.workers, args.python,
+                                                   args.delay_ms)
             if args.hold:
                 for n, srv in servers.items():
                     print(f"{n} workers:", [p.pid for p in srv.workers()], flush=True)
@@ -388,6 +389,12 @@ def main() -> None:
                 srv.stop()
     print()
     print(table(results, args))
+    for n, rounds in results.items():
+        # Both sides must pace alike, or the side-by-side figures compare different loads.
+        gap = med(rounds, lambda r: r["paced"]["gap_p50_ms"])
+        if args.delay_ms and not 0.75 * args.delay_ms <= gap <= 1.5 * args.delay_ms:
+            print(f"warning: {n} paced its tokens {gap:.1f} ms apart (p50), not the "
+                  f"{args.delay_ms:g} ms asked for", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -8,6 +8,7 @@ import select
 import signal
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -21,7 +22,7 @@ PIDFILE_OPT = click.option("--pid-file", default=None, type=click.Path(dir_okay=
                            help="Pid file (default: [server] pid_file, neurohttpd.pid).")
 
 
-def _load(config_path: str | None, overrides: dict | None = None) -> config_mod.Config:
+def _load(config_path: str | None, overrides: dict[str, dict[str, Any]] | None = None) -> config_mod.Config:
     try:
         return config_mod.load(config_path, overrides)
     except config_mod.ConfigError as e:
@@ -63,7 +64,7 @@ def main() -> None:
 def start(config_path: str | None, bind: tuple[str, ...], workers: int | None,
           pid_file: str | None, daemon: bool) -> None:
     """Start the master in the foreground (or detached with --daemon)."""
-    server: dict = {}
+    server: dict[str, Any] = {}
     if bind:
         server["bind"] = list(bind)
     if workers is not None:
@@ -202,7 +203,7 @@ def _age(seconds: int) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
-def _status_doc(pid_path: str, pid: int) -> dict:
+def _status_doc(pid_path: str, pid: int) -> dict[str, Any]:
     """The master's and workers' figures: the stats block for what the server
     counts, psutil for memory and CPU (sampled over 0.2 s)."""
     import psutil
@@ -210,9 +211,9 @@ def _status_doc(pid_path: str, pid: int) -> dict:
     from .stats.block import StatsBlock, block_name
     from .stats.snapshot import stats_document
 
-    doc: dict = {"running": True, "pid_file": os.path.abspath(pid_path)}
-    info: dict = {}
-    stats: dict = {"workers": [], "master": {}}
+    doc: dict[str, Any] = {"running": True, "pid_file": os.path.abspath(pid_path)}
+    info: dict[str, Any] = {}
+    stats: dict[str, Any] = {"workers": [], "master": {}}
     try:
         block = StatsBlock.attach(block_name(pid_path))
     except FileNotFoundError:
@@ -252,7 +253,7 @@ def _status_doc(pid_path: str, pid: int) -> dict:
     time.sleep(0.2)
     dt = time.monotonic() - t0
 
-    def figures(p: int) -> dict:
+    def figures(p: int) -> dict[str, float]:
         proc = procs.get(p)
         try:
             assert proc is not None

@@ -12,8 +12,8 @@ import math
 import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field, fields
+from typing import Any, cast
 
 
 class ConfigError(Exception):
@@ -180,44 +180,90 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {"echo": {"provider": "echo", "token
 
 
 class Section:
-    """Attribute access to one checked table (`cfg.server.bind`)."""
+    """A checked table (`cfg.server.bind`). Each section is a frozen dataclass
+    below whose fields mirror its SCHEMA table: the schema holds the keys'
+    types, defaults, checks and ranges; the dataclass gives the type checker
+    the same names and types (tests/test_config.py keeps the two equal)."""
 
-    options: dict[str, dict[str, Any]]   # [plugins] only: each plugin's own table
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for a key the table does not have; declared so that type
-        # checkers accept the schema's keys as attributes.
-        raise AttributeError(name)
+    __slots__ = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    if TYPE_CHECKING:  # the keys are the schema's, set in __init__
-        def __getattr__(self, name: str) -> Any: ...
-        def __setattr__(self, name: str, value: Any) -> None: ...
-
-    def __repr__(self) -> str:
-        return f"Section({self.__dict__!r})"
+        return {f.name: getattr(self, f.name) for f in fields(cast(Any, self))}
 
 
+@dataclass(frozen=True, slots=True)
+class ServerSection(Section):
+    bind: list[str]
+    workers: int
+    backlog: int
+    max_connections: int
+    max_header_bytes: int
+    max_body_bytes: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+    send_timeout: float
+    graceful_timeout: float
+    worker_timeout: float
+    max_requests: int
+    max_requests_jitter: int
+    max_worker_rss_mb: int
+    max_pipeline: int
+    write_buffer_bytes: int
+    sse_ping_s: float
+    ws_ping_s: float
+    ws_idle_timeout: float
+    pid_file: str
+    loop: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogSection(Section):
+    level: str
+    error_log: str
+    access_log: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSection(Section):
+    allow: list[str]
+    max_workers: int
+    max_routes: int
+    max_models: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateSection(Section):
+    max_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class PluginsSection(Section):
+    paths: list[str]
+    enabled: list[str]
+    # Not a schema key: each plugin's own [plugins.<name>] table, checked by the plugin.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# The dataclass of each SCHEMA table, in the schema's order.
+SECTIONS: dict[str, type[Section]] = {
+    "server": ServerSection, "log": LogSection, "stats": StatsSection, "state": StateSection,
+    "plugins": PluginsSection,
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
-    """A checked configuration: one Section per schema table plus `models`."""
+    """A checked configuration: one typed section per schema table, plus the
+    [models.*] tables as dicts (their keys depend on the provider)."""
 
-    server: Section
-    log: Section
-    stats: Section
-    state: Section
-    plugins: Section   # also .options: {plugin name: its [plugins.<name>] table}
-
-    def __init__(self, path: str | None, sections: dict[str, Section],
-                 models: dict[str, dict[str, Any]]) -> None:
-        self.path = path
-        for name, sec in sections.items():
-            setattr(self, name, sec)
-        self.models = models
+    path: str | None
+    server: ServerSection
+    log: LogSection
+    stats: StatsSection
+    state: StateSection
+    plugins: PluginsSection
+    models: dict[str, dict[str, Any]]
 
     @property
     def binds(self) -> list[tuple[str, int]]:
@@ -259,6 +305,8 @@ def _check_value(where: str, key: str, spec: Key, value: Any) -> Any:
         if not lo <= number <= hi:
             raise ConfigError(f"{where}: {key} must be between {_number(lo)} and "
                               f"{_number(hi)} (got {value!r})")
+    if spec.type is NUM:
+        return float(number)  # 10 and 10.0 mean the same: one type for whoever reads it
     return value
 
 
@@ -321,7 +369,7 @@ def check_providers(cfg: Config, providers: dict[str, Any]) -> None:
 def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     """Check a parsed TOML document; raise ConfigError naming the key and file."""
     where = path or "<defaults>"
-    sections = {}
+    tables: dict[str, dict[str, Any]] = {}
     plugin_options: dict[str, dict[str, Any]] = {}
     for k in data:
         if k not in SCHEMA and k != "models":
@@ -331,17 +379,19 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
         if name == "plugins" and isinstance(table, dict):
             plugin_options = {k: v for k, v in table.items() if isinstance(v, dict)}
             table = {k: v for k, v in table.items() if not isinstance(v, dict)}
-        sections[name] = Section(_check_table(where, name, keys, table))
-    enabled = sections["plugins"].enabled
+        tables[name] = _check_table(where, name, keys, table)
+    enabled = tables["plugins"]["enabled"]
     for k in plugin_options:
         if k not in enabled:
             raise ConfigError(f"{where}: [plugins.{k}] configures a plugin that is not in "
                               f"plugins.enabled")
-    sections["plugins"].options = plugin_options
     models = _check_models(where, data["models"], bool(enabled)) if "models" in data else {}
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
-    return Config(path, sections, models)
+    return Config(path, server=ServerSection(**tables["server"]), log=LogSection(**tables["log"]),
+                  stats=StatsSection(**tables["stats"]), state=StateSection(**tables["state"]),
+                  plugins=PluginsSection(**tables["plugins"], options=plugin_options),
+                  models=models)
 
 
 def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -7,6 +7,7 @@ server (`-u URL`) as well as a local one, and needs no access to its shared memo
 from __future__ import annotations
 
 import http.client
+import signal
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +50,8 @@ class StatsClient:
                 continue
             if r.status != 200:
                 raise OSError(f"HTTP {r.status} from {self.url}{self.path}")
-            return orjson.loads(body)
+            doc: dict[str, Any] = orjson.loads(body)
+            return doc
         raise OSError("unreachable")
 
     def close(self) -> None:
@@ -183,6 +185,9 @@ def run(url: str, interval: float = 1.0, console: Console | None = None) -> int:
         cpu.update(doc)
         return render(doc, client.url, cpu)
 
+    # Ctrl-C quits even when SIGINT came inherited as ignored (a background job
+    # of a non-interactive shell): Python leaves an ignored SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if not console.is_terminal:
             # not a terminal (a pipe, a log): print one frame per interval
@@ -196,4 +201,5 @@ def run(url: str, interval: float = 1.0, console: Console | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGINT, previous)
         client.close()

@@ -74,12 +74,16 @@ class Load:
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._addrs_version = 0
+        self._seen: dict[int, int] = {}   # thread number -> the addrs version it last used
 
     def _run(self, n: int) -> None:
         deadline = time.monotonic() + self.max_seconds
         i = n
         while not self._stop.is_set() and time.monotonic() < deadline:
-            addr = self.addrs[i % len(self.addrs)]
+            with self.lock:
+                addrs, self._seen[n] = self.addrs, self._addrs_version
+            addr = addrs[i % len(addrs)]
             outcome = one_request(addr, REQUESTS[i % len(REQUESTS)])
             with self.lock:
                 self.counts[outcome] += 1
@@ -93,6 +97,22 @@ class Load:
             t.start()
             self._threads.append(t)
         return self
+
+    def set_addrs(self, addrs: list[tuple[str, int]], timeout: float = 30.0) -> None:
+        """Send to `addrs` from now on; return once every thread has sent a
+        request there (none is still busy with one to the old addresses)."""
+        with self.lock:
+            self.addrs = addrs
+            self._addrs_version += 1
+            version = self._addrs_version
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                if len(self._seen) == self.nthreads and min(self._seen.values()) == version:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"load threads still on the old addresses: {self._seen}")
+            time.sleep(0.01)
 
     def total(self) -> int:
         with self.lock:

@@ -162,3 +162,37 @@ def test_check_and_start_refuse_non_finite_and_out_of_range_values(tmp_path, tex
     assert r.returncode == 1
     assert needle in r.stderr and str(path) in r.stderr, r.stderr
     assert not (tmp_path / "p.pid").exists()
+
+
+def test_section_dataclasses_mirror_the_schema():
+    """The schema holds every key's type, default, check and range; each
+    section's dataclass gives the type checker the same keys with the same
+    types (a key added to one and not the other fails here, and at load)."""
+    import typing
+    expected = {int: int, config.NUM: float, str: str, bool: bool, list: list[str]}
+    assert list(config.SECTIONS) == list(config.SCHEMA)
+    for name, cls in config.SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        extra = {"options"} if name == "plugins" else set()  # [plugins.<name>] tables
+        assert set(hints) - extra == set(config.SCHEMA[name]), name
+        for key, spec in config.SCHEMA[name].items():
+            assert hints[key] == expected[spec.type], f"{name}.{key}: {hints[key]} vs {spec.type}"
+    cfg = config.load(None)
+    for name in config.SCHEMA:
+        section = getattr(cfg, name)
+        assert isinstance(section, config.SECTIONS[name])
+        for key, spec in config.SCHEMA[name].items():
+            value = getattr(section, key)
+            want = expected[spec.type]
+            assert value == spec.default and isinstance(value, typing.get_origin(want) or want)
+
+
+def test_sections_are_read_only(tmp_path):
+    cfg = config.load(None)
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.workers = 3  # type: ignore[misc]
+    path = tmp_path / "n.toml"
+    path.write_text("[server]\nheader_timeout = 3\n")
+    assert config.load(str(path)).server.header_timeout == 3.0
+    assert isinstance(config.load(str(path)).server.header_timeout, float)

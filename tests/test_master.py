@@ -231,6 +231,37 @@ def test_stale_block_from_killed_master_is_replaced(tmp_path):
                 pass
 
 
+def test_a_worker_that_cannot_get_its_socket_is_retried_while_the_others_serve(make_server):
+    """TTIN needs a new listening socket per address. With the master out of
+    file descriptors (its RLIMIT_NOFILE lowered to its lowest free fd) the
+    socket cannot be made: EMFILE. That used to reach the master's last-resort
+    handler, which SIGKILLed every worker and exited. Now that worker is tried
+    again with a back-off, the others serve on, and it starts once it can."""
+    import psutil
+    srv = make_server(workers=1)
+    [first] = srv.worker_pids()
+    master = psutil.Process(srv.pid)
+    soft, hard = master.rlimit(psutil.RLIMIT_NOFILE)
+    used = {int(fd) for fd in os.listdir(f"/proc/{srv.pid}/fd")}
+    lowest_free = min(set(range(len(used) + 1)) - used)
+    master.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, hard))   # the next fd is refused
+    try:
+        srv.send_signal(signal.SIGTTIN)
+        wait_for(lambda: srv.log().count("worker failed at start (cannot bind") >= 3, 20,
+                 what="three failed tries")
+        tries = [x for x in srv.log().splitlines() if "worker failed at start (cannot bind" in x]
+        assert all("Too many open files" in x and x.endswith("(worker 2)") for x in tries), tries
+        assert "next try in 0.1 s" in tries[0] and "next try in 0.4 s" in tries[2]  # backing off
+        assert srv.proc.poll() is None and srv.worker_pids() == [first]
+        assert srv.request("GET", "/health")[0] == 200
+    finally:
+        master.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    srv.workers = 2
+    wait_for(lambda: len(srv.worker_pids()) == 2 and srv.ready_workers() == 2, 30,
+             what="the second worker started")
+    assert first in srv.worker_pids() and "master failed" not in srv.log()
+
+
 # ---- the master's bookkeeping, without forking: a Master object with a small
 # stats block and a real listener, driven by calling its methods.
 
@@ -263,8 +294,10 @@ def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
     with open(path, "w") as f:
         f.write(text.replace('bind = ["127.0.0.1:0"]', f'bind = ["127.0.0.1:0", "127.0.0.1:{extra}"]')
                 .replace("workers = 1", "workers = 2"))
+    from neurohttp.master.states import Phase
+    master.phase = Phase.SERVING   # generation 1 serves
     before = (master.cfg, master.target, master.generation, list(master.listeners),
-              master.switching)
+              master.phase)
 
     def boom() -> None:
         raise RuntimeError("boom while publishing")
@@ -272,7 +305,7 @@ def test_a_reload_failing_half_way_leaves_everything_as_it_was(master, caplog):
     with caplog.at_level("ERROR", logger="neurohttp"):
         master.reload()
     assert (master.cfg, master.target, master.generation, master.listeners,
-            master.switching) == before
+            master.phase) == before
     assert master.block.words[L.H_GENERATION] == 1
     [rec] = [r for r in caplog.records if "reload refused" in r.getMessage()]
     assert "RuntimeError: boom while publishing" in rec.getMessage() and rec.exc_info
@@ -303,6 +336,8 @@ def test_worker_count_stays_within_the_blocks_room(master, caplog):
     assert any("TTIN refused: 3 workers is more than the stats block was sized for"
                in r.getMessage() for r in caplog.records)
     master.overrides = {"server": {"workers": 9}}
+    from neurohttp.master.states import Phase
+    master.phase = Phase.SERVING   # generation 1 serves
     with caplog.at_level("WARNING", logger="neurohttp"):
         master.reload()
     assert master.target == 2 and master.generation == 2

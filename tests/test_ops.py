@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from server import ROOT, Server, wait_for
 
@@ -215,14 +216,46 @@ def test_access_log_lines(make_server, tmp_path):
     assert bad["status"] == 400 and bad["method"] is None
 
 
-def test_access_log_off_writes_nothing(make_server, tmp_path):
+def _files_holding_a_request(srv) -> list[str]:
+    """Send one request with a unique target, stop the server (a draining worker
+    flushes its access log before it exits), and return every file that holds
+    that target: under the server's directory, or open in the worker (an access
+    log elsewhere)."""
+    import uuid
+    [worker] = srv.worker_pids()
+    opened = {f.path for f in psutil.Process(worker).open_files()}
+    target = f"/health?probe={uuid.uuid4().hex}"
+    assert srv.request("GET", target)[0] == 200
+    assert srv.stop() == 0
+    candidates = opened | {str(p) for p in srv.tmp.rglob("*") if p.is_file()}
+    found = []
+    for path in sorted(candidates):
+        if path.startswith("/dev/shm/"):
+            continue
+        try:
+            if target.encode() in Path(path).read_bytes():
+                found.append(path)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("where", ["relative", "elsewhere"])
+def test_access_log_on_writes_the_request_where_it_is_told(make_server, tmp_path, where):
+    """The control for the test below: the same probe finds a logged request,
+    whether the log is in the server's directory or outside it."""
+    path = "access.log" if where == "relative" else str(tmp_path / "elsewhere" / "a.log")
+    srv = make_server(workers=1, config={"log": {"access_log": path}})
+    expected = srv.tmp / path if where == "relative" else Path(path)
+    assert _files_holding_a_request(srv) == [str(expected)]
+
+
+def test_access_log_off_writes_nothing(make_server):
+    """No access_log key: the default is off, and no file anywhere (under the
+    server's directory, or open in the worker) receives the request."""
     srv = make_server(workers=1)
-    assert srv.config.get("log", {}).get("access_log", "") == ""
-    assert srv.request("GET", "/health")[0] == 200
-    before = set(os.listdir(srv.tmp))
-    assert srv.request("POST", "/v1/chat", body='{"prompt":"x"}')[0] == 200
-    time.sleep(0.6)  # one worker tick: a flush would have happened
-    assert set(os.listdir(srv.tmp)) == before
+    assert "access_log" not in srv.config.get("log", {})
+    assert _files_holding_a_request(srv) == []
 
 
 def test_error_log_levels(make_server, tmp_path):

@@ -17,6 +17,7 @@ import termios
 import time
 
 import httpx
+import pytest
 from server import ROOT
 
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
@@ -73,7 +74,14 @@ def wait_exit(pid: int, timeout: float) -> int:
     raise AssertionError("top did not exit")
 
 
-def test_top_in_a_terminal_shows_workers_and_quits_on_ctrl_c(make_server):
+# A background job of a non-interactive shell (`pytest ... &`) starts with SIGINT
+# ignored, and Python then leaves it ignored: top must quit on Ctrl-C either way.
+SIGINT_AS_INHERITED = pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN],
+                                              ids=["sigint-default", "sigint-ignored"])
+
+
+@SIGINT_AS_INHERITED
+def test_top_in_a_terminal_shows_workers_and_quits_on_ctrl_c(make_server, inherited):
     srv = make_server(workers=2)
     with httpx.Client(base_url=srv.url, timeout=10) as c:
         for _ in range(25):
@@ -86,6 +94,7 @@ def test_top_in_a_terminal_shows_workers_and_quits_on_ctrl_c(make_server):
         os.environ.update({"PYTHONPATH": str(ROOT), "TERM": "xterm-256color"})
         os.environ.pop("COLUMNS", None)
         os.environ.pop("LINES", None)
+        signal.signal(signal.SIGINT, inherited)  # kept across exec
         os.execv(sys.executable, [sys.executable, "-m", "neurohttp", "top", "-u", srv.url])
     try:
         pids = [str(p) for p in srv.worker_pids()]
@@ -121,11 +130,13 @@ def test_top_in_a_terminal_shows_workers_and_quits_on_ctrl_c(make_server):
             pass
 
 
-def test_top_finds_the_server_through_its_pid_file(make_server):
+@SIGINT_AS_INHERITED
+def test_top_finds_the_server_through_its_pid_file(make_server, inherited):
     srv = make_server(workers=1)
     proc = subprocess.Popen([sys.executable, "-m", "neurohttp", "top", "--pid-file", srv.pid_file],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT),
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"})
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     try:
         out = Screen(proc.stdout.fileno()).read_until(
             lambda s: f"127.0.0.1:{srv.port}" in s and "Ctrl-C to quit" in s, 60)

@@ -1,7 +1,12 @@
 """The master's supervision loop.
 
 Signal handlers only record the signal (and wake the loop through the wakeup
-fd); everything is done by the loop: spawning, reaping, heartbeats, stopping.
+fd); everything is done by the loop, one turn (`step`) at a time: signals,
+reaping, heartbeats, recycling, deadlines, then the decisions that keep the
+worker count (`_maintain`), then steering. The states of the workers and of
+the master, and the moves between them, are in states.py; the calls to the
+operating system go through a `System` (system.py), which tests replace with
+a fake process table.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import os
 import random
 import select
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
@@ -26,6 +32,8 @@ from ..stats.block import BlockInUse, StatsBlock, block_name
 from ..stats.sizing import geometry_for
 from . import pidfile
 from .sockets import BindError, Listener, open_listeners
+from .states import PHASE_MOVES, IllegalMove, Phase, WorkerProc, WorkerState
+from .system import System
 
 log = logging.getLogger("neurohttp")
 
@@ -33,53 +41,48 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
                    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 LOOP_WAIT = 0.2
 QUICK_STOP_WAIT = 3.0
-# A worker that dies sooner than this after starting counts as failing at start.
+# A worker that dies before it is ready, or sooner than this after starting,
+# failed at start: the next try waits (back-off).
 START_GRACE = 1.0
 MAX_START_FAILURES = 5
-MAX_BACKOFF = 10.0
+FIRST_BACKOFF = 0.1     # doubling after each failure in a row ...
+MAX_BACKOFF = 10.0      # ... up to this
 # After SIGUSR2 asks a hung worker where it is stuck, wait this long for its
 # answer before SIGKILL.
 DUMP_GRACE = 1.0
-RSS_CHECK_EVERY = 1.0   # seconds between psutil RSS checks (max_worker_rss_mb)
+RSS_CHECK_EVERY = 1.0   # seconds between RSS checks (max_worker_rss_mb)
 EXIT_NO_WORKER = 3      # no worker could start (gunicorn's WORKER_BOOT_ERROR)
 # A draining worker ends its own drain at graceful_timeout plus 0.5 s for its cut
 # streams' last events (worker.CUT_FLUSH); the master kills it 0.5 s after that.
 KILL_GRACE = 1.0
+KILL_AGAIN = 5.0        # a worker SIGKILLed at its deadline and still not reaped
 # Workers stamp their heartbeat every 0.5 s. One whose stamp is older than this
 # gets no new connections (its loop is stuck or the process stopped) until it
 # stamps again; worker_timeout later it is killed.
 STEER_LATE_MS = 1500
+
+W = WorkerState
 
 
 class StartupError(Exception):
     """The master cannot start; the message says why."""
 
 
-def _monotonic_ms() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
-
-
 @dataclass
-class WorkerProc:
-    pid: int
-    slot: int
-    worker_id: int
-    generation: int
-    started: float = field(default_factory=time.monotonic)
-    retiring: bool = False      # asked to drain (reload, TTOU, recycling)
-    kill_at: float = 0.0        # SIGKILL deadline once retiring or stopping
-    max_requests: int = 0       # recycle after this many requests (0: never)
-    recycle: str = ""           # why it is to be replaced, once it is
-    hung_since: float = 0.0     # heartbeat missed: SIGUSR2 sent at this time
-    stuck_on: str = ""
-    late: bool = False          # heartbeat late: steered no new connections
+class Backoff:
+    """Start failures in a row of one worker id, and when it may be tried again."""
+
+    failures: int = 0
+    until: float = 0.0
 
 
 class Master:
-    def __init__(self, cfg: Config, overrides: dict | None = None, notify_fd: int = -1) -> None:
+    def __init__(self, cfg: Config, overrides: dict[str, dict[str, object]] | None = None,
+                 notify_fd: int = -1, system: System | None = None) -> None:
         self.cfg = cfg
         self.notify_fd = notify_fd   # --daemon: tell the waiting `start` how it went
         self.overrides = overrides or {}
+        self.system = system or System()
         self.pid = os.getpid()
         self.started = time.time()
         self.block: StatsBlock | None = None
@@ -88,23 +91,15 @@ class Master:
         self.workers: dict[int, WorkerProc] = {}
         self.target = cfg.worker_count
         self.generation = 1
+        self.phase = Phase.STARTING          # the first generation is starting
+        self.reload_pending = False          # a HUP came while the newest generation started
         self.signals: list[int] = []
-        self.stopping = 0.0          # deadline of a stop in progress; 0 when running
-        self.start_failures = 0
-        self.spawn_after = 0.0       # back-off after workers died at start
-        self.last_worker_error = ""
+        self.stop_deadline = 0.0             # STOPPING: the loop ends by then at the latest
+        self.backoff: dict[int, Backoff] = {}   # worker id -> its start failures
         self.exit_code = 0
         self.steering = True         # False once the kernel refused a steering program
-        # `switching` while the newest generation (the first one too) is starting:
-        # a HUP then only sets `reload_pending` (one more reload, of the config
-        # as it is then, once it serves); `generation_failing` once one of its
-        # workers died.
-        self.switching = True
-        self.reload_pending = False
-        self.generation_failing = False
         self.slots_full = False      # "no free stats slot" was logged (once per episode)
         self._next_rss_check = 0.0
-        self._procs: dict[int, object] = {}   # pid -> psutil.Process, for RSS checks
         self._wake_r = self._wake_w = -1
 
     # ------------------------------------------------------------ start
@@ -211,18 +206,23 @@ class Master:
         self._maintain()
         while True:
             self._wait()
-            self._handle_signals()
-            self._reap()
-            if self.stopping:
-                if not self.workers:
-                    break
-                self._enforce_kill_deadlines()
-                continue
-            self._check_heartbeats()
-            self._check_recycling()
-            self._enforce_kill_deadlines()
-            self._maintain()
-            self._steer()
+            if not self.step():
+                break
+
+    def step(self) -> bool:
+        """One turn of the loop (after its wait); False once the master is done."""
+        self._handle_signals()
+        self._reap()
+        self._observe()
+        if self.phase is Phase.STOPPING:
+            self._enforce_deadlines()
+            return bool(self.workers)
+        self._check_heartbeats()
+        self._check_recycling()
+        self._enforce_deadlines()
+        self._maintain()
+        self._steer()
+        return True
 
     def _wait(self) -> None:
         if self.signals:
@@ -237,6 +237,11 @@ class Master:
         except (BlockingIOError, InterruptedError):
             pass
 
+    def move_to(self, phase: Phase) -> None:
+        if phase not in PHASE_MOVES[self.phase]:
+            raise IllegalMove(f"master: {self.phase.name} -> {phase.name}")
+        self.phase = phase
+
     def _handle_signals(self) -> None:
         while self.signals:
             sig = self.signals.pop(0)
@@ -246,7 +251,7 @@ class Master:
                 self.begin_stop(graceful=True)
             elif sig in (signal.SIGINT, signal.SIGQUIT):
                 self.begin_stop(graceful=False)
-            elif self.stopping:
+            elif self.phase is Phase.STOPPING:
                 continue
             elif sig == signal.SIGHUP:
                 self.request_reload()
@@ -268,17 +273,26 @@ class Master:
     def _room_for(self, workers: int, what: str) -> bool:
         """Whether the stats block has slots for `workers` (and a reload's second
         generation beside them); if not, say what to change."""
-        assert self.block is not None
-        most = self.block.geometry.max_workers
+        most = self._max_workers()
         if workers <= most:
             return True
         log.error("%s: %d workers is more than the stats block was sized for at start (%d); "
                   "raise [stats] max_workers and restart", what, workers, most)
         return False
 
-    # ------------------------------------------------------------ workers
+    # ------------------------------------------------------------ spawning
     def spawn(self, worker_id: int) -> WorkerProc | None:
+        """Fork worker `worker_id` of the current generation. None if it cannot
+        start now: no free stats slot (retried every turn), or a socket or the
+        fork failed (retried after a back-off, see _start_failed)."""
         assert self.block is not None
+        try:
+            # Its sockets first: a worker id past the sockets (TTIN) needs new ones.
+            for lst in self.listeners:
+                lst.ensure(worker_id)
+        except BindError as e:
+            self._start_failed(worker_id, str(e))
+            return None
         index = self.block.reserve_slot(worker_id, self.generation)
         if index < 0:
             # Every slot is held, by draining workers among others (a reload
@@ -291,10 +305,13 @@ class Master:
                 self.slots_full = True
             return None
         self.slots_full = False
-        for lst in self.listeners:
-            lst.ensure(worker_id)
         socks = [lst.socket_for(worker_id - 1) for lst in self.listeners]
-        pid = os.fork()
+        try:
+            pid = self.system.fork()
+        except OSError as e:
+            self.block.fold(index)  # frees the slot (nothing was counted in it)
+            self._start_failed(worker_id, f"fork failed: {e.strerror or e}")
+            return None
         if pid == 0:  # child
             code = 1
             try:
@@ -309,7 +326,8 @@ class Master:
         srv = self.cfg.server
         limit = srv.max_requests + random.randint(0, srv.max_requests_jitter) \
             if srv.max_requests else 0
-        wp = WorkerProc(pid, index, worker_id, self.generation, max_requests=limit)
+        wp = WorkerProc(pid, index, worker_id, self.generation, self.system.monotonic(),
+                        max_requests=limit)
         self.workers[pid] = wp
         for lst, sock in zip(self.listeners, socks, strict=True):
             lst.hold(sock, pid)
@@ -317,7 +335,7 @@ class Master:
         log.debug("spawned worker %d pid %d (slot %d)", worker_id, pid, index)
         return wp
 
-    def _in_child(self, keep: list) -> None:
+    def _in_child(self, keep: list[socket.socket]) -> None:
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
@@ -333,79 +351,232 @@ class Master:
             lst.close_in_child(keep_fds)
         gc.unfreeze()
 
-    def _current(self) -> list[WorkerProc]:
-        return [w for w in self.workers.values()
-                if not w.retiring and w.generation == self.generation]
+    def _start_failed(self, worker_id: int, why: str) -> None:
+        """Worker `worker_id` could not start (a socket or the fork failed, or it
+        died at start): that id is tried again after a back-off, 0.1 s doubling
+        to 10 s, the others are not held up. Once one has failed
+        MAX_START_FAILURES times in a row with no worker serving, no worker can
+        start: give up (exit 3)."""
+        b = self.backoff.setdefault(worker_id, Backoff())
+        b.failures += 1
+        delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (b.failures - 1))
+        b.until = self.system.monotonic() + delay
+        if b.failures >= MAX_START_FAILURES and not self._any_accepting():
+            log.error("no worker can start (%d tries); giving up. The worker's error: %s",
+                      b.failures, why)
+            self.exit_code = EXIT_NO_WORKER
+            self.begin_stop(graceful=False)
+        else:
+            log.warning("worker failed at start (%s); next try in %.1f s (worker %d)",
+                        why, delay, worker_id)
 
-    def _ready(self, w: WorkerProc) -> bool:
+    # ------------------------------------------------------------ what the workers say
+    def _reap(self) -> None:
+        for pid, code in self.system.reap():
+            w = self.workers.pop(pid, None)
+            if w is not None:
+                self._exited(w, code)
+
+    def _exited(self, w: WorkerProc, code: int) -> None:
         assert self.block is not None
-        return self.block.slot(w.slot)[L.S_STATE] == L.STATE_READY
+        text = self.block.read_text(w.slot)
+        never_ready = self.block.slot(w.slot)[L.S_STATE] == L.STATE_STARTING
+        self.block.fold(w.slot)
+        self.system.forget(w.pid)
+        for lst in self.listeners + self.removed:
+            lst.release(w.pid)
+        self._publish_count()
+        was = w.state
+        w.to(W.EXITED)
+        if was in (W.HUNG, W.KILLED):
+            log.error("worker %d (pid %d) killed after missing its heartbeat; it was %s",
+                      w.worker_id, w.pid, w.stuck_on or text or "not answering SIGUSR2")
+        elif was is W.DRAINING or self.phase is Phase.STOPPING:
+            log.debug("worker %d pid %d exited (%d)", w.worker_id, w.pid, code)
+            return
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        log.warning("worker %d (pid %d) %s; replacing it", w.worker_id, w.pid, how)
+        self.block.words[L.H_RESTARTS] += 1
+        if self.phase is Phase.STARTING and w.generation == self.generation:
+            self.move_to(Phase.FAILING)
+        # Never ready (a hang in its setup included), or dead within START_GRACE.
+        at_start = never_ready or self.system.monotonic() - w.started < START_GRACE
+        if at_start and code != 0:
+            self._start_failed(w.worker_id, text or how)
+
+    def _observe(self) -> None:
+        """STARTING -> SERVING once a worker's slot says READY. A worker id whose
+        current-generation worker has served for START_GRACE starts its back-off over."""
+        assert self.block is not None
+        now = self.system.monotonic()
+        for w in self.workers.values():
+            if w.state is W.STARTING and self.block.slot(w.slot)[L.S_STATE] == L.STATE_READY:
+                w.to(W.SERVING)
+            if (self.backoff and w.accepting and w.generation == self.generation
+                    and now - w.started >= START_GRACE):
+                self.backoff.pop(w.worker_id, None)
+
+    def _any_accepting(self) -> bool:
+        return any(w.accepting for w in self.workers.values())
+
+    def _check_heartbeats(self) -> None:
+        """A worker whose loop has not stamped its slot for worker_timeout is
+        asked where it is stuck (SIGUSR2: it logs the request and the stack,
+        and writes the request into its slot), then killed and replaced."""
+        assert self.block is not None
+        limit_ms = int(self.cfg.server.worker_timeout * 1000)
+        now = self.system.monotonic()
+        now_ms = int(now * 1000)
+        for w in self.workers.values():
+            if w.hung:
+                continue
+            silent = now_ms - self.block.slot(w.slot)[L.S_HEARTBEAT]
+            if silent > limit_ms:
+                log.error("worker %d (pid %d) missed its heartbeat for %.1f s (worker_timeout "
+                          "%g s); killing it", w.worker_id, w.pid, silent / 1000,
+                          self.cfg.server.worker_timeout)
+                self.block.write_text(w.slot, "")
+                w.to(W.HUNG, deadline=now + DUMP_GRACE)
+                self.system.kill(w.pid, signal.SIGUSR2)
+
+    def _check_recycling(self) -> None:
+        """max_requests (with jitter) and max_worker_rss_mb: SERVING -> RECYCLING;
+        _maintain starts its replacement, then retires it."""
+        assert self.block is not None
+        srv = self.cfg.server
+        for w in self.workers.values():
+            if w.state is not W.SERVING or not w.max_requests:
+                continue
+            n = self.block.slot(w.slot)[L.S_REQUESTS]
+            if n >= w.max_requests:
+                w.to(W.RECYCLING, reason=f"served {n} requests (max_requests "
+                                         f"{srv.max_requests} + jitter)")
+        now = self.system.monotonic()
+        if not srv.max_worker_rss_mb or now < self._next_rss_check:
+            return
+        self._next_rss_check = now + RSS_CHECK_EVERY
+        limit = srv.max_worker_rss_mb * 1024 * 1024
+        for w in self.workers.values():
+            if w.state is not W.SERVING:
+                continue
+            rss = self.system.rss(w.pid)
+            if rss is not None and rss > limit:
+                w.to(W.RECYCLING, reason=f"RSS {rss / 1048576:.1f} MiB over max_worker_rss_mb "
+                                         f"{srv.max_worker_rss_mb}")
+
+    def _enforce_deadlines(self) -> None:
+        """A HUNG worker is SIGKILLed once it has said where it is stuck, or at
+        its deadline (DUMP_GRACE); a DRAINING one still there at its deadline."""
+        assert self.block is not None
+        now = self.system.monotonic()
+        for w in self.workers.values():
+            if w.state is W.HUNG:
+                w.stuck_on = w.stuck_on or self.block.read_text(w.slot)
+                if w.stuck_on or now > w.deadline:
+                    self.system.kill(w.pid, signal.SIGKILL)
+                    w.to(W.KILLED)   # _reap replaces it
+            elif w.state is W.DRAINING and now > w.deadline:
+                log.warning("worker %d (pid %d) did not exit in time; killing it",
+                            w.worker_id, w.pid)
+                self.system.kill(w.pid, signal.SIGKILL)
+                w.to(W.DRAINING, deadline=now + KILL_AGAIN)
+
+    # ------------------------------------------------------------ keeping the count
+    def _current(self) -> list[WorkerProc]:
+        """The current generation's workers not told to stop (HUNG and KILLED
+        ones too: their replacement starts once they are reaped)."""
+        return [w for w in self.workers.values()
+                if w.generation == self.generation and w.state is not W.DRAINING]
 
     def _maintain(self) -> None:
         """Keep `target` current-generation workers; new ones start before old
         ones retire (reload, recycling), so the sockets are never unattended."""
-        if self.stopping:
+        if self.phase is Phase.STOPPING:
             return
-        now = time.monotonic()
-        current = self._current()
-        staying = [w for w in current if not w.recycle]
-        ids = {w.worker_id for w in staying}
-        if len(ids) < self.target and now >= self.spawn_after:
-            for wid in range(1, self.target + 1):
-                if wid not in ids and self.spawn(wid) is None:
-                    break
-        # Fewer workers (TTOU, reload): the sockets of the extra ones stop
-        # getting connections before their workers drain what is queued.
+        self._spawn_missing()
+        self._shrink_sockets()
+        self._retire_extra()
+        self._retire_recycled()
+        if self.phase is not Phase.SERVING:
+            self._hand_over()
+
+    def _spawn_missing(self) -> None:
+        """Fork a worker for every id 1..target that has none (a recycled one
+        has none: its replacement starts beside it), but not for an id that is
+        backing off after failing at start."""
+        now = self.system.monotonic()
+        have = {w.worker_id for w in self._current() if w.state is not W.RECYCLING}
+        for wid in range(1, self.target + 1):
+            if wid in have or (wid in self.backoff and now < self.backoff[wid].until):
+                continue
+            if self.spawn(wid) is None:
+                break
+
+    def _shrink_sockets(self) -> None:
+        """Fewer workers (TTOU, reload): the sockets of the extra ones stop
+        getting connections before their workers drain what is queued."""
         for lst in self.listeners:
             if len(lst.sockets) > self.target:
-                self._shrink(lst)
-        extra = sorted((w for w in staying if w.worker_id > self.target),
-                       key=lambda w: -w.worker_id)
-        for w in extra:
+                try:
+                    lst.shrink(self.target)
+                except OSError as e:
+                    self._steering_failed(e)
+
+    def _retire_extra(self) -> None:
+        """Workers past the target (TTOU, a reload with fewer), highest id first."""
+        extra = [w for w in self._current() if w.running and w.worker_id > self.target]
+        for w in sorted(extra, key=lambda w: -w.worker_id):
             self.retire(w)
-        # A worker to recycle retires once its replacement serves.
+
+    def _retire_recycled(self) -> None:
+        """A RECYCLING worker retires once its replacement (same id) serves."""
+        current = self._current()
+        serving = {w.worker_id for w in current if w.state is W.SERVING}
         for w in current:
-            if w.recycle and any(o is not w and o.worker_id == w.worker_id and not o.recycle
-                                 and self._ready(o) for o in current):
-                log.info("worker %d (pid %d) recycled: %s", w.worker_id, w.pid, w.recycle)
+            if w.state is W.RECYCLING and w.worker_id in serving:
+                log.info("worker %d (pid %d) recycled: %s", w.worker_id, w.pid, w.reason)
                 self.retire(w)
-        # Old-generation workers retire once the new generation is serving:
-        # every worker id has a ready worker of it.
-        ready_ids = {w.worker_id for w in self._current() if self._ready(w)}
-        if not all(i in ready_ids for i in range(1, self.target + 1)):
+
+    def _hand_over(self) -> None:
+        """The newest generation serves once every worker id has a serving
+        worker of it: the older generations retire, the addresses a reload
+        removed close, and a reload noted meanwhile (HUP) runs now."""
+        serving = {w.worker_id for w in self._current() if w.accepting}
+        if not all(i in serving for i in range(1, self.target + 1)):
             return
         old = [w for w in self.workers.values()
-               if w.generation != self.generation and not w.retiring]
+               if w.generation != self.generation and w.running]
         for lst in self.removed:
             lst.refuse_all()
             lst.close()
         self.removed = []
+        for w in old:
+            self.retire(w)
         if old:
-            for w in old:
-                self.retire(w)
             log.info("reload: generation %d serving, %d old workers retiring",
                      self.generation, len(old))
-        self.switching = False
+        self.move_to(Phase.SERVING)
         if self.reload_pending:
             self.reload()
 
-    def _shrink(self, lst: Listener) -> None:
-        try:
-            lst.shrink(self.target)
-        except OSError as e:
-            self._steering_failed(e)
+    def retire(self, w: WorkerProc) -> None:
+        """Ask a worker to drain and exit; kill it if it overstays graceful_timeout."""
+        w.to(W.DRAINING,
+             deadline=self.system.monotonic() + self.cfg.server.graceful_timeout + KILL_GRACE)
+        self.system.kill(w.pid, signal.SIGTERM)
 
+    # ------------------------------------------------------------ steering
     def _steer(self) -> None:
-        """New connections go only to sockets a ready worker is accepting on: a
-        socket whose worker died waits for its replacement without new load,
+        """New connections go only to sockets a serving worker is accepting on:
+        a socket whose worker died waits for its replacement without new load,
         and one whose worker's heartbeat is late (a loop stuck, a process
         stopped) gets nothing new until the heartbeat comes back."""
         if not self.steering:
             return
         assert self.block is not None
-        now_ms = _monotonic_ms()
-        ready = [w for w in self.workers.values() if self._ready(w)]
-        for w in ready:
+        now_ms = int(self.system.monotonic() * 1000)
+        accepting = [w for w in self.workers.values() if w.accepting]
+        for w in accepting:
             age = now_ms - self.block.slot(w.slot)[L.S_HEARTBEAT]
             late = age > STEER_LATE_MS
             if late != w.late:
@@ -416,9 +587,9 @@ class Master:
                 else:
                     log.info("worker %d (pid %d): heartbeat back; taking new connections",
                              w.worker_id, w.pid)
-        # Every ready worker late at once is the machine stalling, not one
+        # Every serving worker late at once is the machine stalling, not one
         # worker: keep steering to all of them rather than to none.
-        chosen = [w for w in ready if not w.late] or ready
+        chosen = [w for w in accepting if not w.late] or accepting
         steer_to = {w.worker_id - 1 for w in chosen}
         for lst in self.listeners:
             indices = sorted(i for i in steer_to if i < len(lst.sockets))
@@ -435,154 +606,23 @@ class Master:
                     "count may reset queued connections", e.strerror)
         self.steering = False
 
-    def retire(self, w: WorkerProc) -> None:
-        """Ask a worker to drain and exit; kill it if it overstays graceful_timeout."""
-        w.retiring = True
-        w.kill_at = time.monotonic() + self.cfg.server.graceful_timeout + KILL_GRACE
-        self._signal(w.pid, signal.SIGTERM)
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
-            w = self.workers.pop(pid, None)
-            if w is None:
-                continue
-            self._exited(w, os.waitstatus_to_exitcode(status))
-
-    def _exited(self, w: WorkerProc, code: int) -> None:
-        assert self.block is not None
-        text = self.block.read_text(w.slot)
-        self.block.fold(w.slot)
-        self._procs.pop(w.pid, None)
-        for lst in self.listeners + self.removed:
-            lst.release(w.pid)
-        self._publish_count()
-        if w.hung_since:
-            log.error("worker %d (pid %d) killed after missing its heartbeat; it was %s",
-                      w.worker_id, w.pid, w.stuck_on or text or "not answering SIGUSR2")
-        if (w.retiring or self.stopping) and not w.hung_since:
-            log.debug("worker %d pid %d exited (%d)", w.worker_id, w.pid, code)
-            return
-        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        log.warning("worker %d (pid %d) %s; replacing it", w.worker_id, w.pid, how)
-        if self.switching and w.generation == self.generation:
-            self.generation_failing = True
-        self.block.words[L.H_RESTARTS] += 1
-        if time.monotonic() - w.started < START_GRACE and code != 0:
-            if text:
-                self.last_worker_error = text
-            self.start_failures += 1
-            delay = min(MAX_BACKOFF, 0.1 * 2 ** (self.start_failures - 1))
-            self.spawn_after = time.monotonic() + delay
-            if self.start_failures >= MAX_START_FAILURES and not self._any_ready():
-                log.error("no worker can start (%d tries); giving up. The worker's error: %s",
-                          self.start_failures, self.last_worker_error or how)
-                self.exit_code = EXIT_NO_WORKER
-                self.begin_stop(graceful=False)
-            else:
-                log.warning("worker failed at start (%s); next try in %.1f s",
-                            self.last_worker_error or how, delay)
-        else:
-            self.start_failures = 0
-
-    def _any_ready(self) -> bool:
-        return any(self._ready(w) for w in self.workers.values())
-
-    def _check_heartbeats(self) -> None:
-        """A worker whose loop has not stamped its slot for worker_timeout is
-        asked where it is stuck (SIGUSR2: it logs the request and the stack,
-        and writes the request into its slot), then killed and replaced."""
-        assert self.block is not None
-        limit_ms = int(self.cfg.server.worker_timeout * 1000)
-        now_ms = _monotonic_ms()
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            slot = self.block.slot(w.slot)
-            if w.hung_since:
-                w.stuck_on = w.stuck_on or self.block.read_text(w.slot)
-                if (w.stuck_on or now - w.hung_since > DUMP_GRACE) and w.kill_at != -1:
-                    self._signal(w.pid, signal.SIGKILL)
-                    w.kill_at = -1  # killed; _reap replaces it
-                continue
-            if slot[L.S_STATE] == L.STATE_FREE:
-                continue
-            silent = now_ms - slot[L.S_HEARTBEAT]
-            if silent > limit_ms:
-                log.error("worker %d (pid %d) missed its heartbeat for %.1f s (worker_timeout "
-                          "%g s); killing it", w.worker_id, w.pid, silent / 1000,
-                          self.cfg.server.worker_timeout)
-                self.block.write_text(w.slot, "")
-                w.hung_since = now
-                self._signal(w.pid, signal.SIGUSR2)
-
-    def _check_recycling(self) -> None:
-        """max_requests (with jitter) and max_worker_rss_mb: mark the worker;
-        _maintain starts its replacement, then retires it."""
-        assert self.block is not None
-        srv = self.cfg.server
-        for w in self.workers.values():
-            if w.retiring or w.recycle or not w.max_requests:
-                continue
-            n = self.block.slot(w.slot)[L.S_REQUESTS]
-            if n >= w.max_requests:
-                w.recycle = f"served {n} requests (max_requests {srv.max_requests} + jitter)"
-        now = time.monotonic()
-        if not srv.max_worker_rss_mb or now < self._next_rss_check:
-            return
-        self._next_rss_check = now + RSS_CHECK_EVERY
-        import psutil
-        limit = srv.max_worker_rss_mb * 1024 * 1024
-        for w in self.workers.values():
-            if w.retiring or w.recycle:
-                continue
-            try:
-                proc = self._procs.get(w.pid)
-                if proc is None:
-                    proc = self._procs[w.pid] = psutil.Process(w.pid)
-                rss = proc.memory_info().rss  # type: ignore[attr-defined]
-            except psutil.Error:
-                continue
-            if rss > limit:
-                w.recycle = (f"RSS {rss / 1048576:.1f} MiB over max_worker_rss_mb "
-                             f"{srv.max_worker_rss_mb}")
-
-    def _enforce_kill_deadlines(self) -> None:
-        now = time.monotonic()
-        for w in list(self.workers.values()):
-            if w.kill_at > 0 and now > w.kill_at:
-                log.warning("worker %d (pid %d) did not exit in time; killing it",
-                            w.worker_id, w.pid)
-                self._signal(w.pid, signal.SIGKILL)
-                w.kill_at = now + 5.0
-
+    # ------------------------------------------------------------ signals to workers
     def _publish_count(self) -> None:
         if self.block is not None:
             self.block.words[L.H_WORKERS] = len(self.workers)
 
-    def _signal(self, pid: int, sig: int) -> None:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
     def _kill_all(self, sig: int) -> None:
         for pid in list(self.workers):
-            self._signal(pid, sig)
+            self.system.kill(pid, sig)
 
     # ------------------------------------------------------------ stop, reload
     def begin_stop(self, graceful: bool) -> None:
-        now = time.monotonic()
-        if self.stopping and graceful:
+        now = self.system.monotonic()
+        if self.phase is Phase.STOPPING and graceful:
             return  # already stopping; a second TERM changes nothing
         wait = self.cfg.server.graceful_timeout + KILL_GRACE if graceful else QUICK_STOP_WAIT
-        self.stopping = now + wait
+        self.move_to(Phase.STOPPING)
+        self.stop_deadline = now + wait
         log.info("%s stop requested", "graceful" if graceful else "quick")
         if graceful:
             # No new connections from now on; the workers serve what is queued
@@ -592,8 +632,9 @@ class Master:
             self._close_listeners()
         sig = signal.SIGTERM if graceful else signal.SIGQUIT
         for w in self.workers.values():
-            w.kill_at = self.stopping
-            self._signal(w.pid, sig)
+            if w.running or w.state is W.DRAINING:
+                w.to(W.DRAINING, deadline=self.stop_deadline)
+            self.system.kill(w.pid, sig)
 
     def request_reload(self) -> None:
         """HUP. While the last reload's generation is still starting, reloading
@@ -601,8 +642,8 @@ class Master:
         every stats slot that way): note it instead, and reload once more, with
         the config as it is then, when that generation serves. The last config
         wins and none is lost (nginx, gunicorn). A generation whose workers die
-        is not waited for: the new config may be the fix."""
-        if self.switching and not self.generation_failing:
+        (FAILING) is not waited for: the new config may be the fix."""
+        if self.phase is Phase.STARTING:
             if not self.reload_pending:
                 log.info("HUP: generation %d is still starting; reloading again once it "
                          "serves", self.generation)
@@ -618,7 +659,7 @@ class Master:
         self.reload_pending = False
         path = self.cfg.path
         saved = (self.cfg, self.target, self.generation, self.listeners, self.removed,
-                 self.switching, self.generation_failing)
+                 self.phase, self.backoff)
         opened: list[Listener] = []
         try:
             new = config_mod.load(path, self.overrides)
@@ -626,7 +667,7 @@ class Master:
             self._switch(new, opened)
         except Exception as e:
             (self.cfg, self.target, self.generation, self.listeners, self.removed,
-             self.switching, self.generation_failing) = saved
+             self.phase, self.backoff) = saved
             if self.block is not None:
                 self.block.words[L.H_GENERATION] = self.generation
             for lst in opened:
@@ -667,9 +708,9 @@ class Master:
         if not self._room_for(self.target, "reload: keeping fewer workers"):
             self.target = self._max_workers()
         self.generation += 1
-        self.start_failures = 0
-        self.switching = True
-        self.generation_failing = False
+        # The new config may fix what made workers fail: no back-off carried over.
+        self.backoff = {}
+        self.move_to(Phase.STARTING)
         assert self.block is not None
         self.block.words[L.H_GENERATION] = self.generation
         self.block.words[L.H_RELOADS] += 1
@@ -688,7 +729,7 @@ class Master:
         reopen()
         log.info("USR1: log files reopened")
         for pid in self.workers:
-            self._signal(pid, signal.SIGUSR1)
+            self.system.kill(pid, signal.SIGUSR1)
 
     # ------------------------------------------------------------ exit
     def _close_listeners(self) -> None:

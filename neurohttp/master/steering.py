@@ -39,7 +39,7 @@ def _bpf(cmd: int, attr: bytes) -> int:
     if _SYS_BPF is None:
         raise OSError(95, f"bpf() is not wired for {platform.machine()}")
     buf = ctypes.create_string_buffer(attr, 128)
-    fd = _libc.syscall(_SYS_BPF, cmd, buf, 128)
+    fd: int = _libc.syscall(_SYS_BPF, cmd, buf, 128)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
