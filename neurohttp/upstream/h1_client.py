@@ -149,10 +149,10 @@ class ResponseParser:
         self._p = httptools.HttpResponseParser(self)
         self._events: list[Event] = []
         self._exact = False       # feed heads up to their blank line (see the class doc)
+        self._fast = False        # llhttp is parsing a read the fast way
         self._head_request = False
         self._head_bytes = 0      # bytes fed while a head was due (interim heads included)
-        self._seen: list[bytes] = []   # those bytes while a head spans reads (fast way)
-        self._piece: list[bytes] = []  # the current head's bytes so far (exact way)
+        self._seen: list[bytes] = []  # the current head's bytes, while it spans reads
         self._tail = b""          # the last <= 3 head bytes: a blank line may straddle reads
         self._head: ResponseHead | None = None  # completed in this feed, raw not yet set
         self._interim = False     # the head being parsed is a 1xx (exact way)
@@ -174,8 +174,6 @@ class ResponseParser:
         self._head_bytes = 0
         if self._seen:
             self._seen = []
-        if self._piece:
-            self._piece = []
         self._tail = b""
 
     def feed(self, data: bytes) -> list[Event]:
@@ -187,18 +185,28 @@ class ResponseParser:
             if self.state == HEAD and not self._exact \
                     and self._head_bytes + len(data) <= self.max_head_bytes:
                 self.received = True
+                self._fast = True
                 try:
                     self._p.feed_data(data)
-                except httptools.HttpParserCallbackError as e:
-                    if not isinstance(e.__context__, _Reparse):
-                        raise
-                    self._replay(data)
-                    return events
+                except httptools.HttpParserError as e:
+                    self._fast = False
+                    if isinstance(e.__context__, _Reparse):
+                        self._replay(data)
+                        return events
+                    head = self._head
+                    if head is not None:  # the error came in the body: keep its head
+                        self._head = None
+                        head._buf = b"".join(self._seen) + data if self._seen else data
+                    raise
+                self._fast = False
                 head = self._head
                 if head is not None:
                     self._head = None
                     seen = self._seen
-                    self._head_done(head, b"".join(seen) + data if seen else data)
+                    if seen:
+                        self._seen = []
+                        data = b"".join(seen) + data
+                    self._head_done(head, data)
                 elif self.state == HEAD:  # the head goes on in the next read
                     self._head_bytes += len(data)
                     self._seen.append(data)
@@ -253,6 +261,8 @@ class ResponseParser:
             if state == HEAD:
                 data = self._feed_head(data)
             elif state == IDLE:
+                if not data.strip(b"\r\n"):
+                    return  # empty lines between messages: ignored, as llhttp does
                 end = self._end
                 if end is None:
                     raise self._error("data from the upstream while no response was due")
@@ -263,8 +273,9 @@ class ResponseParser:
                 return
 
     def _replay(self, data: bytes) -> None:
-        """A 1xx came the fast way: parse the exchange again, the exact way.
-        Nothing was emitted for it yet (no final head), so a replay is invisible."""
+        """A 1xx came the fast way: parse its head again, the exact way, with a
+        new llhttp (the bytes since the last message boundary are in _seen).
+        Nothing was emitted for the exchange yet (no final head): invisible."""
         seen = b"".join(self._seen) + data
         self._p = httptools.HttpResponseParser(self)
         self._exact = True
@@ -284,7 +295,7 @@ class ResponseParser:
             if self._head_bytes > self.max_head_bytes:
                 raise self._error(f"response head over {self.max_head_bytes} bytes")
             self._p.feed_data(data)
-            self._piece.append(data)
+            self._seen.append(data)
             self._tail = joined[-3:]
             return b""
         cut = end + 4 - len(tail)
@@ -294,9 +305,9 @@ class ResponseParser:
         self._tail = b""
         part = data[:cut] if cut < len(data) else data
         self._p.feed_data(part)
-        piece = self._piece
-        raw = b"".join(piece) + part if piece else part
-        self._piece = []
+        seen = self._seen
+        raw = b"".join(seen) + part if seen else part
+        self._seen = []
         if self._interim:
             # a 1xx llhttp did not end (not 100/102/103): it expects a body a 1xx
             # never has
@@ -369,7 +380,7 @@ class ResponseParser:
         if status < 200:
             if status == 101:
                 raise self._error("the upstream switched protocols unasked")
-            if not self._exact:
+            if self._fast:
                 raise _Reparse
             self._interim = True
             return
