@@ -47,6 +47,8 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 "sha256": ...}; state "received" counts as it goes. Chosen
                 by the x-fake header or the default only (the body is not
                 parsed for a model).
+    early       answers `code` (default 413) at once, reads nothing of the
+                body, and closes 2 s later (x-fake header only).
     garbage     answers bytes that are not HTTP.
     delay       like chat after `ms` milliseconds.
 
@@ -431,6 +433,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if mode == "sink":
                 await sink(c, method, path, headers, opts, spec or "sink")
                 continue
+            if mode == "early":  # answer without reading the body, then close
+                code = int(opts.get("code", "413"))
+                await c.respond(code, json.dumps({"error": {"message": "too large"}}).encode(),
+                                extra={"Connection": "close"})
+                # reads nothing more: a client still sending waits on a full socket
+                # buffer until it notices the answer; closed after 2 s
+                await asyncio.sleep(2)
+                return
             body = b"".join([d async for d in c.body_chunks(headers)])
             req = Request(method, path, headers, body)
             if spec is None:

@@ -21,8 +21,8 @@ def sse_body(events: int) -> str:
     out = []
     for i in range(events):
         out.append('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up",'
-                   '"choices":[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}'
-                   '\\n\\n' % i)
+                   '"choices":[{"index":0,"delta":{"content":"tok' + str(i) + ' "},'
+                   '"finish_reason":null}]}\\n\\n')
     out.append("data: [DONE]\\n\\n")
     return "".join(out)
 

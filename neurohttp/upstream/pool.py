@@ -24,6 +24,8 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, Iterable, Mapping
@@ -359,6 +361,6 @@ class Pool:
 
 def _os_reason(e: OSError) -> str:
     """An OS error's own words (no URL, no request data in them)."""
-    if e.strerror:
-        return e.strerror
-    return e.__class__.__name__
+    if e.errno and not isinstance(e, socket.gaierror):
+        return os.strerror(e.errno)
+    return e.strerror or e.__class__.__name__
