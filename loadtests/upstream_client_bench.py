@@ -11,9 +11,9 @@ JSON body with an Authorization header, reads the whole answer and parses it
 with orjson. For each client and concurrency: CPU (user+sys of the client
 process) and wall time per request, after a warm-up. `floor` is the lead's
 first cut: a bare asyncio Protocol on httptools with no pool bound, timeouts,
-checks or streaming, i.e. the least a client can cost. RSS: the process's RSS
-after importing uvloop/orjson, then after importing the client and making
-its first request (a fresh process per client).
+checks or streaming, i.e. the least a client can cost. RSS: what importing
+the client adds to a process that has uvloop and orjson, and that plus a
+first request (a fresh process per client). CPU is the best of --repeat runs.
 
 Numbers are rough on a shared machine: compare clients within one run.
 """
@@ -105,6 +105,7 @@ elif kind == "floor":
         return one
 else:
     raise SystemExit(f"unknown client {kind}")
+rss_import = rss()
 
 async def run():
     one = make()
@@ -123,6 +124,7 @@ async def run():
     print(orjson.dumps({"client": kind, "conc": conc, "requests": tot,
                         "cpu_us": 1e6 * (c1 - c0) / tot, "wall_us": 1e6 * (w1 - w0) / tot,
                         "rss_base_mib": rss0 / 2**20,
+                        "rss_import_mib": (rss_import - rss0) / 2**20,
                         "rss_added_mib": (rss1 - rss0) / 2**20}).decode())
 
 uvloop.run(run())
@@ -155,9 +157,9 @@ def main() -> None:
                 assert best is not None
                 results.append(best)
                 print(f"{kind:10s} conc={conc:3d}  cpu/req {best['cpu_us']:7.1f} us  "
-                      f"wall/req {best['wall_us']:7.1f} us  "
-                      f"RSS added by import + first request {best['rss_added_mib']:5.1f} MiB",
-                      flush=True)
+                      f"wall/req {best['wall_us']:7.1f} us  RSS added: import "
+                      f"{best['rss_import_mib']:5.1f} MiB, with a first request "
+                      f"{best['rss_added_mib']:5.1f} MiB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
