@@ -38,6 +38,8 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 without the last chunk.
     hang        reads the request and never answers (until the client goes).
     close       reads the request and closes the connection: no response byte.
+    close_after answers like chat (`ms` later), keep-alive, then closes the
+                connection at once.
     close_next  answers like chat, then closes the connection when the next
                 request arrives on it, before answering (a stale keep-alive).
     big         `bytes` (default 10 MiB) of octet-stream, Content-Length,
@@ -365,6 +367,13 @@ async def dispatch(c: Conn, req: Request, mode: str, opts: dict[str, str]) -> bo
         return False
     elif mode == "close":
         c.writer.transport.abort()
+        return False
+    elif mode == "close_after":
+        if "ms" in opts:
+            await asyncio.sleep(float(opts["ms"]) / 1000)
+        await answer_chat(c, req, opts)
+        c.writer.close()  # graceful: with TLS, a close_notify right behind the answer
+        await c.writer.wait_closed()
         return False
     elif mode == "close_next":
         await answer_chat(c, req, opts)

@@ -171,6 +171,29 @@ def test_a_stale_retry_happens_once_only(fake_upstream):
     assert stats["stale_retries"] == 1 and stats["connects"] == 2
 
 
+def test_an_upstream_closing_right_after_answering_with_requests_waiting(fake_upstream):
+    async def main() -> tuple[list[int], dict[str, Any]]:
+        pool = UpstreamClient().pool(fake_upstream.url, limits=PoolLimits(max_connections=1),
+                                     timeouts=Timeouts(first_byte=5))
+
+        async def one(spec: str) -> int:
+            r = await pool.request("POST", "/x", headers=fake(spec), body=chat())
+            await r.read()
+            return r.status
+
+        # the connection goes to a waiting request, whose request meets the close
+        # (a stale connection: retried on a new one); over TLS the close can even
+        # come before that request runs (tests/test_upstream_tls.py)
+        first = asyncio.ensure_future(one("close_after;ms=200"))
+        await asyncio.sleep(0.05)
+        statuses = await asyncio.gather(first, one("chat"), one("chat"))
+        return statuses, pool.stats()
+
+    statuses, stats = run(main(), timeout=20)
+    assert statuses == [200, 200, 200]
+    assert stats["open"] <= 1 and stats["stale_retries"] == 1
+
+
 def test_a_fresh_connection_closed_unanswered_is_not_retried(fake_upstream):
     fake_upstream.accept_close(1)
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ import trustme
 import uvloop
 from fake_upstream import FakeUpstream
 
-from neurohttp.upstream import ErrorKind, HeaderBlock, Timeouts, UpstreamClient, UpstreamError
+from neurohttp.upstream import (
+    ErrorKind,
+    HeaderBlock,
+    PoolLimits,
+    Timeouts,
+    UpstreamClient,
+    UpstreamError,
+)
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 JSON = HeaderBlock({"Content-Type": "application/json"})
@@ -158,3 +166,30 @@ def test_a_cancelled_tls_stream_closes_the_connection(tls_upstream):
 
     assert run(main())["open"] == 0
     tls_upstream.wait_for(lambda s: s["disconnects"] == 1 and s["connections_open"] == 0)
+
+
+def test_a_connection_closed_as_it_is_handed_on_is_not_used(tls_upstream):
+    """TLS can deliver an answer and the upstream's close_notify in one read: the
+    connection is handed to a waiting request, then closed before that request
+    runs. The request must take another turn (a new connection)."""
+    async def main() -> tuple[list[int], dict[str, Any]]:
+        pool = UpstreamClient().pool(tls_upstream.url, ca_file=tls_upstream.ca_file,
+                                     limits=PoolLimits(max_connections=1),
+                                     timeouts=Timeouts(first_byte=5))
+
+        async def one(spec: str) -> int:
+            r = await pool.request("POST", "/x", headers=JSON + HeaderBlock({"x-fake": spec}),
+                                   body=BODY)
+            await r.read()
+            return r.status
+
+        first = asyncio.ensure_future(one("close_after;ms=200"))
+        await asyncio.sleep(0.05)
+        # blocked while the upstream answers and closes: both are read in one turn
+        asyncio.get_running_loop().call_later(0.1, time.sleep, 0.4)
+        statuses = await asyncio.gather(first, one("chat"), one("chat"))
+        return statuses, pool.stats()
+
+    statuses, stats = run(main(), timeout=20)
+    assert statuses == [200, 200, 200]
+    assert stats["connects"] >= 2 and stats["open"] <= 1

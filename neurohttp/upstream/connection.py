@@ -71,6 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ the exchange
     def _begin(self, head_request: bool, timeouts: Timeouts, total_at: float) -> Response:
+        if self.closed:  # (the pool hands out open ones; a stale-retry kind if not)
+            raise UpstreamError(ErrorKind.CLOSED, "connection closed before the request",
+                                origin=self.origin)
         resp = self.response = Response(self, self.loop, self.origin)
         self.requests += 1
         self._timeouts = timeouts

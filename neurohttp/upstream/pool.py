@@ -177,26 +177,34 @@ class Pool:
     # ------------------------------------------------------------ acquiring
     async def _acquire(self, fresh: bool, to: Timeouts, total_at: float) -> UpstreamConnection:
         """A connection when none is idle (or a retry wants a new one)."""
-        idle = self._idle
-        if idle and fresh:
-            if self._count >= self.limits.max_connections:
-                # a retry wants a new connection: the oldest idle one makes room (it is
-                # the likeliest stale one; with idle ones about, nobody is waiting)
-                oldest = idle.pop(0)
-                oldest.in_pool = False
-                oldest.abort()
-        if self._count < self.limits.max_connections:
-            self._count += 1
-            return await self._connect(to, total_at)
-        got = await self._wait_turn(to, total_at)
-        if got is None:
-            return await self._connect(to, total_at)
-        if fresh:  # handed a used connection: close it, open a new one in its slot
-            got.counted = False
-            got.abort()
-            return await self._connect(to, total_at)
-        self.reuses += 1
-        return got
+        while True:
+            idle = self._idle
+            if idle:
+                if not fresh:
+                    conn = idle.pop()
+                    conn.in_pool = False
+                    self.reuses += 1
+                    return conn
+                if self._count >= self.limits.max_connections:
+                    # a retry wants a new connection: the oldest idle one makes room (the
+                    # likeliest stale one; with idle ones about, nobody is waiting)
+                    oldest = idle.pop(0)
+                    oldest.in_pool = False
+                    oldest.abort()
+            if self._count < self.limits.max_connections:
+                self._count += 1
+                return await self._connect(to, total_at)
+            got = await self._wait_turn(to, total_at)
+            if got is None:
+                return await self._connect(to, total_at)
+            if got.closed:
+                continue  # closed after it was handed to us: its slot has gone on
+            if fresh:  # handed a used connection: close it, open a new one in its slot
+                got.counted = False
+                got.abort()
+                return await self._connect(to, total_at)
+            self.reuses += 1
+            return got
 
     async def _wait_turn(self, to: Timeouts, total_at: float) -> UpstreamConnection | None:
         """Wait for a connection given back (returned) or a slot freed (None; the
