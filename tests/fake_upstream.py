@@ -55,7 +55,8 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
     delay       like chat after `ms` milliseconds.
 
 state(): connections_total, connections_open, requests, disconnects (a client
-closed a connection while a response was due or being written), streams_cut,
+closed its connection while the fake waited to answer it (hang, delay) or
+was writing a stream or a big body), streams_cut,
 streams_done, written, received, sni, alpn, and log (the last 200 requests:
 method, path, headers, body, body_bytes, conn, spec).
 

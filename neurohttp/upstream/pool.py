@@ -135,7 +135,7 @@ class Pool:
         fresh = False
         while True:
             idle = self._idle
-            if idle and not fresh:
+            if idle and not fresh:  # (_acquire's common case, inlined: no coroutine)
                 conn = idle.pop()
                 conn.in_pool = False
                 self.reuses += 1
@@ -165,6 +165,9 @@ class Pool:
                     self.stale_retries += 1
                     fresh = True
                     continue
+                raise
+            except BaseException:
+                conn.abort()  # cancelled, or a bug: never leave a half-used connection
                 raise
 
     def _request_line(self, method: str, target: str | bytes) -> bytes:

@@ -14,6 +14,7 @@ read to its end has already given its connection back to the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -188,7 +189,8 @@ class Response:
         src = self._source
         if src is not None:
             self._source = None
-            src.abort()
+            with contextlib.suppress(Exception):  # at exit the loop may be gone
+                src.abort()
 
     def __repr__(self) -> str:  # no header values: they may carry keys or cookies
         return f"<Response {self.status} from {self.origin}>"
