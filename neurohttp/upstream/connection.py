@@ -1,11 +1,12 @@
 """One upstream connection: an asyncio Protocol around the sans-IO ResponseParser.
 
-It carries one exchange at a time (no pipelining): `exchange()` writes the
-request (a streamed body with back-pressure), waits for the response head
-and returns the Response; body chunks are pushed into that Response as they
-are read. When the response ends and both sides allow it, the connection goes
-back to its pool (`PoolHooks.connection_released`); in every other case it is
-aborted and the pool told once (`connection_closed`).
+It carries one exchange at a time (no pipelining): `send()` writes a request
+whose body is in memory, `send_streamed()` one whose body comes from an async
+iterator (with back-pressure); both return the Response, whose head the pool
+then waits for. The response head and body chunks are pushed into that
+Response as they are read. When the response ends and both sides allow it,
+the connection goes back to its pool (`PoolHooks.connection_released`); in
+every other case it is aborted and the pool told once (`connection_closed`).
 
 Timeouts cost no timer per request: one lazy timer per connection fires at
 the earliest time a deadline could pass, recomputes the deadline from what
@@ -97,14 +98,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             tr.write(head + body)
         self.request_sent = True
-        # the first-byte wait (_start_wait, inlined: this runs for every request)
-        now = self.loop.time()
-        self._wait = FIRST_BYTE
-        self._since = now
-        when = now + (timeouts.first_byte if timeouts.first_byte < timeouts.idle
-                      else timeouts.idle)
-        if self._timer is None or self._timer_at > when:
-            self._arm(when)
+        self._start_wait(FIRST_BYTE)
         return resp
 
     async def send_streamed(self, head: bytes, body: AsyncIterable[bytes], head_request: bool,
