@@ -46,3 +46,14 @@ def server(tmp_path_factory):
         assert code == 0, f"server exited {code}:\n{srv.log()}"
     finally:
         srv.kill()
+
+
+@pytest.fixture
+def fake_upstream(tmp_path):
+    """A fake OpenAI-compatible upstream (tests/fake_upstream.py) in its own
+    process on 127.0.0.1, stopped by pid when the test ends."""
+    from fake_upstream import FakeUpstream
+
+    up = FakeUpstream(tmp_path / "fake_upstream").start()
+    yield up
+    up.stop()

@@ -1,0 +1,127 @@
+"""nginx as a real upstream for tests and benchmarks: a generated config on a
+free 127.0.0.1 port, started in the foreground and stopped by its pid."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NGINX = "/usr/sbin/nginx"
+
+CHAT_BODY = ('{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"up",'
+             '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello, AI world!"},'
+             '"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":5,'
+             '"total_tokens":14}}')
+
+
+def sse_body(events: int) -> str:
+    """An OpenAI-style stream of `events` content deltas and [DONE] (nginx escapes: \\n)."""
+    out = []
+    for i in range(events):
+        out.append('data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"up",'
+                   '"choices":[{"index":0,"delta":{"content":"tok' + str(i) + ' "},'
+                   '"finish_reason":null}]}\\n\\n')
+    out.append("data: [DONE]\\n\\n")
+    return "".join(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nginx:
+    """nginx serving /v1/chat/completions (a fixed chat completion), /sse (a
+    fixed SSE stream of `sse_events` events) and whatever `extra` adds to the
+    server block."""
+
+    def __init__(self, directory: Path, keepalive_timeout: str = "75s",
+                 keepalive_requests: int = 1000000, sse_events: int = 20, extra: str = "",
+                 worker_processes: int = 1) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keepalive_timeout = keepalive_timeout
+        self.keepalive_requests = keepalive_requests
+        self.sse_events = sse_events
+        self.extra = extra
+        self.worker_processes = worker_processes
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _config(self) -> str:
+        d = self.dir
+        return f"""
+worker_processes {self.worker_processes};
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_timeout {self.keepalive_timeout};
+  keepalive_requests {self.keepalive_requests};
+  server {{
+    listen 127.0.0.1:{self.port} reuseport;
+    location = /v1/chat/completions {{
+      default_type application/json;
+      return 200 '{CHAT_BODY}';
+    }}
+    location = /sse {{
+      default_type text/event-stream;
+      return 200 '{sse_body(self.sse_events)}';
+    }}
+    {self.extra}
+  }}
+}}
+"""
+
+    def start(self, timeout: float = 10.0) -> Nginx:
+        for _attempt in range(5):  # the free port may be taken before nginx binds it
+            self.port = free_port()
+            conf = self.dir / "nginx.conf"
+            conf.write_text(self._config())
+            self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(self.dir),
+                                          "-e", str(self.dir / "error.log")],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                    return self
+                except OSError:
+                    time.sleep(0.02)
+            self.stop()
+        raise RuntimeError(f"nginx did not start: {(self.dir / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def __enter__(self) -> Nginx:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
