@@ -30,6 +30,19 @@ def _load(config_path: str | None, overrides: dict[str, dict[str, Any]] | None =
         sys.exit(1)
 
 
+def _check_tls(cfg: config_mod.Config) -> None:
+    """Read and check the TLS files as the master will (exit 1 naming the
+    file if one is bad); print the warnings (an expired certificate)."""
+    from . import tlsconfig
+    try:
+        tls = tlsconfig.load(cfg)
+    except config_mod.ConfigError as e:
+        click.echo(f"neurohttpd: {e}", err=True)
+        sys.exit(1)
+    for warning in tls.warnings if tls is not None else []:
+        click.echo(f"neurohttpd: warning: {warning}", err=True)
+
+
 def _pid_path(config_path: str | None, pid_file: str | None) -> str:
     if pid_file:
         return pid_file
@@ -159,7 +172,7 @@ def reload(config_path: str | None, pid_file: str | None) -> None:
         click.echo(f"neurohttpd: {why}", err=True)
         sys.exit(7)  # LSB: program is not running
     if config_path:
-        _load(config_path)  # refuse early, with the error, if the new config is bad
+        _check_tls(_load(config_path))  # refuse early, with the error, if the new config is bad
     os.kill(pid, signal.SIGHUP)
     click.echo(f"neurohttpd: reload signalled to master {pid}")
 
@@ -289,9 +302,11 @@ def check(config_path: str | None) -> None:
         except (PluginError, config_mod.ConfigError) as e:
             click.echo(f"neurohttpd: {e}", err=True)
             sys.exit(1)
+    _check_tls(cfg)
     where = cfg.path or "the embedded defaults"
+    listens = cfg.server.bind + [f"{a} (tls)" for a in cfg.server.tls_bind]
     click.echo(f"neurohttpd: configuration {where} is valid "
-               f"({', '.join(cfg.server.bind)}; {cfg.worker_count} workers; "
+               f"({', '.join(listens)}; {cfg.worker_count} workers; "
                f"models {', '.join(cfg.models)})")
 
 

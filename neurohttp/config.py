@@ -87,8 +87,8 @@ def parse_bind(addr: str) -> tuple[str, int]:
 
 
 def _bind_list(v: Any) -> str | None:
-    if not v:
-        return "needs at least one address"
+    # [] is allowed here: a server may listen with TLS only (tls_bind); from_dict
+    # checks that bind and tls_bind together name at least one address.
     for a in v:
         if not isinstance(a, str):
             return "must be a list of 'HOST:PORT' strings"
@@ -115,6 +115,8 @@ def _str_list(v: Any) -> str | None:
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
         "bind": Key(list, ["127.0.0.1:8080"], _bind_list),
+        # addresses served with TLS ([tls]), beside the plain ones of `bind`
+        "tls_bind": Key(list, [], _bind_list),
         "workers": Key(int, 0, _non_negative, range=(0, 1024)),
         "backlog": Key(int, 2048, _positive, range=(1, 65535)),
         "max_connections": Key(int, 10000, _positive, range=(1, 1_000_000)),
@@ -157,6 +159,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "paths": Key(list, ["plugins"], _str_list),
         "enabled": Key(list, [], _str_list),
     },
+    # Used by the server.tls_bind listeners; the files are read and checked by
+    # tlsconfig.py (neurohttpd check, start, reload).
+    "tls": {
+        "cert_file": Key(str, ""),
+        "key_file": Key(str, ""),
+        "ca_file": Key(str, ""),
+    },
 }
 
 
@@ -194,6 +203,7 @@ class Section:
 @dataclass(frozen=True, slots=True)
 class ServerSection(Section):
     bind: list[str]
+    tls_bind: list[str]
     workers: int
     backlog: int
     max_connections: int
@@ -245,10 +255,17 @@ class PluginsSection(Section):
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class TlsSection(Section):
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+
 # The dataclass of each SCHEMA table, in the schema's order.
 SECTIONS: dict[str, type[Section]] = {
     "server": ServerSection, "log": LogSection, "stats": StatsSection, "state": StateSection,
-    "plugins": PluginsSection,
+    "plugins": PluginsSection, "tls": TlsSection,
 }
 
 
@@ -264,10 +281,15 @@ class Config:
     state: StateSection
     plugins: PluginsSection
     models: dict[str, dict[str, Any]]
+    tls: TlsSection
 
     @property
     def binds(self) -> list[tuple[str, int]]:
         return [parse_bind(a) for a in self.server.bind]
+
+    @property
+    def tls_binds(self) -> list[tuple[str, int]]:
+        return [parse_bind(a) for a in self.server.tls_bind]
 
     @property
     def worker_count(self) -> int:
@@ -388,10 +410,31 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     models = _check_models(where, data["models"], bool(enabled)) if "models" in data else {}
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
+    _check_listeners(where, tables["server"], tables["tls"])
     return Config(path, server=ServerSection(**tables["server"]), log=LogSection(**tables["log"]),
                   stats=StatsSection(**tables["stats"]), state=StateSection(**tables["state"]),
                   plugins=PluginsSection(**tables["plugins"], options=plugin_options),
-                  models=models)
+                  models=models, tls=TlsSection(**tables["tls"]))
+
+
+def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:
+    """bind and tls_bind together: at least one address, none in both (or twice),
+    and a certificate when there is a TLS listener."""
+    plain, secure = server["bind"], server["tls_bind"]
+    if not plain and not secure:
+        raise ConfigError(f"{where}: server.bind needs at least one address "
+                          f"(or server.tls_bind one)")
+    seen: dict[tuple[str, int], str] = {}
+    for key, addrs in (("server.bind", plain), ("server.tls_bind", secure)):
+        for a in addrs:
+            host, port = parse_bind(a)
+            other = seen.get((host, port))
+            if other is not None and port != 0:
+                raise ConfigError(f"{where}: {key} {a!r}: the same address is also in {other}")
+            seen[(host, port)] = key
+    if secure and not tls["cert_file"]:
+        raise ConfigError(f"{where}: server.tls_bind needs tls.cert_file (and tls.key_file, "
+                          f"unless the key is in the certificate file)")
 
 
 def load(path: str | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

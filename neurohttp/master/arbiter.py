@@ -19,6 +19,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 import orjson
 
 from .. import config as config_mod
+from .. import tlsconfig
 from ..config import Config
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
 from ..stats.sizing import geometry_for
 from . import pidfile
-from .sockets import BindError, Listener, open_listeners
+from .sockets import BindError, Listener, describe, open_listeners
 from .states import PHASE_MOVES, IllegalMove, Phase, WorkerProc, WorkerState
 from .system import System
 
@@ -87,6 +89,8 @@ class Master:
         self.started = time.time()
         self.block: StatsBlock | None = None
         self.listeners: list[Listener] = []
+        # The TLS listeners' context, built here before any fork (tlsconfig.py).
+        self.tls: tlsconfig.ServerTLS | None = None
         self.removed: list[Listener] = []   # dropped by a reload; closed once old workers go
         self.workers: dict[int, WorkerProc] = {}
         self.target = cfg.worker_count
@@ -120,7 +124,13 @@ class Master:
         if found.stale:
             log.warning("stale pid file %s (%s); replacing it", pid_path, found.stale)
         try:
-            self.listeners = open_listeners(cfg.binds, self.target, cfg.server.backlog)
+            self.tls = tlsconfig.load(cfg)
+        except config_mod.ConfigError as e:
+            raise StartupError(str(e)) from None
+        self._log_tls()
+        try:
+            self.listeners = open_listeners(cfg.binds, self.target, cfg.server.backlog,
+                                            cfg.tls_binds)
         except BindError as e:
             raise StartupError(str(e)) from None
         try:
@@ -155,14 +165,20 @@ class Master:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._record_signal)
         log.info("neurohttpd master %d listening on %s with %d workers", self.pid,
-                 ", ".join(lst.address for lst in self.listeners), self.target)
+                 ", ".join(lst.label for lst in self.listeners), self.target)
+
+    def _log_tls(self) -> None:
+        if self.tls is not None:
+            for warning in self.tls.warnings:
+                log.warning("%s", warning)
 
     def _publish_info(self) -> None:
         """Facts `neurohttpd status` shows that the counters do not hold."""
         assert self.block is not None
         self.block.write_text(0, orjson.dumps({
             "config": self.cfg.path, "pid_file": os.path.abspath(self.cfg.server.pid_file),
-            "binds": [lst.address for lst in self.listeners], "target": self.target,
+            "binds": [lst.address for lst in self.listeners if not lst.tls],
+            "tls_binds": [lst.address for lst in self.listeners if lst.tls], "target": self.target,
             "started": self.started}).decode())
 
     def _notify(self, msg: str) -> None:
@@ -306,6 +322,7 @@ class Master:
             return None
         self.slots_full = False
         socks = [lst.socket_for(worker_id - 1) for lst in self.listeners]
+        contexts = [self._context_for(lst) for lst in self.listeners]
         try:
             pid = self.system.fork()
         except OSError as e:
@@ -317,7 +334,8 @@ class Master:
             try:
                 self._in_child(socks)
                 from ..worker.worker import run_worker
-                code = run_worker(self.cfg, self.block, index, worker_id, socks, self.pid)
+                code = run_worker(self.cfg, self.block, index, worker_id, socks, self.pid,
+                                  tls=contexts)
             except BaseException:
                 log.exception("worker %d crashed", worker_id)
             finally:
@@ -334,6 +352,14 @@ class Master:
         self._publish_count()
         log.debug("spawned worker %d pid %d (slot %d)", worker_id, pid, index)
         return wp
+
+    def _context_for(self, lst: Listener) -> ssl.SSLContext | None:
+        """The TLS context a new worker serves `lst` with (None: plain). One
+        context for a whole generation: its workers share the ticket keys."""
+        if not lst.tls:
+            return None
+        assert self.tls is not None
+        return self.tls.context
 
     def _in_child(self, keep: list[socket.socket]) -> None:
         signal.set_wakeup_fd(-1)
@@ -659,15 +685,20 @@ class Master:
         self.reload_pending = False
         path = self.cfg.path
         saved = (self.cfg, self.target, self.generation, self.listeners, self.removed,
-                 self.phase, self.backoff)
+                 self.phase, self.backoff, self.tls)
         opened: list[Listener] = []
         try:
             new = config_mod.load(path, self.overrides)
+            # The certificate first: a bad one keeps the running generation, and
+            # its context, serving.
+            tls = tlsconfig.load(new, self.tls)
             opened = self._bind_new(new)
             self._switch(new, opened)
+            self.tls = tls
+            self._log_tls()
         except Exception as e:
             (self.cfg, self.target, self.generation, self.listeners, self.removed,
-             self.phase, self.backoff) = saved
+             self.phase, self.backoff, self.tls) = saved
             if self.block is not None:
                 self.block.words[L.H_GENERATION] = self.generation
             for lst in opened:
@@ -678,12 +709,21 @@ class Master:
 
     def _bind_new(self, new: Config) -> list[Listener]:
         """Bind the addresses `new` adds (all or none)."""
-        have = {(lst.host, lst.requested_port) for lst in self.listeners}
+        have = {lst.key for lst in self.listeners}
         opened: list[Listener] = []
         try:
-            for key in new.binds:
+            for key in _listen_keys(new):
+                host, port, tls = key
+                if (host, port, not tls) in have and port != 0:
+                    # Old and new workers share a listener's sockets while the
+                    # generations overlap: one socket cannot be plain for some
+                    # and TLS for others.
+                    raise BindError(
+                        f"{describe(host, port)} moves from server."
+                        f"{'bind' if tls else 'tls_bind'} to server."
+                        f"{'tls_bind' if tls else 'bind'}: that takes a restart")
                 if key not in have:
-                    lst = Listener(key[0], key[1], new.server.backlog)
+                    lst = Listener(host, port, new.server.backlog, tls)
                     opened.append(lst)
                     lst.ensure(min(new.worker_count, self._max_workers()))
         except BaseException:
@@ -699,8 +739,8 @@ class Master:
         if (new.log.level, new.log.error_log) != (old.log.level, old.log.error_log):
             from .. import logs
             logs.setup_from(new)
-        have = {(lst.host, lst.requested_port): lst for lst in self.listeners}
-        wanted = new.binds
+        have = {lst.key: lst for lst in self.listeners}
+        wanted = _listen_keys(new)
         self.removed = self.removed + [lst for key, lst in have.items() if key not in wanted]
         self.listeners = [have[k] for k in wanted if k in have] + opened
         self.cfg = new
@@ -716,7 +756,7 @@ class Master:
         self.block.words[L.H_RELOADS] += 1
         self._publish_info()
         log.info("reloading %s: generation %d with %d workers on %s", new.path or "the defaults",
-                 self.generation, self.target, ", ".join(lst.address for lst in self.listeners))
+                 self.generation, self.target, ", ".join(lst.label for lst in self.listeners))
 
     def _max_workers(self) -> int:
         """Workers the block was sized for; it has two slots each, so a reload's
@@ -755,3 +795,8 @@ class Master:
                         raise
             self._wake_r = self._wake_w = -1
         sys.stderr.flush()
+
+
+def _listen_keys(cfg: Config) -> list[tuple[str, int, bool]]:
+    """cfg's addresses as Listener.key matches them: (host, port, tls)."""
+    return [(h, p, False) for h, p in cfg.binds] + [(h, p, True) for h, p in cfg.tls_binds]

@@ -129,10 +129,11 @@ class Listener:
     master has given up stay in `group` while a worker still holds them.
     """
 
-    def __init__(self, host: str, port: int, backlog: int) -> None:
+    def __init__(self, host: str, port: int, backlog: int, tls: bool = False) -> None:
         self.host = host
         self.requested_port = port   # 0 stays 0, so a reload matches it to this listener
         self.backlog = backlog
+        self.tls = tls               # a server.tls_bind address: workers serve it with TLS
         # Probe without SO_REUSEPORT: this fails if anything listens there, even
         # another server that set SO_REUSEPORT itself (which would let us join it).
         try:
@@ -154,6 +155,15 @@ class Listener:
     @property
     def address(self) -> str:
         return describe(self.host, self.port)
+
+    @property
+    def key(self) -> tuple[str, int, bool]:
+        """What a reload matches a config's address to."""
+        return self.host, self.requested_port, self.tls
+
+    @property
+    def label(self) -> str:
+        return f"{self.address} (tls)" if self.tls else self.address
 
     def ensure(self, count: int) -> None:
         """Have at least `count` sockets in the group."""
@@ -271,12 +281,15 @@ class Listener:
         self.holders = {}
 
 
-def open_listeners(binds: list[tuple[str, int]], count: int, backlog: int) -> list[Listener]:
-    """Bind every address (all or nothing), `count` sockets each."""
+def open_listeners(binds: list[tuple[str, int]], count: int, backlog: int,
+                   tls_binds: list[tuple[str, int]] | None = None) -> list[Listener]:
+    """Bind every address (all or nothing), `count` sockets each: the plain
+    ones, then the TLS ones."""
     listeners: list[Listener] = []
     try:
-        for host, port in binds:
-            lst = Listener(host, port, backlog)
+        for host, port, tls in [(h, p, False) for h, p in binds] + \
+                [(h, p, True) for h, p in tls_binds or []]:
+            lst = Listener(host, port, backlog, tls)
             listeners.append(lst)
             lst.ensure(count)
     except BaseException:

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import traceback
@@ -38,6 +39,7 @@ from ..protocol.serialize import clock
 from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
+from ..tlsconfig import server_kwargs
 from .connection import HttpConnection
 
 log = logging.getLogger("neurohttp")
@@ -69,13 +71,16 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 class Worker:
     def __init__(self, cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
-                 sockets: list[socket.socket], master_pid: int) -> None:
+                 sockets: list[socket.socket], master_pid: int,
+                 tls: list[ssl.SSLContext | None] | None = None) -> None:
         self.cfg = cfg
         self.block = block
         self.slot_index = slot_index
         self.slot = block.slot(slot_index)
         self.worker_id = worker_id
         self.sockets = sockets
+        # per socket: the TLS context the master built before forking, or None (plain)
+        self.tls = tls or [None] * len(sockets)
         self.master_pid = master_pid
         srv = cfg.server
         self.max_header_bytes = srv.max_header_bytes
@@ -132,9 +137,10 @@ class Worker:
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
         backlog = self.cfg.server.backlog
-        for sock in self.sockets:
+        for sock, ctx in zip(self.sockets, self.tls, strict=True):
             self.servers.append(await loop.create_server(
-                lambda: HttpConnection(self), sock=sock, backlog=backlog))
+                lambda: HttpConnection(self), sock=sock, backlog=backlog,
+                **server_kwargs(ctx, self.header_timeout)))
         s = self.slot
         s[L.S_PID] = os.getpid()
         s[L.S_STATE] = L.STATE_READY
@@ -244,7 +250,8 @@ class Worker:
 
 
 def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
-               sockets: list[socket.socket], master_pid: int) -> int:
+               sockets: list[socket.socket], master_pid: int,
+               tls: list[ssl.SSLContext | None] | None = None) -> int:
     """Entry point in the forked child; returns the exit status."""
     try:
         from setproctitle import setproctitle
@@ -252,7 +259,7 @@ def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
     except ImportError:
         pass
     try:
-        worker = Worker(cfg, block, slot_index, worker_id, sockets, master_pid)
+        worker = Worker(cfg, block, slot_index, worker_id, sockets, master_pid, tls)
         return worker.run()
     except Exception as e:
         log.exception("worker %d failed", worker_id)
