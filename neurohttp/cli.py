@@ -280,6 +280,7 @@ def _status_doc(pid_path: str, pid: int) -> dict[str, Any]:
     m = stats.get("master", {})
     doc["master"] = {"pid": pid, "uptime": max(0, int(time.time() - started)),
                      "config": info.get("config"), "binds": info.get("binds", []),
+                     "tls_binds": info.get("tls_binds", []),
                      "generation": m.get("generation"), "reloads": m.get("reloads"),
                      "restarts": m.get("restarts"), **figures(pid)}
     doc["workers"] = [{"id": w["id"], "pid": w["pid"], "state": w["state"], "age": w["age"],
