@@ -320,22 +320,40 @@ def _url_for(host: str, port: int) -> str:
 
 
 def _default_url(config_path: str | None, pid_file: str | None) -> str:
-    """The running master's listening address (found through its pid file), else
-    the config's first bind address, else http://127.0.0.1:8080."""
-    _, pid, _ = _find_master(config_path, pid_file)
+    """The running master's first plain listening address (found through its pid
+    file), else the config's first bind address, else http://127.0.0.1:8080.
+    TLS addresses are skipped: top speaks plain HTTP."""
+    path, pid, _ = _find_master(config_path, pid_file)
     if pid is not None:
         import psutil
         try:
             conns = psutil.Process(pid).net_connections(kind="inet")
         except (psutil.Error, OSError):
             conns = []
+        tls = {config_mod.parse_bind(a) for a in _master_info(path).get("tls_binds", [])}
         listening = sorted((c.laddr.ip, c.laddr.port) for c in conns
                            if c.status == psutil.CONN_LISTEN)
+        listening = [a for a in listening if a not in tls]
         if listening:
             return _url_for(*listening[0])
     if config_path:
-        return _url_for(*_load(config_path).binds[0])
+        binds = _load(config_path).binds
+        if binds:
+            return _url_for(*binds[0])
     return "http://127.0.0.1:8080"
+
+
+def _master_info(pid_path: str) -> dict[str, Any]:
+    """The facts the master publishes in its stats block (binds, tls_binds, ...)."""
+    from .stats.block import StatsBlock, block_name
+    try:
+        block = StatsBlock.attach(block_name(pid_path))
+    except FileNotFoundError:
+        return {}
+    try:
+        return dict(json.loads(block.read_text(0) or "{}")) if block.valid() else {}
+    finally:
+        block.close()
 
 
 @main.command()

@@ -623,3 +623,27 @@ def test_server_context_settings():
     assert tlsconfig.server_kwargs(None, 3.0) == {}
     kw = tlsconfig.server_kwargs(ctx, 3.0)
     assert kw["ssl"] is ctx and kw["ssl_handshake_timeout"] == 3.0
+
+
+def test_top_finds_the_plain_address_not_the_tls_one(tmp_path):
+    """`neurohttpd top` speaks plain HTTP: with no -u it watches the master's
+    first plain address, even when a TLS one sorts first."""
+    from neurohttp import cli
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind((HOST, 0))
+    low, high = sorted(s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    pki = PKI(tmp_path / "pki")
+    srv = TlsServer(tmp_path / "srv", pki, workers=1,
+                    server={"tls_bind": [f"{HOST}:{low}"]}, bind=f"{HOST}:{high}")
+    srv.start()
+    try:
+        assert srv.tls_port == low
+        assert cli._default_url(None, srv.pid_file) == f"http://{HOST}:{high}"
+    finally:
+        try:
+            srv.stop()
+        finally:
+            srv.kill()
