@@ -123,7 +123,7 @@ class TlsServer(Server):
 def get(sock: ssl.SSLSocket, path: str = "/health") -> tuple[int, bytes]:
     """One keep-alive GET on an open TLS socket."""
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-    r = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+    r = http.client.HTTPResponse(sock)
     r.begin()
     return r.status, r.read()
 
@@ -205,7 +205,7 @@ def test_websocket_chat_over_wss(srv):
     with ws_connect(url, ssl=srv.pki.client_context(), open_timeout=10) as ws:
         for _ in range(2):   # two prompts on one connection
             ws.send(json.dumps({"prompt": "Hello", "model": "paced"}))
-            msgs = []
+            msgs: list[dict[str, Any]] = []
             while not msgs or not ("done" in msgs[-1] or "error" in msgs[-1]):
                 msgs.append(json.loads(ws.recv(timeout=15)))
             assert "".join(m["token"] for m in msgs[:-1]) == "one two three four"
@@ -213,7 +213,7 @@ def test_websocket_chat_over_wss(srv):
 
 
 def test_openai_sdk_over_https(srv):
-    http_client = httpx.Client(verify=srv.pki.client_context())
+    http_client = openai.DefaultHttpxClient(verify=srv.pki.client_context())
     client = openai.OpenAI(base_url=f"https://{HOST}:{srv.tls_port}/v1", api_key="unused",
                            max_retries=0, timeout=30, http_client=http_client)
     try:
@@ -323,7 +323,7 @@ def test_session_resumption_across_workers_and_reloads(srv):
             session = s.session
             first = srv.serving_worker(s)
         assert session is not None
-        served = set()
+        served: set[int] = set()
         for _ in range(40):
             with srv.tls_socket(ctx, session=session) as s:
                 assert s.session_reused, (version, len(served))
