@@ -33,7 +33,7 @@ from neurohttp import config, tlsconfig  # noqa: E402
 from neurohttp.stats.block import StatsBlock  # noqa: E402
 from neurohttp.stats.sizing import geometry_for  # noqa: E402
 from neurohttp.worker.connection import HttpConnection  # noqa: E402
-from neurohttp.worker.worker import Worker  # noqa: E402
+from neurohttp.worker.worker import Worker, new_event_loop  # noqa: E402
 
 CLIENT = r"""
 import http.client, socket, ssl, sys
@@ -77,20 +77,15 @@ def main() -> None:
     block = StatsBlock.create(f"neurohttp-tlsmicro-{os.getpid()}", geometry_for(cfg))
     try:
         w = Worker(cfg, block, block.reserve_slot(1, 1), 1, [], 0)
-        loop = w.loop = asyncio.new_event_loop()
-        try:
-            import uvloop
-            loop = w.loop = uvloop.new_event_loop()
-        except ImportError:
-            pass
+        loop = w.loop = new_event_loop("auto")
         gc.collect()
         gc.freeze()   # as the master does before forking
         sock = socket.create_server(("127.0.0.1", 0))
         port = sock.getsockname()[1]
 
         async def serve() -> None:
-            await loop.create_server(lambda: HttpConnection(w), sock=sock,
-                                     **tlsconfig.server_kwargs(ctx, 10.0))
+            server = await loop.create_server(lambda: HttpConnection(w), sock=sock,
+                                              **tlsconfig.server_kwargs(ctx, 10.0))
             client = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", CLIENT, str(port), str(ca_file) if ctx else "",
                 str(args.n), str(args.warm))
@@ -98,6 +93,7 @@ def main() -> None:
             code = await client.wait()
             after = resource.getrusage(resource.RUSAGE_SELF)
             assert code == 0, code
+            server.close()
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             n = args.n + args.warm
             print(f"{args.mode}: {n} requests, server CPU {1e6 * cpu / n:.1f} µs/request, "
