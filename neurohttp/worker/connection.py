@@ -3,8 +3,9 @@
 Requests are answered strictly in order (pipelining): a synchronous handler's
 response is written at once; an async handler or a stream makes the connection
 busy and later requests wait in `queue`. Reading pauses while unsent output is
-above the write-buffer bound or the queue is long, so a client cannot make the
-worker buffer without limit. Timeouts are checked by the worker's sweep, not
+above the write-buffer bound or the queue is long (more than `max_pipeline`
+requests, or more than `max_body_bytes` of their bodies), so a client cannot make
+the worker buffer without limit. Timeouts are checked by the worker's sweep, not
 by a timer per request.
 """
 
@@ -55,7 +56,7 @@ class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
-                 "cutting", "meter")
+                 "cutting", "meter", "queued_bytes")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -65,6 +66,7 @@ class HttpConnection(ClientConnection):
         self.transport: Any = None
         self.parser: H1Parser | None = None
         self.queue: deque[tuple[Request, float]] = deque()
+        self.queued_bytes = 0       # the bodies of the requests in `queue`
         self.busy = False           # an async handler or a stream owns the connection
         self.closing = False        # answer what is in flight with Connection: close, then close
         self.lingering = 0.0        # >0: output is done, input is dropped until this time
@@ -142,8 +144,14 @@ class HttpConnection(ClientConnection):
         queue = self.queue
         for r in reqs:
             queue.append((r, now))
-        if len(queue) > self.w.max_pipeline:
+            self.queued_bytes += len(r.body)
+        if self._queue_full():
             self._pause_reading()
+
+    def _queue_full(self) -> bool:
+        """Too much waits to be answered: read no more until it drains. Bodies count
+        in bytes, so 33 queued 8 MB uploads are not held at once."""
+        return len(self.queue) > self.w.max_pipeline or self.queued_bytes > self.w.max_body_bytes
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what it sent, then close (returning None
@@ -156,7 +164,7 @@ class HttpConnection(ClientConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._forget():
             return
-        self.queue.clear()
+        self._drop_queue()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.w.on_connection_closed()
@@ -173,7 +181,7 @@ class HttpConnection(ClientConnection):
             waiter.set_result(None)
         if self.queue and not self.busy:
             self._after_response()  # answers held back while the client was not reading
-        elif len(self.queue) <= self.w.max_pipeline:
+        elif not self._queue_full():
             self._resume_reading()
 
     # ------------------------------------------------------------ dispatch
@@ -229,8 +237,9 @@ class HttpConnection(ClientConnection):
         while queue and not self.busy and not self.closing and not self.closed \
                 and not self.write_paused:
             req, t0 = queue.popleft()
+            self.queued_bytes -= len(req.body)
             self._handle(req, t0)
-        if self.read_paused and not self.write_paused and len(queue) <= self.w.max_pipeline:
+        if self.read_paused and not self.write_paused and not self._queue_full():
             self._resume_reading()
         if not self.busy and not queue and not self.closed:
             parser = self.parser
@@ -256,7 +265,7 @@ class HttpConnection(ClientConnection):
         # From here the WebSocket object owns the socket, its callbacks and its
         # place in worker.connections (and the active_connections gauge).
         self.closed = True
-        self.queue.clear()
+        self._drop_queue()
         self.w.connections.discard(self)
         websocket.WebSocketConnection(self.w, self.transport, req, up, taken[1])
 
@@ -399,9 +408,15 @@ class HttpConnection(ClientConnection):
         if e.requests:
             self.fresh = False
             self.slot[_S_REQUESTS] += len(e.requests)
-            self.queue.extend((r, now) for r in e.requests)
+            for r in e.requests:
+                self.queue.append((r, now))
+                self.queued_bytes += len(r.body)
         if not self.busy:
             self._after_response()
+
+    def _drop_queue(self) -> None:
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def _close(self) -> None:
         """Close after the output drains, reading and dropping input meanwhile, so a
