@@ -258,6 +258,23 @@ def test_chunked_body_with_extensions_and_trailers(srv):
         assert c.response()[0] == 200
 
 
+def test_chunk_extension_after_whitespace_is_accepted(srv):
+    # RFC 9112 7.1.1 allows BWS before ';' (llhttp refuses it unless told to)
+    with Conn(srv) as c:
+        body = json.dumps({"prompt": "Hello"}).encode()
+        c.send(b"POST /v1/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"%x ;a=b\r\n%s\r\n" % (len(body[:5]), body[:5])
+               + b"%x\t;c\r\n%s\r\n0\r\n\r\n" % (len(body[5:]), body[5:]))
+        assert c.response()[0] == 200
+        c.send(GET_HEALTH)
+        assert c.response()[0] == 200
+    with Conn(srv) as c:  # the size itself stays hex digits only
+        c.send(b"POST /v1/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"2 2\r\n{}\r\n0\r\n\r\n")
+        status, headers, _ = c.response()
+        assert status == 400 and headers["connection"] == "close"
+
+
 def test_invalid_json_and_utf8_bodies_are_400_json(srv):
     with Conn(srv) as c:
         for body in (b"{not json", b'{"prompt": "\xff\xfe"}', b"\x00" * 10, b"[1,2]", b""):
@@ -517,6 +534,57 @@ def test_408_when_the_body_does_not_arrive(srv):
         assert status == 408 and headers["connection"] == "close"
 
 
+def test_408_for_a_stalled_body_on_v1_is_openai_json(srv):
+    with Conn(srv) as c:
+        c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+        status, headers, body = c.response()
+        assert status == 408 and headers["connection"] == "close"
+        assert headers["content-type"] == "application/json"
+        err = json.loads(body)["error"]
+        assert err["message"] and err["type"] == "invalid_request_error"
+        c.expect_eof()
+
+
+def test_header_timeout_runs_from_the_connection_and_the_last_response(make_server):
+    """A client silent for most of header_timeout, then trickling its head, gets its
+    408 within header_timeout of connecting (it got a second header_timeout from its
+    first byte); on keep-alive, within header_timeout of the previous response."""
+    timeout = 4.0
+    srv1 = make_server(workers=1, config={"server": {"header_timeout": timeout,
+                                                     "keepalive_timeout": 10.0}})
+    head = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 200
+    trickled: dict[str, float] = {}
+
+    def client(name: str, keep_alive: bool) -> None:
+        with Conn(srv1) as c:
+            if keep_alive:
+                c.send(GET_HEALTH)
+                assert c.response()[0] == 200
+            time.sleep(0.75 * timeout)           # silent, within both timeouts
+            start = time.monotonic()
+            for byte in head:                    # then a byte every 0.2 s, never finished
+                try:
+                    c.send(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                if select.select([c.s], [], [], 0.2)[0]:
+                    break
+            trickled[name] = time.monotonic() - start
+            status, headers, _ = c.response()
+            assert status == 408 and headers["connection"] == "close"
+
+    threads = [threading.Thread(target=client, args=(n, k))
+               for n, k in (("fresh", False), ("keep-alive", True))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # the 408 came about a quarter of header_timeout into the trickle (plus the sweep's
+    # half second), not a whole header_timeout after its first byte
+    assert set(trickled) == {"fresh", "keep-alive"}, trickled
+    assert all(v < timeout for v in trickled.values()), trickled
+
+
 def test_408_for_an_upgrade_request_whose_body_stalls(srv):
     # Upgrade requests collect their body outside llhttp; the body timeout covers that too
     with Conn(srv) as c:
@@ -587,11 +655,13 @@ def test_http2_over_http1_is_505(srv, data):
         c.expect_eof()
 
 
-def test_non_chunked_transfer_coding_is_501(srv):
-    # valid HTTP ("chunked" is final), but the server decodes no other coding
+@pytest.mark.parametrize("te", [b"Transfer-Encoding: gzip, chunked\r\n",
+                                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"])
+def test_non_chunked_transfer_coding_is_501(srv, te):
+    # valid HTTP ("chunked" is final), but the server decodes no other coding; one line
+    # or two, the same list (RFC 9110 5.3) and the same answer
     with Conn(srv) as c:
-        c.send(b"POST /v1/chat HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-               b"0\r\n\r\n")
+        c.send(b"POST /v1/chat HTTP/1.1\r\nHost: t\r\n" + te + b"\r\n0\r\n\r\n")
         status, headers, _ = c.response()
         assert status == 501 and headers["connection"] == "close"
         c.expect_eof()
@@ -603,7 +673,6 @@ def test_non_chunked_transfer_coding_is_501(srv):
     (b"/%68ealth", 200),                        # percent-decoded before routing
     (b"/health/../health", 404),                # never resolved: routes match exactly
     (b"//health", 404),
-    (b"*", 404),
 ])
 def test_odd_request_targets(srv, target, status):
     with Conn(srv) as c:
@@ -611,6 +680,20 @@ def test_odd_request_targets(srv, target, status):
         assert c.response()[0] == status
         c.send(GET_HEALTH)  # the connection stays usable
         assert c.response()[0] == 200
+
+
+def test_asterisk_target_is_only_for_options(srv):
+    # RFC 9112 3.2.4: asterisk-form is for a server-wide OPTIONS only
+    with Conn(srv) as c:
+        c.send(b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert c.response()[0] != 400
+        c.send(GET_HEALTH)
+        assert c.response()[0] == 200
+    with Conn(srv) as c:
+        c.send(b"GET * HTTP/1.1\r\nHost: t\r\n\r\n")
+        status, headers, _ = c.response()
+        assert status == 400 and headers["connection"] == "close"
+        c.expect_eof()
 
 
 def test_connect_and_upgrade_are_answered_then_closed(srv):

@@ -52,6 +52,24 @@ class HttpError(Exception):
         self.request: Request | None = None
 
 
+def _check_codings(te: bytes) -> bool:
+    """Check a Transfer-Encoding list (all its lines joined); True: chunked.
+
+    llhttp refuses (400) a final coding other than chunked, sometimes only after
+    on_headers_complete: 400 here too, and for chunked applied twice. A valid list
+    with another coding is 501: we decode no other coding, and would otherwise
+    hand gzip bytes to handlers. The same answer whether the codings come on one
+    line or several."""
+    if te == b"chunked":
+        return True
+    codings = [c.strip() for c in te.lower().split(b",")]
+    if codings[-1] != b"chunked":
+        raise HttpError(400, "chunked must be the final transfer coding")
+    if b"chunked" in codings[:-1]:
+        raise HttpError(400, "chunked must be applied only once")
+    raise HttpError(501, "only the chunked transfer coding is supported")
+
+
 # llhttp reasons that mean "a well-formed version we do not speak" (505, not 400)
 _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade",
                              "Expected HTTP/2 Connection Preface"})
@@ -62,8 +80,7 @@ class H1Parser:
 
     Attributes the I/O layer reads between feeds:
       phase         PHASE_* of the message in progress
-      head_started  time (as passed to feed) the current head's first byte came
-      body_started  time the current head completed
+      body_started  time (as passed to feed) the current head completed
       continue_pending  the current request awaits "100 Continue"
       upgrade       set to (request, leftover bytes) when a request asked to
                     switch protocols; the parser accepts no more input then
@@ -76,8 +93,10 @@ class H1Parser:
         # a Content-Length with fewer characters than this is under the limit unparsed
         self._max_body_digits = len(str(max_body_bytes))
         self._p = httptools.HttpRequestParser(self)
+        # Whitespace after a chunk size ("5 ;ext", RFC 9112 7.1.1 BWS): the size is
+        # still hex digits only, and "5 5", "5 x" or " 5" stay refused.
+        self._p.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self.phase = PHASE_IDLE
-        self.head_started = 0.0
         self.body_started = 0.0
         self.continue_pending = False
         self.upgrade: tuple[Request, bytes] | None = None
@@ -166,12 +185,7 @@ class H1Parser:
         """Attach the requests completed before `err`; take no more input."""
         err.requests = self._done
         self._done = []
-        if self._pending is not None:
-            err.request = self._pending
-        elif self.phase == PHASE_HEAD and self._url:
-            m = self._p.get_method()
-            err.request = Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
-                                  self._headers, self.client, False)
+        err.request = self.partial_request()
         self._pending = None
         self._body = None
         self.phase = PHASE_DONE
@@ -179,13 +193,23 @@ class H1Parser:
         self.upgrade = None
         return err
 
+    def partial_request(self) -> Request | None:
+        """The request in progress as far as it was parsed (its target and fields,
+        for the shape of a refusal or a timeout: JSON under /v1/), or None."""
+        if self._pending is not None:
+            return self._pending
+        if self.phase == PHASE_HEAD and self._url:
+            m = self._p.get_method()
+            return Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
+                           self._headers, self.client, False)
+        return None
+
     # ------------------------------------------------------------ httptools callbacks
     # No on_message_begin: a request's head starts with its first target byte,
     # which saves a callback per request (a partial method alone stays "idle").
     def on_url(self, url: bytes) -> None:
         if self.phase == PHASE_IDLE:
             self.phase = PHASE_HEAD
-            self.head_started = self._now
             self._url = url
             self._head_size = len(url)
             self._head_bytes = 0
@@ -211,7 +235,8 @@ class H1Parser:
             raise HttpError(431, "request header fields too large")
         hosts = 0
         length: bytes | None = None  # llhttp has checked it is digits, and only one
-        expect = chunked = connection = False
+        te: bytes | None = None
+        expect = connection = False
         for name, value in headers:
             kind = _FIELD_KIND.get(name)
             if kind is None:
@@ -230,15 +255,9 @@ class H1Parser:
                 if value.lower().rstrip() != b"100-continue":  # llhttp keeps trailing OWS
                     raise HttpError(417, "only 'Expect: 100-continue' is supported")
                 expect = True
-            else:  # Transfer-Encoding
-                # llhttp refuses (400) a final coding other than chunked, sometimes
-                # only after this callback: 400 here too. We decode no other coding.
-                v = value.lower().rstrip()
-                if v != b"chunked":
-                    if v.rpartition(b",")[2].strip() != b"chunked":
-                        raise HttpError(400, "chunked must be the final transfer coding")
-                    raise HttpError(501, "only the chunked transfer coding is supported")
-                chunked = True
+            else:  # Transfer-Encoding: several lines are one list (RFC 9110 5.3)
+                te = value if te is None else te + b"," + value
+        chunked = te is not None and _check_codings(te)
         keep_alive = p.should_keep_alive()
         if keep_alive and not connection:
             # llhttp keeps a request alive without a Connection header only for
@@ -258,8 +277,10 @@ class H1Parser:
         if length is not None and len(length) >= self._max_body_digits \
                 and int(length) > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
-        self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
         method = p.get_method()
+        if self._url == b"*" and method != b"OPTIONS":
+            raise HttpError(400, "the target '*' is only for OPTIONS")  # RFC 9112 3.2.4
+        self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
         self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
                                 version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY

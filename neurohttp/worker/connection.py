@@ -483,7 +483,9 @@ class HttpConnection(ClientConnection):
             elif now - self.idle_since > w.keepalive_timeout:
                 self._drop()  # idle keep-alive: close quietly, as nginx does
         elif phase == PHASE_HEAD:
-            if now - self.parser.head_started > w.header_timeout:
+            # from the connection's start or the last response, not the head's first
+            # byte: silence then a trickle gets no second header_timeout
+            if now - self.idle_since > w.header_timeout:
                 self._timeout_error()
         elif phase == PHASE_BODY or phase == PHASE_UPGRADE_BODY:
             if now - self.parser.body_started > w.body_timeout:
@@ -498,9 +500,12 @@ class HttpConnection(ClientConnection):
             t.close()
 
     def _timeout_error(self) -> None:
+        """408 and close, in the shape of the request as far as it came (JSON on /v1/)."""
         self.slot[_S_REQUESTS] += 1
         self.slot[L.S_ERRORS_PARSE] += 1
-        self._send(None, error_response(None, 408, "request not received in time"), monotonic())
+        req = self.parser.partial_request()
+        self.closing = True
+        self._send(req, error_response(req, 408, "request not received in time"), monotonic())
 
     def shutdown(self) -> None:
         """The worker stops: close now if idle, else after the response in flight.
