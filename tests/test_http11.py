@@ -781,6 +781,49 @@ def test_disconnect_mid_response_stream_leaves_nothing(srv):
     assert stats(srv)["streams_cancelled"] == before["streams_cancelled"] + 1
 
 
+def test_cancelled_answers_are_counted_and_logged_as_499(make_server, tmp_path):
+    """A client that leaves mid-stream, or before an async answer, still gets its
+    response counted (as 499, nginx's "client closed request", in 4xx) and an
+    access-log line: requests == responses once it is gone. Pipelined requests it
+    left unanswered are never counted."""
+    log_path = tmp_path / "access.log"
+    srv1 = make_server(workers=1, config={
+        "log": {"access_log": str(log_path)},
+        "models": {"slower": {"provider": "echo", "token_delay_ms": 1000}}})
+    before = stats(srv1)
+    with Conn(srv1) as c:  # a stream: leave after its head and first token, with a reset
+        c.send(chat("x", stream=True, model="slower") + GET_HEALTH * 3)
+        while b"\r\n\r\n" not in c.buf:
+            c._fill()
+        assert c.buf.startswith(b"HTTP/1.1 200")
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    settle(srv1, "streams_active", 0)
+    with Conn(srv1) as c:  # a whole (not streamed) answer that takes seconds: leave first
+        c.send(chat("x", model="slower"))
+        wait_for(lambda: stats(srv1)["requests"] >= before["requests"] + 4, WAIT, 0.1,
+                 "the request to be taken")
+        # a reset: a FIN alone is a half-close, whose answer is still sent
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    wait_for(lambda: stats(srv1)["status"]["4xx"] == before["status"]["4xx"] + 2, WAIT, 0.1,
+             "both answers to be counted")
+    after = stats(srv1)
+    # every counted request has its counted response (a /stats read counts itself as a
+    # request, not yet as a response: the difference stays 1); the pipelined GETs never ran
+    assert before["requests"] - before["responses"] == 1, before
+    assert after["requests"] - after["responses"] == 1, after
+    assert after["status"]["2xx"] - before["status"]["2xx"] == \
+        after["requests"] - before["requests"] - 2, (before, after)
+    assert after["streams_cancelled"] == before["streams_cancelled"] + 1
+
+    def logged() -> list[dict]:
+        lines = [json.loads(x) for x in log_path.read_text().splitlines()] \
+            if log_path.exists() else []
+        return [x for x in lines if x["status"] == 499]
+    cancelled = wait_for(lambda: len(logged()) == 2 and logged(), WAIT, 0.1, "two 499 lines")
+    assert [x["path"] for x in cancelled] == ["/v1/chat", "/v1/chat"]
+    assert cancelled[0]["bytes"] > 0  # the stream's head and first token went out
+
+
 def test_disconnect_with_unread_pipelined_responses_leaves_nothing(srv):
     base = stats(srv)["active_connections"]
     for _ in range(3):

@@ -56,7 +56,7 @@ class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
-                 "cutting", "meter", "queued_bytes")
+                 "cutting", "meter", "queued_bytes", "owed")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -83,6 +83,7 @@ class HttpConnection(ClientConnection):
         self.stalled_since = 0.0    # when unsent output last went over the bound
         self.stream: StreamingResponse | None = None  # the stream being sent
         self.cutting = False        # the server ends the stream (shutdown deadline)
+        self.owed = 0.0             # t0 of the async request in flight not yet counted answered
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -103,6 +104,7 @@ class HttpConnection(ClientConnection):
             # Over the per-worker cap: refuse politely.
             resp = error_response(None, 503, "server busy, try again",
                                   headers={"Retry-After": "1"})
+            s[_S_REQUESTS] += 1  # counted with its answer: requests == responses
             self._send(None, resp, self.idle_since)
 
     def data_received(self, data: bytes) -> None:
@@ -121,7 +123,6 @@ class HttpConnection(ClientConnection):
                 self.fresh = False
                 if self.w.draining:  # accepted while draining: answer once, with close
                     self.closing = True
-            self.slot[_S_REQUESTS] += len(reqs)
             if self.busy or self.queue:
                 self._enqueue(reqs, now)
             elif len(reqs) == 1:
@@ -165,6 +166,9 @@ class HttpConnection(ClientConnection):
         if not self._forget():
             return
         self._drop_queue()
+        if self.owed and self.stream is None:
+            # the client left before its answer began (a stream counts its own end)
+            self._settle(self.current, 499, 0, self.owed)
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.w.on_connection_closed()
@@ -186,6 +190,10 @@ class HttpConnection(ClientConnection):
 
     # ------------------------------------------------------------ dispatch
     def _handle(self, req: Request, t0: float) -> None:
+        # Requests are counted when taken for an answer, not when parsed: one left in
+        # the queue when the client goes (or after a closing answer) is never counted,
+        # so every counted request gets exactly one counted response.
+        self.slot[_S_REQUESTS] += 1
         self.current = req
         try:
             result = self.app.handle(req)
@@ -198,6 +206,7 @@ class HttpConnection(ClientConnection):
             self._upgrade(req, result, t0)
         else:
             self.busy = True
+            self.owed = t0
             self.task = self.w.loop.create_task(self._run_async(req, result, t0))
 
     async def _run_async(self, req: Request, result: Any, t0: float) -> None:
@@ -213,17 +222,22 @@ class HttpConnection(ClientConnection):
             if isinstance(result, StreamingResponse):
                 await self._stream(req, result, t0)
             elif isinstance(result, WebSocketUpgrade):
+                self.owed = 0.0
                 self._upgrade(req, result, t0)
                 return
-            elif isinstance(result, Response):
-                self._send(req, result, t0)
             else:
-                log.error("handler for %s %s returned %r", req.method, req.path, type(result))
-                self._send(req, error_response(req, 500, "internal server error"), t0)
+                if not isinstance(result, Response):
+                    log.error("handler for %s %s returned %r", req.method, req.path,
+                              type(result))
+                    result = error_response(req, 500, "internal server error")
+                self.owed = 0.0
+                self._send(req, result, t0)
         except asyncio.CancelledError:
-            return  # the client went away, or the worker is stopping
+            return  # the client went away (counted in connection_lost), or the worker stops
         except Exception:
             log.exception("response for %s %s failed", req.method, req.path)
+            if self.owed:
+                self._settle(req, 500, 0, t0)
             self._close()
             return
         finally:
@@ -310,6 +324,14 @@ class HttpConnection(ClientConnection):
         route = self.app.route_index.get(req.target)
         return self.app.route_index.get(req.path, 0) if route is None else route
 
+    def _settle(self, req: Request | None, status: int, nbytes: int, t0: float) -> None:
+        """Count and log the end of an async answer that did not end normally; its
+        bytes were counted as they were written."""
+        self.owed = 0.0
+        self._account(status, 0, t0, self._route(req) if req is not None else 0)
+        if self.w.access_log is not None:
+            self.w.access_log.record(req, status, nbytes, t0)
+
     def _account(self, status: int, nbytes: int, t0: float, route: int = 0) -> None:
         """Count a response. Done before its last bytes are handed to the socket,
         so a client that has read it sees it in any later /stats."""
@@ -363,6 +385,7 @@ class HttpConnection(ClientConnection):
                         await self.drain()
             cancelled = False
             tail = b"" if http10 or head_only else ser.LAST_CHUNK
+            self.owed = 0.0
             self._account(resp.status, len(tail), t0, route)
             if tail:
                 self.transport.write(tail)
@@ -373,11 +396,20 @@ class HttpConnection(ClientConnection):
                 # shutdown deadline: a last error event, a proper end of body, close
                 last = resp.abort_chunk if resp.abort_chunk and not head_only else b""
                 data = last if http10 else (ser.chunk(last) if last else b"") + ser.LAST_CHUNK
+                self.owed = 0.0
                 self._account(resp.status, len(data), t0, route)
                 self.transport.write(data)
                 self.transport.close()
                 if self.w.access_log is not None:
                     self.w.access_log.record(req, resp.status, sent + len(data), t0)
+            elif self.owed:
+                # the client went away mid-stream: nginx's 499, counted as a response
+                # (4xx) so that requests == responses once it is gone
+                self._settle(req, 499, sent, t0)
+            raise
+        except Exception:
+            if self.owed:  # a body that failed half-way: its status went out with the head
+                self._settle(req, resp.status, sent, t0)
             raise
         finally:
             self.stream = None
@@ -407,7 +439,6 @@ class HttpConnection(ClientConnection):
         self.error = error_response(e.request, e.status, e.message)
         if e.requests:
             self.fresh = False
-            self.slot[_S_REQUESTS] += len(e.requests)
             for r in e.requests:
                 self.queue.append((r, now))
                 self.queued_bytes += len(r.body)
