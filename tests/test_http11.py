@@ -585,6 +585,58 @@ def test_header_timeout_runs_from_the_connection_and_the_last_response(make_serv
     assert all(v < timeout for v in trickled.values()), trickled
 
 
+BLOCKING_PLUGIN = '''
+import time
+from neurohttp.plugins import Response
+
+def setup(app, options):
+    @app.route("GET", "/block")
+    def block_the_loop(request):
+        time.sleep(options["seconds"])   # a handler that blocks the event loop
+        return Response("unblocked")
+'''
+
+
+def test_a_loop_stall_does_not_time_out_requests_that_arrived_during_it(make_server, tmp_path):
+    """A handler blocks the loop for longer than keepalive_timeout and header_timeout;
+    meanwhile idle keep-alive clients send their next request, silent new connections
+    their first, and half-sent heads their end. When the loop runs again, the timeout
+    sweep must not take them for idle: each gets its answer."""
+    pdir = tmp_path / "plugins"
+    pdir.mkdir()
+    (pdir / "blocker.py").write_text(BLOCKING_PLUGIN)
+    srv1 = make_server(workers=1, config={
+        "server": {"keepalive_timeout": 1.0, "header_timeout": 2.0},
+        "plugins": {"paths": [str(pdir)], "enabled": ["blocker"], "blocker": {"seconds": 3.5}}})
+    keep = [Conn(srv1) for _ in range(6)]
+    for c in keep:
+        c.send(GET_HEALTH)
+        assert c.response()[0] == 200
+    fresh = [Conn(srv1) for _ in range(3)]
+    partial = [Conn(srv1) for _ in range(3)]
+    for c in partial:
+        c.send(GET_HEALTH[:20])
+    blocker = Conn(srv1)
+    try:
+        blocker.send(b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.5)  # the loop is blocked now; everything below waits in the sockets
+        for c in keep + fresh:
+            c.send(GET_HEALTH)
+        for c in partial:
+            c.send(GET_HEALTH[20:])
+        assert blocker.response()[0] == 200
+        statuses = []
+        for c in keep + fresh + partial:
+            try:
+                statuses.append(c.response()[0])
+            except (EOFError, ConnectionResetError) as e:
+                statuses.append(repr(e))
+        assert statuses == [200] * 12, statuses
+    finally:
+        for c in keep + fresh + partial + [blocker]:
+            c.close()
+
+
 def test_408_for_an_upgrade_request_whose_body_stalls(srv):
     # Upgrade requests collect their body outside llhttp; the body timeout covers that too
     with Conn(srv) as c:

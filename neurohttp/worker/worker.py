@@ -53,6 +53,13 @@ ACCEPT_LINGER_MAX = 2.0
 # A connection accepted but still silent this long into a drain is closed.
 FRESH_GRACE = 1.0
 CUT_FLUSH = 0.5  # after the drain deadline, how long cut streams get to send their last event
+# The timeout sweep runs this long after the tick, so that the loop polls in between:
+# after a stall (a handler that blocked the loop), requests that arrived meanwhile are
+# read before the sweep would take their connections for idle. A sweep that itself
+# runs more than SWEEP_LATE late (another stall) waits again, at most SWEEP_RETRIES times.
+SWEEP_DELAY = 0.002
+SWEEP_LATE = 0.1
+SWEEP_RETRIES = 3
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -153,18 +160,26 @@ class Worker:
         self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
         if self.access_log is not None:
             self.access_log.flush()
-        now = time.monotonic()
-        for conn in list(self.connections):
-            try:
-                conn.check_timeouts(now)
-            except Exception:
-                log.exception("timeout check failed")
+        self.loop.call_later(SWEEP_DELAY, self._sweep, time.monotonic() + SWEEP_DELAY, 0)
         if os.getppid() != self.master_pid and not self.draining:
             log.warning("worker %d: master %d is gone, stopping", self.worker_id, self.master_pid)
             self.begin_drain()
         # wake just after the next half-second boundary so Date is never a second stale
         delay = TICK - (now_wall % TICK) + 0.001
         self.loop.call_later(delay, self._tick)
+
+    def _sweep(self, due: float, retries: int) -> None:
+        """Check every connection's timeouts, once the I/O that waited behind any
+        stall has been handled (see SWEEP_DELAY)."""
+        now = time.monotonic()
+        if now - due > SWEEP_LATE and retries < SWEEP_RETRIES:
+            self.loop.call_later(SWEEP_DELAY, self._sweep, now + SWEEP_DELAY, retries + 1)
+            return
+        for conn in list(self.connections):
+            try:
+                conn.check_timeouts(now)
+            except Exception:
+                log.exception("timeout check failed")
 
     def begin_drain(self) -> None:
         """Answer everything with Connection: close from now on; _drain then
