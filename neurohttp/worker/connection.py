@@ -56,7 +56,7 @@ class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
-                 "cutting", "meter", "queued_bytes", "owed")
+                 "cutting", "meter", "queued_bytes", "owed", "said_close")
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -69,6 +69,7 @@ class HttpConnection(ClientConnection):
         self.queued_bytes = 0       # the bodies of the requests in `queue`
         self.busy = False           # an async handler or a stream owns the connection
         self.closing = False        # answer what is in flight with Connection: close, then close
+        self.said_close = False     # an answer with Connection: close went out
         self.lingering = 0.0        # >0: output is done, input is dropped until this time
         self.write_paused = False
         self.read_paused = False
@@ -109,8 +110,8 @@ class HttpConnection(ClientConnection):
 
     def data_received(self, data: bytes) -> None:
         self.slot[_S_BYTES_IN] += len(data)
-        if self.closing and (self.lingering or not (self.busy or self.queue)):
-            return  # closing: nothing more will be answered
+        if self.lingering:
+            return  # the last answer went out: nothing more will be answered
         now = monotonic()
         parser = self.parser
         try:
@@ -257,7 +258,7 @@ class HttpConnection(ClientConnection):
             self._resume_reading()
         if not self.busy and not queue and not self.closed:
             parser = self.parser
-            if self.error is not None and not self.closing:
+            if self.error is not None and not self.said_close:
                 self.slot[_S_REQUESTS] += 1  # counted when answered: requests == responses
                 self._send(None, self.error, monotonic())
             elif self.closing or self.eof:
@@ -315,7 +316,7 @@ class HttpConnection(ClientConnection):
         if self.w.access_log is not None:  # the only cost of the access log when it is off
             self.w.access_log.record(req, status, len(head) + len(body), t0)
         if not keep:
-            self.closing = True
+            self.closing = self.said_close = True
             if not self.busy:
                 self._close()
 
@@ -429,7 +430,7 @@ class HttpConnection(ClientConnection):
                     except Exception:
                         pass
         if not keep:
-            self.closing = True
+            self.closing = self.said_close = True
 
     # ------------------------------------------------------------ errors, closing
     def _protocol_error(self, e: HttpError, now: float) -> None:
@@ -539,19 +540,12 @@ class HttpConnection(ClientConnection):
         self._send(req, error_response(req, 408, "request not received in time"), monotonic())
 
     def shutdown(self) -> None:
-        """The worker stops: close now if idle, else after the response in flight.
+        """The worker drains: the next answer ends the connection (Connection: close).
 
-        A fresh connection (no request yet) is left open: its request may be
-        on the way, and is answered with Connection: close. The worker's drain
-        closes it if it stays silent (close_if_silent)."""
-        if self.fresh and not self.busy and not self.queue:
-            return
+        An idle connection is not closed now: its client may be sending a request
+        at this moment, which a close would lose (no client can tell it from a
+        request the server took). It is answered, with close, or closed by the
+        sweep when it reaches keepalive_timeout (header_timeout for one that never
+        sent a request), as it would be anyway; the drain's deadline,
+        graceful_timeout, ends what is left. Called on every pass of the drain."""
         self.closing = True
-        if not self.busy and not self.queue and self.parser.phase == PHASE_IDLE:
-            if not self.lingering:
-                self.transport.close()
-
-    def close_if_silent(self) -> None:
-        if self.fresh and not self.busy and not self.queue and self.parser.phase == PHASE_IDLE \
-                and not self.lingering and not self.closed:
-            self.transport.close()

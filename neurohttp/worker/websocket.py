@@ -119,7 +119,6 @@ class WebSocketConnection(ClientConnection):
         self.closed = False
         self.going_away = False     # the worker drains: close once the message in hand is done
         self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
-        self.fresh = False          # (the worker's drain asks: a request has been served)
         self.idle_since = monotonic()  # the last message either way (ws_idle_timeout)
         self.heard = self.idle_since  # the last bytes from the client (ws_ping_s)
         self.ping_sent = 0.0          # our ping still unanswered since then
@@ -311,9 +310,6 @@ class WebSocketConnection(ClientConnection):
     def _clear_inbox(self) -> None:
         self.inbox.clear()
         self.inbox_len = 0
-
-    def close_if_silent(self) -> None:
-        pass  # never "fresh": the upgrade request was served
 
     def cut(self) -> None:
         """The drain deadline passed: end the answer in progress with an error

@@ -50,8 +50,6 @@ TICK = 0.5  # seconds between sweeps (timeouts), heartbeats and Date refreshes
 # its handshake, must be served rather than reset.
 ACCEPT_LINGER = 0.3
 ACCEPT_LINGER_MAX = 2.0
-# A connection accepted but still silent this long into a drain is closed.
-FRESH_GRACE = 1.0
 CUT_FLUSH = 0.5  # after the drain deadline, how long cut streams get to send their last event
 # The timeout sweep runs this long after the tick, so that the loop polls in between:
 # after a stall (a handler that blocked the loop), requests that arrived meanwhile are
@@ -203,11 +201,8 @@ class Worker:
             srv.close()
         deadline = start + self.graceful_timeout
         while self.connections and time.monotonic() < deadline:
-            now = time.monotonic()
             for conn in list(self.connections):
-                conn.shutdown()
-                if conn.fresh and now - conn.idle_since > FRESH_GRACE:
-                    conn.close_if_silent()
+                conn.shutdown()  # (idle ones close at their timeout: see HttpConnection)
             await asyncio.sleep(0.05)
         if self.connections:
             # Streams still running: end each with a final error event (OpenAI's
