@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from .. import config as config_mod
+from .. import fdlimit
 from ..config import Config
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
@@ -98,6 +99,7 @@ class Master:
         running = pidfile.read(pid_path)
         if running and running != self.pid:
             raise StartupError(f"already running: master pid {running} (pid file {pid_path})")
+        fdlimit.prepare(cfg.server.max_connections)  # before any fork: workers inherit it
         try:
             self.listeners = open_listeners(cfg.binds, self.target, cfg.server.backlog)
         except BindError as e:

@@ -52,6 +52,11 @@ _NO_BODY = frozenset([*range(100, 200), 204, 304])
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
 
 
+def busy_response() -> Response:
+    """The answer of a full worker to a new connection."""
+    return error_response(None, 503, "server busy, try again", headers={"Retry-After": "1"})
+
+
 class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
@@ -101,12 +106,12 @@ class HttpConnection(ClientConnection):
         transport.set_write_buffer_limits(high=w.write_buffer_bytes)
         # A connection accepted while draining is served (see data_received): it
         # was queued on a socket that may be closing for good.
-        if len(w.connections) > w.max_connections:
-            # Over the per-worker cap: refuse politely.
-            resp = error_response(None, 503, "server busy, try again",
-                                  headers={"Retry-After": "1"})
+        n = len(w.connections)
+        w.gate.opened(n)  # at the cap: the acceptors refuse from now on
+        if n > w.max_connections:
+            # accepted before the acceptors switched: refuse politely too
             s[_S_REQUESTS] += 1  # counted with its answer: requests == responses
-            self._send(None, resp, self.idle_since)
+            self._send(None, busy_response(), self.idle_since)
 
     def data_received(self, data: bytes) -> None:
         self.slot[_S_BYTES_IN] += len(data)
@@ -324,6 +329,18 @@ class HttpConnection(ClientConnection):
         """The stats index of the request's route (0: "other"); _send inlines this."""
         route = self.app.route_index.get(req.target)
         return self.app.route_index.get(req.path, 0) if route is None else route
+
+    @classmethod
+    def count_refusal(cls, worker: Worker, nbytes: int, t0: float) -> None:
+        """Count a connection the acceptor answered 503 and closed at once, as the
+        connection would count its own (worker/acceptor.py)."""
+        c = cls(worker)
+        s = c.slot
+        s[L.S_CONNECTIONS] += 1
+        s[_S_REQUESTS] += 1
+        c._account(503, nbytes, t0)
+        if worker.access_log is not None:
+            worker.access_log.record(None, 503, nbytes, t0)
 
     def _settle(self, req: Request | None, status: int, nbytes: int, t0: float) -> None:
         """Count and log the end of an async answer that did not end normally; its

@@ -21,6 +21,7 @@ import traceback
 from types import FrameType
 from typing import Any
 
+from .. import fdlimit
 from ..ai.models import ModelRegistry
 from ..ai.pipeline import Pipeline
 from ..app import App
@@ -38,6 +39,7 @@ from ..protocol.serialize import clock
 from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
+from .acceptor import Gate
 from .connection import HttpConnection
 
 log = logging.getLogger("neurohttp")
@@ -91,13 +93,13 @@ class Worker:
         self.send_timeout = srv.send_timeout
         self.ws_ping_s = srv.ws_ping_s
         self.ws_idle_timeout = srv.ws_idle_timeout
-        self.max_connections = srv.max_connections
+        self.max_connections = fdlimit.connection_cap(srv.max_connections)
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
         self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
         self.draining = False
-        self.servers: list[Any] = []
+        self.gate: Gate = None  # type: ignore[assignment]  # made with the loop (_main)
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
@@ -135,10 +137,9 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
-        backlog = self.cfg.server.backlog
-        for sock in self.sockets:
-            self.servers.append(await loop.create_server(
-                lambda: HttpConnection(self), sock=sock, backlog=backlog))
+        self.gate = Gate(self)
+        await self.gate.listen(self.sockets, lambda: HttpConnection(self),
+                               self.cfg.server.backlog)
         s = self.slot
         s[L.S_PID] = os.getpid()
         s[L.S_STATE] = L.STATE_READY
@@ -159,6 +160,7 @@ class Worker:
         if self.access_log is not None:
             self.access_log.flush()
         self.loop.call_later(SWEEP_DELAY, self._sweep, time.monotonic() + SWEEP_DELAY, 0)
+        self.gate.tick()
         if os.getppid() != self.master_pid and not self.draining:
             log.warning("worker %d: master %d is gone, stopping", self.worker_id, self.master_pid)
             self.begin_drain()
@@ -197,8 +199,7 @@ class Worker:
         while (any(accept_queue_length(s) for s in self.sockets if s.fileno() >= 0)
                and time.monotonic() - start < ACCEPT_LINGER_MAX):
             await asyncio.sleep(0.02)
-        for srv in self.servers:
-            srv.close()
+        self.gate.close()
         deadline = start + self.graceful_timeout
         while self.connections and time.monotonic() < deadline:
             for conn in list(self.connections):
@@ -218,7 +219,7 @@ class Worker:
         await asyncio.sleep(0)
 
     def on_connection_closed(self) -> None:
-        pass
+        self.gate.released(len(self.connections))
 
     def reopen_logs(self) -> None:
         from .. import logs
