@@ -299,7 +299,12 @@ BAD = {
     "bare_cr_line_end": b"GET / HTTP/1.1\rHost: a\r\n\r\n",
     "bare_lf": b"GET / HTTP/1.1\nHost: a\n\n",
     "bad_request_line": b"GARBAGE\r\n\r\n",
-    "lowercase_method": b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "method_then_slash": b"GET/health HTTP/1.1\r\nHost: a\r\n\r\n",
+    "method_then_tab": b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    "at_sign_in_method": b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "no_method": b" / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "endless_method": b"X" * 40 + b" / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "binary": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     "extra_token_in_request_line": b"GET / HTTP/1.1 extra\r\nHost: a\r\n\r\n",
     "space_in_target": b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
     "nul_in_target": b"GET /a\x00b HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -333,6 +338,46 @@ def test_bad_input_is_400(name, sizes):
 @pytest.mark.parametrize("sizes", [None, 1])
 def test_unsupported_version_is_505(data, sizes):
     assert error_of(data, sizes).status == 505
+
+
+UNKNOWN_METHODS = [b"FOO / HTTP/1.1", b"get / HTTP/1.1", b"GETX / HTTP/1.1", b"BREW /pot HTTP/1.1",
+                   b"GE / HTTP/1.1", b"M-SEARCHX * HTTP/1.1", b"DESCRIBE / HTTP/1.1",
+                   b"X" * 32 + b" / HTTP/1.1"]
+BEFORE = [b"", GET, GET + b"\r\n",
+          b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nABGE",
+          b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 900 + b"\r\n\r\n"]
+
+
+@pytest.mark.parametrize("line", UNKNOWN_METHODS)
+@pytest.mark.parametrize("before", range(len(BEFORE)))
+@pytest.mark.parametrize("sizes", [None, 1, 7, 1000])
+def test_unknown_method_is_501_whatever_came_before_and_the_split(line, before, sizes):
+    # RFC 9110 9.1: a method the server does not recognise (methods are case-sensitive)
+    data = BEFORE[before] + line + b"\r\nHost: a\r\n\r\n"
+    p = parser()
+    got = []
+    with pytest.raises(HttpError) as ei:
+        for i in range(0, len(data), sizes or len(data)):
+            got += p.feed(data[i:i + (sizes or len(data))], 1.0)
+    assert ei.value.status == 501
+    assert len(got + ei.value.requests) == (1 if before else 0)
+
+
+def test_unknown_method_waits_for_the_end_of_its_token():
+    p = parser()
+    assert p.feed(b"BRE", 1.0) == [] and p.feed(b"WING", 1.0) == []  # still a token
+    with pytest.raises(HttpError) as ei:
+        p.feed(b" / HTTP/1.1\r\n", 1.0)
+    assert ei.value.status == 501
+
+
+def test_after_a_chunked_request_an_unknown_method_is_400():
+    # a chunked body's state cannot be rebuilt to find the next request line (method.py)
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"
+            b"0\r\n\r\nFOO / HTTP/1.1\r\nHost: a\r\n\r\n")
+    for sizes in (None, 1, 5):
+        e = error_of(data, sizes)
+        assert e.status == 400
 
 
 @pytest.mark.parametrize("te", [b"Transfer-Encoding: gzip, chunked\r\n",

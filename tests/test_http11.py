@@ -697,6 +697,20 @@ def test_strict_parsing_400_and_close(srv, name):
         c.expect_eof()
 
 
+@pytest.mark.parametrize("line", [b"FOO /health HTTP/1.1", b"BREW /pot HTTP/1.1",
+                                  b"get /health HTTP/1.1", b"DESCRIBE / HTTP/1.1"])
+def test_unknown_method_is_501(srv, line):
+    # RFC 9110 9.1: a well-formed method the server does not know (case-sensitive); the
+    # request before it on the connection is answered first
+    with Conn(srv) as c:
+        c.send(GET_HEALTH + line + b"\r\nHost: t\r\n\r\n")
+        assert c.response()[0] == 200
+        status, headers, _ = c.response()
+        assert status == 501 and headers["connection"] == "close"
+        assert_common(headers)
+        c.expect_eof()
+
+
 @pytest.mark.parametrize("data", [b"GET /health HTTP/2.0\r\nHost: t\r\n\r\n",
                                   b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"])
 def test_http2_over_http1_is_505(srv, data):

@@ -19,12 +19,15 @@ from io import BytesIO
 import httptools
 
 from ..messages import Request
+from . import method as _method
 
 # Interned method names: avoid a decode per request for the common ones.
 _METHODS = {m.encode(): m for m in
             ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
 
 PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_UPGRADE_BODY, PHASE_DONE = 0, 1, 2, 3, 4
+PHASE_METHOD = 5  # an unknown method whose request line must be seen (protocol/method.py)
+_METHOD_TAILS = _method.METHOD_TAILS
 
 # The request fields the parser acts on, found by one dict lookup in their usual
 # spelling; another case is lower-cased only when its length could match.
@@ -69,6 +72,9 @@ def _check_codings(te: bytes) -> bool:
         raise HttpError(400, "chunked must be applied only once")
     raise HttpError(501, "only the chunked transfer coding is supported")
 
+
+# llhttp's reason for a method it knows from another protocol (RTSP's DESCRIBE, ...)
+_FOREIGN_METHOD = "Invalid method for HTTP/x.x request"
 
 # llhttp reasons that mean "a well-formed version we do not speak" (505, not 400)
 _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade",
@@ -116,6 +122,10 @@ class H1Parser:
         self._body_len = 0
         self._pending: Request | None = None  # head parsed, body in progress
         self._upgrade_remaining = 0
+        # Bytes that bring a fresh llhttp parser to this one's state, to find a refused
+        # method's request line (protocol/method.py); None after a chunked request.
+        self._resume: bytes | None = b""
+        self._line = b""              # PHASE_METHOD: the refused request line so far
 
     # ------------------------------------------------------------ input
     def feed(self, data: bytes, now: float) -> list[Request]:
@@ -125,9 +135,12 @@ class H1Parser:
         """
         phase = self.phase
         if phase >= PHASE_UPGRADE_BODY:
+            if phase == PHASE_METHOD:
+                return self._feed_method(data)
             return self._feed_after_upgrade(data)
         self._now = now
         body_before = self._body_len
+        resume = self._resume
         # A head that completes in this feed has at most len(data) bytes more than
         # its earlier reads: only when that could pass the limit are its fields
         # summed (on_headers_complete), so on_header does no accounting.
@@ -146,16 +159,21 @@ class H1Parser:
                 raise self._fail(err) from None
             raise
         except httptools.HttpParserInvalidMethodError:
-            raise self._fail(HttpError(400, "invalid request method")) from None
+            return self._refused_method(resume, data)
         except httptools.HttpParserInvalidURLError:
             raise self._fail(HttpError(400, "invalid request target")) from None
         except httptools.HttpParserError as e:
             reason = str(e)
             if reason in _VERSION_ERRORS:
                 raise self._fail(HttpError(505, "HTTP version not supported")) from None
+            if reason == _FOREIGN_METHOD:
+                raise self._fail(HttpError(501, "method not implemented")) from None
             raise self._fail(HttpError(400, reason or "malformed request")) from None
         done = self._done
         end = self.phase
+        if (end or resume or data[-1:] in _METHOD_TAILS) and resume is not None \
+                and self._resume is not None:  # (None since a chunked head in this feed)
+            self._keep_resume(resume, data, end, len(done))
         if end:
             # A message is still incomplete: bound what httptools buffers for it
             # (a partial header or trailer value), counting whole chunks.
@@ -181,6 +199,62 @@ class H1Parser:
             self._done = []
         return done
 
+    # ------------------------------------------------------------ unknown methods
+    def _keep_resume(self, resume: bytes, data: bytes, end: int, done: int) -> None:
+        """Update the resume prefix after a feed (the common case, a feed ending
+        after a whole message with no method begun, keeps b"" and never comes here)."""
+        if end == PHASE_BODY:
+            self._resume = self._body_resume()
+        elif end > PHASE_BODY:
+            self._resume = None  # an Upgrade: llhttp parses no more on this connection
+        elif not done:
+            self._resume = (resume + data).lstrip(b"\r\n")
+        elif end == PHASE_HEAD or data[-1:] in _METHOD_TAILS:
+            buf = resume + data  # the new message begins after the last complete one
+            at = _method.message_end(buf, done)
+            self._resume = buf[at:].lstrip(b"\r\n") if at >= 0 else None
+        else:
+            self._resume = b""
+
+    def _body_resume(self) -> bytes | None:
+        """A Content-Length body in progress, as a synthetic head (method.body_prefix)."""
+        req = self._pending
+        if req is None:
+            return None
+        for name, value in req.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                return _method.body_prefix(int(value) - self._body_len)
+        return None
+
+    def _refused_method(self, resume: bytes | None, data: bytes) -> list[Request]:
+        """llhttp refused a method: 501 if the request line starts with a token and a
+        space (an unknown method), else 400; wait for more bytes while undecided."""
+        if resume is None or self._resume is None:  # a chunked request came first
+            raise self._fail(HttpError(400, "invalid request method"))
+        done = len(self._done)
+        buf = resume + data
+        at = _method.message_end(buf, done) if done else 0
+        if at < 0:
+            raise self._fail(HttpError(400, "invalid request method"))
+        self._line = buf[at:].lstrip(b"\r\n")
+        self.phase = PHASE_METHOD
+        self._judge_method()
+        reqs = self._done  # answered first; the verdict comes with a later feed
+        self._done = []
+        return reqs
+
+    def _feed_method(self, data: bytes) -> list[Request]:
+        self._line += data
+        self._judge_method()
+        return []
+
+    def _judge_method(self) -> None:
+        status = _method.verdict(self._line)
+        if status == 501:
+            raise self._fail(HttpError(501, "method not implemented"))
+        if status is not None:
+            raise self._fail(HttpError(400, "invalid request method"))
+
     def _fail(self, err: HttpError) -> HttpError:
         """Attach the requests completed before `err`; take no more input."""
         err.requests = self._done
@@ -191,6 +265,7 @@ class H1Parser:
         self.phase = PHASE_DONE
         self.continue_pending = False
         self.upgrade = None
+        self._line = b""
         return err
 
     def partial_request(self) -> Request | None:
@@ -258,6 +333,8 @@ class H1Parser:
             else:  # Transfer-Encoding: several lines are one list (RFC 9110 5.3)
                 te = value if te is None else te + b"," + value
         chunked = te is not None and _check_codings(te)
+        if chunked:
+            self._resume = None  # no prefix rebuilds a chunked body's state (method.py)
         keep_alive = p.should_keep_alive()
         if keep_alive and not connection:
             # llhttp keeps a request alive without a Connection header only for

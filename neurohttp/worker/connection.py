@@ -26,6 +26,7 @@ from ..protocol.h1 import (
     PHASE_BODY,
     PHASE_HEAD,
     PHASE_IDLE,
+    PHASE_METHOD,
     PHASE_UPGRADE_BODY,
     H1Parser,
     HttpError,
@@ -531,7 +532,7 @@ class HttpConnection(ClientConnection):
                     self._timeout_error()
             elif now - self.idle_since > w.keepalive_timeout:
                 self._drop()  # idle keep-alive: close quietly, as nginx does
-        elif phase == PHASE_HEAD:
+        elif phase == PHASE_HEAD or phase == PHASE_METHOD:
             # from the connection's start or the last response, not the head's first
             # byte: silence then a trickle gets no second header_timeout
             if now - self.idle_since > w.header_timeout:
