@@ -86,7 +86,8 @@ class H1Parser:
 
     Attributes the I/O layer reads between feeds:
       phase         PHASE_* of the message in progress
-      body_started  time (as passed to feed) the current head completed
+      body_started  time (as passed to feed) the current head completed, for a
+                    body still incomplete at the end of a feed
       continue_pending  the current request awaits "100 Continue"
       upgrade       set to (request, leftover bytes) when a request asked to
                     switch protocols; the parser accepts no more input then
@@ -106,7 +107,6 @@ class H1Parser:
         self.body_started = 0.0
         self.continue_pending = False
         self.upgrade: tuple[Request, bytes] | None = None
-        self._now = 0.0
         self._done: list[Request] = []
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -138,9 +138,7 @@ class H1Parser:
             if phase == PHASE_METHOD:
                 return self._feed_method(data)
             return self._feed_after_upgrade(data)
-        self._now = now
         body_before = self._body_len
-        resume = self._resume
         # A head that completes in this feed has at most len(data) bytes more than
         # its earlier reads: only when that could pass the limit are its fields
         # summed (on_headers_complete), so on_header does no accounting.
@@ -159,7 +157,7 @@ class H1Parser:
                 raise self._fail(err) from None
             raise
         except httptools.HttpParserInvalidMethodError:
-            return self._refused_method(resume, data)
+            return self._refused_method(data)
         except httptools.HttpParserInvalidURLError:
             raise self._fail(HttpError(400, "invalid request target")) from None
         except httptools.HttpParserError as e:
@@ -171,9 +169,9 @@ class H1Parser:
             raise self._fail(HttpError(400, reason or "malformed request")) from None
         done = self._done
         end = self.phase
-        if (end or resume or data[-1:] in _METHOD_TAILS) and resume is not None \
-                and self._resume is not None:  # (None since a chunked head in this feed)
-            self._keep_resume(resume, data, end, len(done))
+        # self._resume is still what it was before this feed (or None after a chunked
+        # head in it): the common case, a feed ending after a whole message with no
+        # method begun, keeps b"" at the cost of one test here.
         if end:
             # A message is still incomplete: bound what httptools buffers for it
             # (a partial header or trailer value), counting whole chunks.
@@ -187,6 +185,8 @@ class H1Parser:
                 if self._head_bytes > self.max_header_bytes:
                     raise self._fail(HttpError(431, "request header fields too large"))
             elif end == PHASE_BODY:
+                if phase != PHASE_BODY or done:
+                    self.body_started = now  # its head completed in this feed
                 # Chunk-size lines, extensions and trailers: only reads that carried
                 # no body data count, so small legitimate chunks never add up.
                 if phase == PHASE_BODY and not done and self._body_len == body_before:
@@ -195,6 +195,11 @@ class H1Parser:
                         raise self._fail(HttpError(431, "chunk framing or trailer fields too large"))
                 else:
                     self._framing = 0
+            if self._resume is not None:
+                self._keep_resume(self._resume, data, end, len(done))
+        elif (data and data[-1] in _METHOD_TAILS) or self._resume:
+            if self._resume is not None:  # (a request line begun, or a carry to keep)
+                self._keep_resume(self._resume, data, end, len(done))
         if done:
             self._done = []
         return done
@@ -209,7 +214,7 @@ class H1Parser:
             self._resume = None  # an Upgrade: llhttp parses no more on this connection
         elif not done:
             self._resume = (resume + data).lstrip(b"\r\n")
-        elif end == PHASE_HEAD or data[-1:] in _METHOD_TAILS:
+        elif end == PHASE_HEAD or data[-1] in _METHOD_TAILS:
             buf = resume + data  # the new message begins after the last complete one
             at = _method.message_end(buf, done)
             self._resume = buf[at:].lstrip(b"\r\n") if at >= 0 else None
@@ -226,10 +231,11 @@ class H1Parser:
                 return _method.body_prefix(int(value) - self._body_len)
         return None
 
-    def _refused_method(self, resume: bytes | None, data: bytes) -> list[Request]:
+    def _refused_method(self, data: bytes) -> list[Request]:
         """llhttp refused a method: 501 if the request line starts with a token and a
         space (an unknown method), else 400; wait for more bytes while undecided."""
-        if resume is None or self._resume is None:  # a chunked request came first
+        resume = self._resume  # (as before this feed, or None after a chunked head in it)
+        if resume is None:  # a chunked request came first
             raise self._fail(HttpError(400, "invalid request method"))
         done = len(self._done)
         buf = resume + data
@@ -311,7 +317,7 @@ class H1Parser:
         hosts = 0
         length: bytes | None = None  # llhttp has checked it is digits, and only one
         te: bytes | None = None
-        expect = connection = False
+        expect = chunked = connection = False
         for name, value in headers:
             kind = _FIELD_KIND.get(name)
             if kind is None:
@@ -332,8 +338,8 @@ class H1Parser:
                 expect = True
             else:  # Transfer-Encoding: several lines are one list (RFC 9110 5.3)
                 te = value if te is None else te + b"," + value
-        chunked = te is not None and _check_codings(te)
-        if chunked:
+        if te is not None:
+            chunked = _check_codings(te)
             self._resume = None  # no prefix rebuilds a chunked body's state (method.py)
         keep_alive = p.should_keep_alive()
         if keep_alive and not connection:
@@ -355,13 +361,13 @@ class H1Parser:
                 and int(length) > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
         method = p.get_method()
-        if self._url == b"*" and method != b"OPTIONS":
+        url = self._url
+        if url == b"*" and method != b"OPTIONS":
             raise HttpError(400, "the target '*' is only for OPTIONS")  # RFC 9112 3.2.4
         self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
-        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
+        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), url,
                                 version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY
-        self.body_started = self._now
         if expect and (chunked or (length is not None and int(length) > 0)):
             self.continue_pending = True
 

@@ -30,7 +30,7 @@ MAX_METHOD = 32       # longer than any registered method: 400 without waiting f
 # The bytes llhttp's method names are made of, and the spaces after one: a feed
 # ending in one may end inside a request line whose target has not begun (the
 # parser's phase is still IDLE), whose bytes the next feed needs.
-METHOD_TAILS = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- ")
+METHOD_TAILS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- ")  # (byte values)
 _SLICE = 1024         # replay granularity (bytes fed at once before going byte by byte)
 
 

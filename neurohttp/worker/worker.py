@@ -99,7 +99,7 @@ class Worker:
         self.graceful_timeout = srv.graceful_timeout
         self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
         self.draining = False
-        self.gate: Gate = None  # type: ignore[assignment]  # made with the loop (_main)
+        self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
@@ -137,7 +137,6 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
-        self.gate = Gate(self)
         await self.gate.listen(self.sockets, lambda: HttpConnection(self),
                                self.cfg.server.backlog)
         s = self.slot
