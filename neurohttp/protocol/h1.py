@@ -255,7 +255,7 @@ class H1Parser:
         return []
 
     def _judge_method(self) -> None:
-        status = _method.verdict(self._line)
+        status = _method.verdict(self._line, self.max_header_bytes)
         if status == 501:
             raise self._fail(HttpError(501, "method not implemented"))
         if status is not None:

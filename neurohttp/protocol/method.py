@@ -24,8 +24,10 @@ import re
 
 import httptools
 
-# RFC 9110 5.6.2 tchar; a method is a token, followed by one space
+# RFC 9110 5.6.2 tchar; a method is a token
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*")
+# A well-formed request line (RFC 9112 3), with the runs of spaces llhttp accepts
+_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ +[\x21-\x7e\x80-\xff]+ +HTTP/[0-9]\.[0-9]\r\n")
 MAX_METHOD = 32       # longer than any registered method: 400 without waiting for the rest
 # The bytes llhttp's method names are made of, and the spaces after one: a feed
 # ending in one may end inside a request line whose target has not begun (the
@@ -34,13 +36,21 @@ METHOD_TAILS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- ")  # (byte values)
 _SLICE = 1024         # replay granularity (bytes fed at once before going byte by byte)
 
 
-def verdict(line: bytes) -> int | None:
-    """501 for `token SP ...`, 400 for anything else, None while undecided (the
-    token may go on in the next feed). `line` starts at the refused message."""
+def verdict(line: bytes, max_line: int) -> int | None:
+    """501 for a well-formed request line (`token SP target SP HTTP/x.y CRLF`), 400
+    for anything else, None while the bytes so far could still be either. `line`
+    starts at the refused message; a malformed start is refused without waiting."""
     n = _TOKEN.match(line).end()  # type: ignore[union-attr]  # (matches the empty string)
+    if n > MAX_METHOD:
+        return 400
     if n == len(line):
-        return None if n <= MAX_METHOD else 400
-    return 501 if n and line[n] == 0x20 and n <= MAX_METHOD else 400
+        return None  # the token may go on
+    if n == 0 or line[n] != 0x20:
+        return 400
+    end = line.find(b"\n")
+    if end < 0:
+        return None if len(line) <= max_line else 400
+    return 501 if _LINE.fullmatch(line, 0, end + 1) else 400
 
 
 class _Count:
