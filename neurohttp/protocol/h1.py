@@ -152,9 +152,9 @@ class H1Parser:
             except HttpError as err:
                 raise self._fail(err) from None
         except httptools.HttpParserCallbackError as e:
-            err = e.__context__
-            if isinstance(err, HttpError):
-                raise self._fail(err) from None
+            cause = e.__context__
+            if isinstance(cause, HttpError):
+                raise self._fail(cause) from None
             raise
         except httptools.HttpParserInvalidMethodError:
             return self._refused_method(data)
@@ -378,7 +378,7 @@ class H1Parser:
         b = self._body
         if b is None:
             self._body = body
-        elif type(b) is bytes:
+        elif isinstance(b, bytes):
             buf = self._body = BytesIO()
             buf.write(b)
             buf.write(body)
@@ -394,7 +394,7 @@ class H1Parser:
         self._body_len = 0
         if b is None:
             return b""
-        return b if type(b) is bytes else b.getvalue()
+        return b if isinstance(b, bytes) else b.getvalue()
 
     def on_message_complete(self) -> None:
         req = self._pending

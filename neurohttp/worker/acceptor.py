@@ -173,10 +173,11 @@ class Acceptor:
                     continue
                 if e.errno in (errno.EMFILE, errno.ENFILE):
                     gate.note_emfile()
-                    conn = self._accept_with_spare()
-                    if conn is None:
+                    spared = self._accept_with_spare()
+                    if spared is None:
                         self._pause()
                         return
+                    conn = spared
                 else:
                     log.error("worker %d: accept failed: %s", gate.w.worker_id, e)
                     self._pause()

@@ -63,6 +63,7 @@ class HttpConnection(ClientConnection):
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
                  "cutting", "meter", "queued_bytes", "owed", "said_close")
+    parser: H1Parser  # made in connection_made (it needs the peer's address)
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -70,7 +71,6 @@ class HttpConnection(ClientConnection):
         self.app = worker.app
         self.meter = worker.meter
         self.transport: Any = None
-        self.parser: H1Parser | None = None
         self.queue: deque[tuple[Request, float]] = deque()
         self.queued_bytes = 0       # the bodies of the requests in `queue`
         self.busy = False           # an async handler or a stream owns the connection
@@ -300,9 +300,8 @@ class HttpConnection(ClientConnection):
             keep = req.keep_alive and not self.closing
             http10 = req.version == "1.0"
             head_only = req.method == "HEAD"
-            route = self.app.route_index.get(req.target)  # the raw target: no path decoding
-            if route is None:
-                route = self.app.route_index.get(req.path, 0)
+            r = self.app.route_index.get(req.target)  # the raw target: no path decoding
+            route = self.app.route_index.get(req.path, 0) if r is None else r
         body = resp.body
         status = resp.status
         try:

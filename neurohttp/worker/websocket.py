@@ -141,8 +141,7 @@ class WebSocketConnection(ClientConnection):
             return
         ws.receive_data(data)
         for ev in ws.events():
-            t = type(ev)
-            if t is TextMessage:
+            if isinstance(ev, TextMessage):
                 self.partial_len += len(ev.data)
                 if self.partial_len > self.max_message:
                     self._fail(CloseReason.MESSAGE_TOO_BIG, "message too big")
@@ -153,15 +152,15 @@ class WebSocketConnection(ClientConnection):
                     self.partial.clear()
                     self.partial_len = 0
                     self._deliver(text)
-            elif t is Ping:
+            elif isinstance(ev, Ping):
                 if ws.state is ConnectionState.OPEN:
                     self._write(ws.send(ev.response()))
-            elif t is CloseConnection:
+            elif isinstance(ev, CloseConnection):
                 self._on_close(ev)
                 return
-            elif t is Pong:
+            elif isinstance(ev, Pong):
                 self.ping_sent = 0.0
-            elif t is BytesMessage:
+            elif isinstance(ev, BytesMessage):
                 self._fail(CloseReason.UNSUPPORTED_DATA, "only text messages are accepted")
                 return
 

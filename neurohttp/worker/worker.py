@@ -84,7 +84,7 @@ class Worker:
         self.worker_id = worker_id
         self.sockets = sockets
         self.master_pid = master_pid
-        srv = cfg.server
+        srv: Any = cfg.server  # (config.Section: attributes set from the checked table)
         self.max_header_bytes = srv.max_header_bytes
         self.max_body_bytes = srv.max_body_bytes
         self.header_timeout = srv.header_timeout
@@ -97,13 +97,15 @@ class Worker:
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
+        self.backlog: int = srv.backlog
+        self.loop_kind: str = srv.loop
         self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
         self.draining = False
         self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
-        self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
-            if cfg.log.access_log else None
+        access_log: str = cfg.log.access_log  # type: ignore[attr-defined]  # (as above)
+        self.access_log: AccessLog | None = AccessLog(access_log) if access_log else None
         self.app = App()
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
@@ -118,7 +120,7 @@ class Worker:
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        self.loop = new_event_loop(self.cfg.server.loop)
+        self.loop = new_event_loop(self.loop_kind)
         asyncio.set_event_loop(self.loop)
         try:
             return self.loop.run_until_complete(self._main())
@@ -138,7 +140,7 @@ class Worker:
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
         await self.gate.listen(self.sockets, lambda: HttpConnection(self),
-                               self.cfg.server.backlog)
+                               self.backlog)
         s = self.slot
         s[L.S_PID] = os.getpid()
         s[L.S_STATE] = L.STATE_READY
