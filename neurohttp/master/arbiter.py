@@ -99,11 +99,11 @@ class Master:
         running = pidfile.read(pid_path)
         if running and running != self.pid:
             raise StartupError(f"already running: master pid {running} (pid file {pid_path})")
-        fdlimit.prepare(cfg.server.max_connections)  # before any fork: workers inherit it
         try:
             self.listeners = open_listeners(cfg.binds, self.target, cfg.server.backlog)
         except BindError as e:
             raise StartupError(str(e)) from None
+        fdlimit.prepare(cfg.server.max_connections)  # before any fork: workers inherit it
         try:
             self.block = StatsBlock.create(block_name(pid_path),
                                            max(L.DEFAULT_WORKER_SLOTS, 4 * self.target))
