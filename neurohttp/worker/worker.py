@@ -104,8 +104,8 @@ class Worker:
         self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
-        access_log: str = cfg.log.access_log  # type: ignore[attr-defined]  # (as above)
-        self.access_log: AccessLog | None = AccessLog(access_log) if access_log else None
+        self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
+            if cfg.log.access_log else None
         self.app = App()
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
