@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
     args = ap.parse_args()
     cfg = config.load(None)
-    block = StatsBlock.create("neurohttp-microbench", geometry_for(cfg))
+    block = StatsBlock.create(f"neurohttp-microbench-{os.getpid()}", geometry_for(cfg))  # runs may overlap
     try:
         idx = block.reserve_slot(1, 1)
         w = Worker(cfg, block, idx, 1, [], 0)

@@ -70,6 +70,28 @@ def reopen() -> None:
         _handler.reopen()
 
 
+class Every:
+    """Lets a repeated log message through at most once per `interval` seconds
+    (EMFILE, a full worker) and counts the ones held back meanwhile."""
+
+    __slots__ = ("interval", "last", "held")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.last = -interval
+        self.held = 0
+
+    def due(self) -> int | None:
+        """None: stay quiet; else the number of messages held back since the last one."""
+        now = _monotonic()
+        if now - self.last < self.interval:
+            self.held += 1
+            return None
+        self.last = now
+        held, self.held = self.held, 0
+        return held
+
+
 _MILLIS = [f".{i:03d}Z" for i in range(1000)]  # the end of the time field, by millisecond
 
 

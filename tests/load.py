@@ -1,5 +1,7 @@
 """A small load generator for the no-request-lost tests: threads that each open
-a fresh connection per request and count what happened to every request.
+a fresh connection per request (or, with keep_alive=True, reuse one http.client
+connection, as locust, load balancers and the OpenAI SDK do) and count what
+happened to every request. Nothing is retried.
 
 Outcomes:
 - ok: a complete 200 response;
@@ -7,12 +9,15 @@ Outcomes:
   address removed). Not a lost request, the client knows it was not taken;
 - failed: anything else: a connection the kernel accepted but that was reset,
   closed without an answer, timed out or answered wrongly. That is a lost
-  request, and must never happen.
+  request, and must never happen. On a reused keep-alive connection too: the
+  server may close one only in a way no client can race (after answering with
+  `Connection: close`, or once it has been idle for keepalive_timeout).
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
 import socket
 import threading
 import time
@@ -61,15 +66,68 @@ def one_request(addr: tuple[str, int], payload: bytes, timeout: float = 15.0) ->
         s.close()
 
 
+class KeepAliveClient:
+    """One http.client connection reused for every request, opened again only when
+    the server closed it (after a `Connection: close` answer) or a request failed."""
+
+    BODY = b'{"prompt":"load"}'
+
+    def __init__(self, addr: tuple[str, int], timeout: float = 15.0) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+        self.connects = 0
+
+    def request(self, i: int) -> str:
+        """Send request i; return "ok", "refused" or what went wrong (never retried)."""
+        if self.conn is None or self.conn.sock is None:
+            if self.conn is not None:
+                self.conn.close()
+            self.conn = http.client.HTTPConnection(*self.addr, timeout=self.timeout)
+            try:
+                self.conn.connect()
+            except ConnectionRefusedError:
+                self.conn = None
+                return "refused"
+            except OSError as e:
+                self.conn = None
+                return f"connect: {type(e).__name__}"
+            self.connects += 1
+        conn = self.conn
+        try:
+            if i % 2:
+                conn.request("POST", "/v1/chat", body=self.BODY,
+                             headers={"Content-Type": "application/json"})
+            else:
+                conn.request("GET", "/health")
+            r = conn.getresponse()
+            body = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            self.conn = None
+            return f"keep-alive: {type(e).__name__}"
+        if r.status != 200:
+            return f"status {r.status}"
+        if len(body) != int(r.headers.get("content-length", -1)):
+            return "truncated body"
+        return "ok"
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
 class Load:
     """Threads sending requests until stop(); `counts` holds every outcome."""
 
     def __init__(self, addrs: list[tuple[str, int]], threads: int = 4, pause: float = 0.001,
-                 max_seconds: float = 120.0) -> None:
+                 max_seconds: float = 120.0, keep_alive: bool = False) -> None:
         self.addrs = addrs
         self.nthreads = threads
         self.pause = pause
         self.max_seconds = max_seconds  # a safety bound: load never outlives a test
+        self.keep_alive = keep_alive
+        self.connects = 0               # connections opened (keep-alive mode)
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self._stop = threading.Event()
@@ -80,16 +138,26 @@ class Load:
     def _run(self, n: int) -> None:
         deadline = time.monotonic() + self.max_seconds
         i = n
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            with self.lock:
-                addrs, self._seen[n] = self.addrs, self._addrs_version
-            addr = addrs[i % len(addrs)]
-            outcome = one_request(addr, REQUESTS[i % len(REQUESTS)])
-            with self.lock:
-                self.counts[outcome] += 1
-            i += 1
-            if self.pause:
-                time.sleep(self.pause)
+        client = KeepAliveClient(self.addrs[n % len(self.addrs)]) if self.keep_alive else None
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                if client is not None:
+                    outcome = client.request(i)
+                else:
+                    with self.lock:
+                        addrs, self._seen[n] = self.addrs, self._addrs_version
+                    addr = addrs[i % len(addrs)]
+                    outcome = one_request(addr, REQUESTS[i % len(REQUESTS)])
+                with self.lock:
+                    self.counts[outcome] += 1
+                i += 1
+                if self.pause:
+                    time.sleep(self.pause)
+        finally:
+            if client is not None:
+                client.close()
+                with self.lock:
+                    self.connects += client.connects
 
     def start(self) -> Load:
         for n in range(self.nthreads):

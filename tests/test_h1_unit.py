@@ -102,10 +102,11 @@ def test_http10_without_host_is_fine():
 
 
 def test_head_and_phase_timestamps():
+    # (the head's deadline runs from the connection's idle clock: worker/connection.py)
     p = parser()
     assert p.phase == PHASE_IDLE
     p.feed(b"GET / HT", 5.0)
-    assert p.phase == PHASE_HEAD and p.head_started == 5.0
+    assert p.phase == PHASE_HEAD
     [r] = p.feed(b"TP/1.1\r\nHost: a\r\n\r\n", 6.0)
     assert r.method == "GET" and p.phase == PHASE_IDLE
 
@@ -298,7 +299,15 @@ BAD = {
     "bare_cr_line_end": b"GET / HTTP/1.1\rHost: a\r\n\r\n",
     "bare_lf": b"GET / HTTP/1.1\nHost: a\n\n",
     "bad_request_line": b"GARBAGE\r\n\r\n",
-    "lowercase_method": b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "method_then_slash": b"GET/health HTTP/1.1\r\nHost: a\r\n\r\n",
+    "method_then_tab": b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n",
+    "at_sign_in_method": b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "no_method": b" / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "endless_method": b"X" * 40 + b" / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "unknown_method_no_version": b"BROKEN LINE\r\n\r\n",
+    "unknown_method_bare_lf": b"FOO / HTTP/1.1\nHost: a\n\n",
+    "unknown_method_bad_version": b"FOO / HTTX/1.1\r\nHost: a\r\n\r\n",
+    "binary": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     "extra_token_in_request_line": b"GET / HTTP/1.1 extra\r\nHost: a\r\n\r\n",
     "space_in_target": b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
     "nul_in_target": b"GET /a\x00b HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -334,11 +343,97 @@ def test_unsupported_version_is_505(data, sizes):
     assert error_of(data, sizes).status == 505
 
 
-def test_unsupported_transfer_coding_is_501():
-    # "gzip, chunked" is valid HTTP, but we would hand the handler undecoded gzip
-    e = error_of(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-                 b"0\r\n\r\n")
+UNKNOWN_METHODS = [b"FOO / HTTP/1.1", b"get / HTTP/1.1", b"GETX / HTTP/1.1", b"BREW /pot HTTP/1.1",
+                   b"GE / HTTP/1.1", b"M-SEARCHX * HTTP/1.1", b"DESCRIBE / HTTP/1.1",
+                   b"X" * 32 + b" / HTTP/1.1"]
+BEFORE = [b"", GET, GET + b"\r\n",
+          b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nABGE",
+          b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 900 + b"\r\n\r\n"]
+
+
+@pytest.mark.parametrize("line", UNKNOWN_METHODS)
+@pytest.mark.parametrize("before", range(len(BEFORE)))
+@pytest.mark.parametrize("sizes", [None, 1, 7, 1000])
+def test_unknown_method_is_501_whatever_came_before_and_the_split(line, before, sizes):
+    # RFC 9110 9.1: a method the server does not recognise (methods are case-sensitive)
+    data = BEFORE[before] + line + b"\r\nHost: a\r\n\r\n"
+    p = parser()
+    got = []
+    with pytest.raises(HttpError) as ei:
+        for i in range(0, len(data), sizes or len(data)):
+            got += p.feed(data[i:i + (sizes or len(data))], 1.0)
+    assert ei.value.status == 501
+    assert len(got + ei.value.requests) == (1 if before else 0)
+
+
+def test_unknown_method_waits_for_the_end_of_its_token():
+    p = parser()
+    assert p.feed(b"BRE", 1.0) == [] and p.feed(b"WING", 1.0) == []  # still a token
+    with pytest.raises(HttpError) as ei:
+        p.feed(b" / HTTP/1.1\r\n", 1.0)
+    assert ei.value.status == 501
+
+
+def test_after_a_chunked_request_an_unknown_method_is_400():
+    # a chunked body's state cannot be rebuilt to find the next request line (method.py)
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"
+            b"0\r\n\r\nFOO / HTTP/1.1\r\nHost: a\r\n\r\n")
+    for sizes in (None, 1, 5):
+        e = error_of(data, sizes)
+        assert e.status == 400
+
+
+@pytest.mark.parametrize("te", [b"Transfer-Encoding: gzip, chunked\r\n",
+                                b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                                b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n"])
+def test_unsupported_transfer_coding_is_501(te):
+    # "gzip, chunked" is valid HTTP, but we would hand the handler undecoded gzip;
+    # the same codings on two lines are the same list (RFC 9110 5.3): the same answer
+    e = error_of(b"POST / HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n0\r\n\r\n")
     assert e.status == 501
+
+
+@pytest.mark.parametrize("te", [b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+                                b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                                b"Transfer-Encoding: chunked, chunked\r\n",
+                                b"Transfer-Encoding: gzip\r\n"])
+@pytest.mark.parametrize("sizes", [None, 1])
+def test_transfer_codings_not_ending_in_one_chunked_are_400(te, sizes):
+    assert error_of(b"POST / HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n0\r\n\r\n",
+                    sizes).status == 400
+
+
+@pytest.mark.parametrize("size_line", [b"5 ;a=b", b"5\t;a", b"5  ;a", b"5 "])
+@pytest.mark.parametrize("sizes", [None, 1])
+def test_whitespace_after_a_chunk_size_is_accepted(size_line, sizes):
+    # RFC 9112 7.1.1: chunk-ext = *( BWS ";" ...): the size itself stays strict
+    [r] = feed_all(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + size_line + b"\r\nhello\r\n0 \r\n\r\n", sizes)
+    assert r.body == b"hello"
+
+
+@pytest.mark.parametrize("size_line", [b"5 5", b"5 x", b" 5", b"5;a b", b"0x5"])
+def test_a_chunk_size_is_still_hex_digits_only(size_line):
+    assert error_of(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + size_line + b"\r\nhello\r\n0\r\n\r\n").status == 400
+
+
+@pytest.mark.parametrize("sizes", [None, 1])
+def test_asterisk_target_is_only_for_options(sizes):
+    [r] = feed_all(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", sizes)
+    assert r.target == b"*"
+    for method in (b"GET", b"POST", b"HEAD"):
+        assert error_of(method + b" * HTTP/1.1\r\nHost: a\r\n\r\n", sizes).status == 400
+
+
+def test_partial_request_is_what_was_parsed():
+    p = parser()
+    assert p.partial_request() is None
+    p.feed(b"POST /v1/chat HTTP/1.1\r\nHost: a\r\n", 1.0)
+    assert p.partial_request().path == "/v1/chat"
+    p.feed(b"Content-Length: 10\r\n\r\n{", 1.0)
+    r = p.partial_request()
+    assert r.path == "/v1/chat" and r.headers["content-length"] == "10"
 
 
 @pytest.mark.parametrize("sizes", [None, 1, 3])

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import orjson
 
 from .. import config as config_mod
-from .. import tlsconfig
+from .. import fdlimit, tlsconfig
 from ..config import Config
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
@@ -133,6 +133,7 @@ class Master:
                                             cfg.tls_binds)
         except BindError as e:
             raise StartupError(str(e)) from None
+        fdlimit.prepare(cfg.server.max_connections)  # before any fork: workers inherit it
         try:
             self.block = StatsBlock.create(block_name(pid_path), geometry_for(cfg))
         except BlockInUse as e:

@@ -14,15 +14,20 @@ answers it with `error.status` and closes the connection).
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import httptools
 
 from ..messages import Request
+from . import method as _method
 
 # Interned method names: avoid a decode per request for the common ones.
 _METHODS = {m.encode(): m for m in
             ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT")}
 
 PHASE_IDLE, PHASE_HEAD, PHASE_BODY, PHASE_UPGRADE_BODY, PHASE_DONE = 0, 1, 2, 3, 4
+PHASE_METHOD = 5  # an unknown method whose request line must be seen (protocol/method.py)
+_METHOD_TAILS = _method.METHOD_TAILS
 
 # The request fields the parser acts on, found by one dict lookup in their usual
 # spelling; another case is lower-cased only when its length could match.
@@ -50,6 +55,27 @@ class HttpError(Exception):
         self.request: Request | None = None
 
 
+def _check_codings(te: bytes) -> bool:
+    """Check a Transfer-Encoding list (all its lines joined); True: chunked.
+
+    llhttp refuses (400) a final coding other than chunked, sometimes only after
+    on_headers_complete: 400 here too, and for chunked applied twice. A valid list
+    with another coding is 501: we decode no other coding, and would otherwise
+    hand gzip bytes to handlers. The same answer whether the codings come on one
+    line or several."""
+    if te == b"chunked":
+        return True
+    codings = [c.strip() for c in te.lower().split(b",")]
+    if codings[-1] != b"chunked":
+        raise HttpError(400, "chunked must be the final transfer coding")
+    if b"chunked" in codings[:-1]:
+        raise HttpError(400, "chunked must be applied only once")
+    raise HttpError(501, "only the chunked transfer coding is supported")
+
+
+# llhttp's reason for a method it knows from another protocol (RTSP's DESCRIBE, ...)
+_FOREIGN_METHOD = "Invalid method for HTTP/x.x request"
+
 # llhttp reasons that mean "a well-formed version we do not speak" (505, not 400)
 _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade",
                              "Expected HTTP/2 Connection Preface"})
@@ -60,8 +86,8 @@ class H1Parser:
 
     Attributes the I/O layer reads between feeds:
       phase         PHASE_* of the message in progress
-      head_started  time (as passed to feed) the current head's first byte came
-      body_started  time the current head completed
+      body_started  time (as passed to feed) the current head completed, for a
+                    body still incomplete at the end of a feed
       continue_pending  the current request awaits "100 Continue"
       upgrade       set to (request, leftover bytes) when a request asked to
                     switch protocols; the parser accepts no more input then
@@ -74,12 +100,13 @@ class H1Parser:
         # a Content-Length with fewer characters than this is under the limit unparsed
         self._max_body_digits = len(str(max_body_bytes))
         self._p = httptools.HttpRequestParser(self)
+        # Whitespace after a chunk size ("5 ;ext", RFC 9112 7.1.1 BWS): the size is
+        # still hex digits only, and "5 5", "5 x" or " 5" stay refused.
+        self._p.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
         self.phase = PHASE_IDLE
-        self.head_started = 0.0
         self.body_started = 0.0
         self.continue_pending = False
         self.upgrade: tuple[Request, bytes] | None = None
-        self._now = 0.0
         self._done: list[Request] = []
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -88,10 +115,17 @@ class H1Parser:
         self._measure = False         # this feed may complete a head over the limit
         self._head_bytes = 0          # bytes of head seen through whole chunks
         self._framing = 0             # body-phase bytes fed with no body data in them
-        self._body: list[bytes] = []
+        # The body so far: the first piece as it came (most bodies are one piece),
+        # then a BytesIO, whose memory stays near the body's length however small
+        # the chunks (a list of millions of 2-byte pieces took ~70x the body).
+        self._body: bytes | BytesIO | None = None
         self._body_len = 0
         self._pending: Request | None = None  # head parsed, body in progress
         self._upgrade_remaining = 0
+        # Bytes that bring a fresh llhttp parser to this one's state, to find a refused
+        # method's request line (protocol/method.py); None after a chunked request.
+        self._resume: bytes | None = b""
+        self._line = b""              # PHASE_METHOD: the refused request line so far
 
     # ------------------------------------------------------------ input
     def feed(self, data: bytes, now: float) -> list[Request]:
@@ -101,8 +135,9 @@ class H1Parser:
         """
         phase = self.phase
         if phase >= PHASE_UPGRADE_BODY:
+            if phase == PHASE_METHOD:
+                return self._feed_method(data)
             return self._feed_after_upgrade(data)
-        self._now = now
         body_before = self._body_len
         # A head that completes in this feed has at most len(data) bytes more than
         # its earlier reads: only when that could pass the limit are its fields
@@ -117,21 +152,26 @@ class H1Parser:
             except HttpError as err:
                 raise self._fail(err) from None
         except httptools.HttpParserCallbackError as e:
-            err = e.__context__
-            if isinstance(err, HttpError):
-                raise self._fail(err) from None
+            cause = e.__context__
+            if isinstance(cause, HttpError):
+                raise self._fail(cause) from None
             raise
         except httptools.HttpParserInvalidMethodError:
-            raise self._fail(HttpError(400, "invalid request method")) from None
+            return self._refused_method(data)
         except httptools.HttpParserInvalidURLError:
             raise self._fail(HttpError(400, "invalid request target")) from None
         except httptools.HttpParserError as e:
             reason = str(e)
             if reason in _VERSION_ERRORS:
                 raise self._fail(HttpError(505, "HTTP version not supported")) from None
+            if reason == _FOREIGN_METHOD:
+                raise self._fail(HttpError(501, "method not implemented")) from None
             raise self._fail(HttpError(400, reason or "malformed request")) from None
         done = self._done
         end = self.phase
+        # self._resume is still what it was before this feed (or None after a chunked
+        # head in it): the common case, a feed ending after a whole message with no
+        # method begun, keeps b"" at the cost of one test here.
         if end:
             # A message is still incomplete: bound what httptools buffers for it
             # (a partial header or trailer value), counting whole chunks.
@@ -145,6 +185,8 @@ class H1Parser:
                 if self._head_bytes > self.max_header_bytes:
                     raise self._fail(HttpError(431, "request header fields too large"))
             elif end == PHASE_BODY:
+                if phase != PHASE_BODY or done:
+                    self.body_started = now  # its head completed in this feed
                 # Chunk-size lines, extensions and trailers: only reads that carried
                 # no body data count, so small legitimate chunks never add up.
                 if phase == PHASE_BODY and not done and self._body_len == body_before:
@@ -153,26 +195,95 @@ class H1Parser:
                         raise self._fail(HttpError(431, "chunk framing or trailer fields too large"))
                 else:
                     self._framing = 0
+            if self._resume is not None:
+                self._keep_resume(self._resume, data, end, len(done))
+        elif (data and data[-1] in _METHOD_TAILS) or self._resume:
+            if self._resume is not None:  # (a request line begun, or a carry to keep)
+                self._keep_resume(self._resume, data, end, len(done))
         if done:
             self._done = []
         return done
+
+    # ------------------------------------------------------------ unknown methods
+    def _keep_resume(self, resume: bytes, data: bytes, end: int, done: int) -> None:
+        """Update the resume prefix after a feed (the common case, a feed ending
+        after a whole message with no method begun, keeps b"" and never comes here)."""
+        if end == PHASE_BODY:
+            self._resume = self._body_resume()
+        elif end > PHASE_BODY:
+            self._resume = None  # an Upgrade: llhttp parses no more on this connection
+        elif not done:
+            self._resume = (resume + data).lstrip(b"\r\n")
+        elif end == PHASE_HEAD or data[-1] in _METHOD_TAILS:
+            buf = resume + data  # the new message begins after the last complete one
+            at = _method.message_end(buf, done)
+            self._resume = buf[at:].lstrip(b"\r\n") if at >= 0 else None
+        else:
+            self._resume = b""
+
+    def _body_resume(self) -> bytes | None:
+        """A Content-Length body in progress, as a synthetic head (method.body_prefix)."""
+        req = self._pending
+        if req is None:
+            return None
+        for name, value in req.raw_headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                return _method.body_prefix(int(value) - self._body_len)
+        return None
+
+    def _refused_method(self, data: bytes) -> list[Request]:
+        """llhttp refused a method: 501 if the request line starts with a token and a
+        space (an unknown method), else 400; wait for more bytes while undecided."""
+        resume = self._resume  # (as before this feed, or None after a chunked head in it)
+        if resume is None:  # a chunked request came first
+            raise self._fail(HttpError(400, "invalid request method"))
+        done = len(self._done)
+        buf = resume + data
+        at = _method.message_end(buf, done) if done else 0
+        if at < 0:
+            raise self._fail(HttpError(400, "invalid request method"))
+        self._line = buf[at:].lstrip(b"\r\n")
+        self.phase = PHASE_METHOD
+        self._judge_method()
+        reqs = self._done  # answered first; the verdict comes with a later feed
+        self._done = []
+        return reqs
+
+    def _feed_method(self, data: bytes) -> list[Request]:
+        self._line += data
+        self._judge_method()
+        return []
+
+    def _judge_method(self) -> None:
+        status = _method.verdict(self._line, self.max_header_bytes)
+        if status == 501:
+            raise self._fail(HttpError(501, "method not implemented"))
+        if status is not None:
+            raise self._fail(HttpError(400, "invalid request method"))
 
     def _fail(self, err: HttpError) -> HttpError:
         """Attach the requests completed before `err`; take no more input."""
         err.requests = self._done
         self._done = []
-        if self._pending is not None:
-            err.request = self._pending
-        elif self.phase == PHASE_HEAD and self._url:
-            m = self._p.get_method()
-            err.request = Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
-                                  self._headers, self.client, False)
+        err.request = self.partial_request()
         self._pending = None
-        self._body = []
+        self._body = None
         self.phase = PHASE_DONE
         self.continue_pending = False
         self.upgrade = None
+        self._line = b""
         return err
+
+    def partial_request(self) -> Request | None:
+        """The request in progress as far as it was parsed (its target and fields,
+        for the shape of a refusal or a timeout: JSON under /v1/), or None."""
+        if self._pending is not None:
+            return self._pending
+        if self.phase == PHASE_HEAD and self._url:
+            m = self._p.get_method()
+            return Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
+                           self._headers, self.client, False)
+        return None
 
     # ------------------------------------------------------------ httptools callbacks
     # No on_message_begin: a request's head starts with its first target byte,
@@ -180,7 +291,6 @@ class H1Parser:
     def on_url(self, url: bytes) -> None:
         if self.phase == PHASE_IDLE:
             self.phase = PHASE_HEAD
-            self.head_started = self._now
             self._url = url
             self._head_size = len(url)
             self._head_bytes = 0
@@ -206,6 +316,7 @@ class H1Parser:
             raise HttpError(431, "request header fields too large")
         hosts = 0
         length: bytes | None = None  # llhttp has checked it is digits, and only one
+        te: bytes | None = None
         expect = chunked = connection = False
         for name, value in headers:
             kind = _FIELD_KIND.get(name)
@@ -225,15 +336,11 @@ class H1Parser:
                 if value.lower().rstrip() != b"100-continue":  # llhttp keeps trailing OWS
                     raise HttpError(417, "only 'Expect: 100-continue' is supported")
                 expect = True
-            else:  # Transfer-Encoding
-                # llhttp refuses (400) a final coding other than chunked, sometimes
-                # only after this callback: 400 here too. We decode no other coding.
-                v = value.lower().rstrip()
-                if v != b"chunked":
-                    if v.rpartition(b",")[2].strip() != b"chunked":
-                        raise HttpError(400, "chunked must be the final transfer coding")
-                    raise HttpError(501, "only the chunked transfer coding is supported")
-                chunked = True
+            else:  # Transfer-Encoding: several lines are one list (RFC 9110 5.3)
+                te = value if te is None else te + b"," + value
+        if te is not None:
+            chunked = _check_codings(te)
+            self._resume = None  # no prefix rebuilds a chunked body's state (method.py)
         keep_alive = p.should_keep_alive()
         if keep_alive and not connection:
             # llhttp keeps a request alive without a Connection header only for
@@ -253,12 +360,14 @@ class H1Parser:
         if length is not None and len(length) >= self._max_body_digits \
                 and int(length) > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
-        self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
         method = p.get_method()
-        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), self._url,
+        url = self._url
+        if url == b"*" and method != b"OPTIONS":
+            raise HttpError(400, "the target '*' is only for OPTIONS")  # RFC 9112 3.2.4
+        self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
+        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), url,
                                 version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY
-        self.body_started = self._now
         if expect and (chunked or (length is not None and int(length) > 0)):
             self.continue_pending = True
 
@@ -266,18 +375,33 @@ class H1Parser:
         self._body_len += len(body)
         if self._body_len > self.max_body_bytes:
             raise HttpError(413, f"request body over {self.max_body_bytes} bytes")
-        self._body.append(body)
+        b = self._body
+        if b is None:
+            self._body = body
+        elif isinstance(b, bytes):
+            buf = self._body = BytesIO()
+            buf.write(b)
+            buf.write(body)
+        else:
+            b.write(body)
         self.continue_pending = False
+
+    def _take_body(self) -> bytes:
+        """The collected body, handed over without a copy (BytesIO.getvalue shares
+        its buffer once it is trimmed to size)."""
+        b = self._body
+        self._body = None
+        self._body_len = 0
+        if b is None:
+            return b""
+        return b if isinstance(b, bytes) else b.getvalue()
 
     def on_message_complete(self) -> None:
         req = self._pending
         if req is None:  # cannot happen with llhttp; keep the invariant explicit
             raise HttpError(400, "malformed request")
-        body = self._body
-        if body:
-            req.body = body[0] if len(body) == 1 else b"".join(body)
-            self._body = []
-            self._body_len = 0
+        if self._body is not None:
+            req.body = self._take_body()
         self._pending = None
         self.phase = PHASE_IDLE
         if self.continue_pending:  # e.g. an empty chunked body: no 100 after the answer
@@ -307,7 +431,7 @@ class H1Parser:
                 self._done = done  # answered before the error (see HttpError.requests)
                 raise HttpError(400, "a chunked body with Upgrade is not supported")
         self._upgrade_remaining = length
-        self._body = []
+        self._body = None
         self._body_len = 0
         self._pending = req
         self.phase = PHASE_UPGRADE_BODY
@@ -331,12 +455,12 @@ class H1Parser:
         self.upgrade = None  # a request with a body is never switched
         take = data[:self._upgrade_remaining]
         self._upgrade_remaining -= len(take)
-        self._body.append(take)
+        if take:
+            self.on_body(take)  # within max_body_bytes: its Content-Length was checked
         if self._upgrade_remaining:
             return []
         req = self._pending
-        req.body = b"".join(self._body)
+        req.body = self._take_body()
         self._pending = None
-        self._body = []
         self.phase = PHASE_DONE
         return [req]

@@ -4,7 +4,7 @@ reading paused once whatever the reasons, and the bookkeeping when it ends."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..stats import layout as L
 
@@ -13,7 +13,8 @@ class ClientConnection(asyncio.Protocol):
     """Subclasses set `transport`, `read_paused`, `write_paused`, `closed`,
     `slot`, `w` (the worker) and `drain_waiter`."""
 
-    __slots__ = ()
+    if not TYPE_CHECKING:  # (mypy would take the annotations below for slots of this class)
+        __slots__ = ()
     transport: Any
     read_paused: bool
     closed: bool

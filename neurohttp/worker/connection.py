@@ -3,8 +3,9 @@
 Requests are answered strictly in order (pipelining): a synchronous handler's
 response is written at once; an async handler or a stream makes the connection
 busy and later requests wait in `queue`. Reading pauses while unsent output is
-above the write-buffer bound or the queue is long, so a client cannot make the
-worker buffer without limit. Timeouts are checked by the worker's sweep, not
+above the write-buffer bound or the queue is long (more than `max_pipeline`
+requests, or more than `max_body_bytes` of their bodies), so a client cannot make
+the worker buffer without limit. Timeouts are checked by the worker's sweep, not
 by a timer per request.
 """
 
@@ -25,6 +26,7 @@ from ..protocol.h1 import (
     PHASE_BODY,
     PHASE_HEAD,
     PHASE_IDLE,
+    PHASE_METHOD,
     PHASE_UPGRADE_BODY,
     H1Parser,
     HttpError,
@@ -51,11 +53,17 @@ _NO_BODY = frozenset([*range(100, 200), 204, 304])
 LINGER_SECONDS = 2.0  # after a closing response, read and drop input this long (see _close)
 
 
+def busy_response() -> Response:
+    """The answer of a full worker to a new connection."""
+    return error_response(None, 503, "server busy, try again", headers={"Retry-After": "1"})
+
+
 class HttpConnection(ClientConnection):
     __slots__ = ("w", "slot", "transport", "parser", "queue", "busy", "closing", "lingering",
                  "write_paused", "read_paused", "idle_since", "fresh", "task", "drain_waiter",
                  "closed", "current", "eof", "app", "error", "stalled_since", "stream",
-                 "cutting", "meter")
+                 "cutting", "meter", "queued_bytes", "owed", "said_close")
+    parser: H1Parser  # made in connection_made (it needs the peer's address)
 
     def __init__(self, worker: Worker) -> None:
         self.w = worker
@@ -63,10 +71,11 @@ class HttpConnection(ClientConnection):
         self.app = worker.app
         self.meter = worker.meter
         self.transport: Any = None
-        self.parser: H1Parser | None = None
         self.queue: deque[tuple[Request, float]] = deque()
+        self.queued_bytes = 0       # the bodies of the requests in `queue`
         self.busy = False           # an async handler or a stream owns the connection
         self.closing = False        # answer what is in flight with Connection: close, then close
+        self.said_close = False     # an answer with Connection: close went out
         self.lingering = 0.0        # >0: output is done, input is dropped until this time
         self.write_paused = False
         self.read_paused = False
@@ -81,6 +90,7 @@ class HttpConnection(ClientConnection):
         self.stalled_since = 0.0    # when unsent output last went over the bound
         self.stream: StreamingResponse | None = None  # the stream being sent
         self.cutting = False        # the server ends the stream (shutdown deadline)
+        self.owed = 0.0             # t0 of the async request in flight not yet counted answered
 
     # ------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: Any) -> None:
@@ -97,16 +107,17 @@ class HttpConnection(ClientConnection):
         transport.set_write_buffer_limits(high=w.write_buffer_bytes)
         # A connection accepted while draining is served (see data_received): it
         # was queued on a socket that may be closing for good.
-        if len(w.connections) > w.max_connections:
-            # Over the per-worker cap: refuse politely.
-            resp = error_response(None, 503, "server busy, try again",
-                                  headers={"Retry-After": "1"})
-            self._send(None, resp, self.idle_since)
+        n = len(w.connections)
+        w.gate.opened(n)  # at the cap: the acceptors refuse from now on
+        if n > w.max_connections:
+            # accepted before the acceptors switched: refuse politely too
+            s[_S_REQUESTS] += 1  # counted with its answer: requests == responses
+            self._send(None, busy_response(), self.idle_since)
 
     def data_received(self, data: bytes) -> None:
         self.slot[_S_BYTES_IN] += len(data)
-        if self.closing and (self.lingering or not (self.busy or self.queue)):
-            return  # closing: nothing more will be answered
+        if self.lingering:
+            return  # the last answer went out: nothing more will be answered
         now = monotonic()
         parser = self.parser
         try:
@@ -119,7 +130,6 @@ class HttpConnection(ClientConnection):
                 self.fresh = False
                 if self.w.draining:  # accepted while draining: answer once, with close
                     self.closing = True
-            self.slot[_S_REQUESTS] += len(reqs)
             if self.busy or self.queue:
                 self._enqueue(reqs, now)
             elif len(reqs) == 1:
@@ -142,8 +152,14 @@ class HttpConnection(ClientConnection):
         queue = self.queue
         for r in reqs:
             queue.append((r, now))
-        if len(queue) > self.w.max_pipeline:
+            self.queued_bytes += len(r.body)
+        if self._queue_full():
             self._pause_reading()
+
+    def _queue_full(self) -> bool:
+        """Too much waits to be answered: read no more until it drains. Bodies count
+        in bytes, so 33 queued 8 MB uploads are not held at once."""
+        return len(self.queue) > self.w.max_pipeline or self.queued_bytes > self.w.max_body_bytes
 
     def eof_received(self) -> bool | None:
         # The client half-closed: answer what it sent, then close (returning None
@@ -156,7 +172,10 @@ class HttpConnection(ClientConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._forget():
             return
-        self.queue.clear()
+        self._drop_queue()
+        if self.owed and self.stream is None:
+            # the client left before its answer began (a stream counts its own end)
+            self._settle(self.current, 499, 0, self.owed)
         if self.task is not None and not self.task.done():
             self.task.cancel()
         self.w.on_connection_closed()
@@ -173,11 +192,15 @@ class HttpConnection(ClientConnection):
             waiter.set_result(None)
         if self.queue and not self.busy:
             self._after_response()  # answers held back while the client was not reading
-        elif len(self.queue) <= self.w.max_pipeline:
+        elif not self._queue_full():
             self._resume_reading()
 
     # ------------------------------------------------------------ dispatch
     def _handle(self, req: Request, t0: float) -> None:
+        # Requests are counted when taken for an answer, not when parsed: one left in
+        # the queue when the client goes (or after a closing answer) is never counted,
+        # so every counted request gets exactly one counted response.
+        self.slot[_S_REQUESTS] += 1
         self.current = req
         try:
             result = self.app.handle(req)
@@ -190,6 +213,7 @@ class HttpConnection(ClientConnection):
             self._upgrade(req, result, t0)
         else:
             self.busy = True
+            self.owed = t0
             self.task = self.w.loop.create_task(self._run_async(req, result, t0))
 
     async def _run_async(self, req: Request, result: Any, t0: float) -> None:
@@ -205,17 +229,22 @@ class HttpConnection(ClientConnection):
             if isinstance(result, StreamingResponse):
                 await self._stream(req, result, t0)
             elif isinstance(result, WebSocketUpgrade):
+                self.owed = 0.0
                 self._upgrade(req, result, t0)
                 return
-            elif isinstance(result, Response):
-                self._send(req, result, t0)
             else:
-                log.error("handler for %s %s returned %r", req.method, req.path, type(result))
-                self._send(req, error_response(req, 500, "internal server error"), t0)
+                if not isinstance(result, Response):
+                    log.error("handler for %s %s returned %r", req.method, req.path,
+                              type(result))
+                    result = error_response(req, 500, "internal server error")
+                self.owed = 0.0
+                self._send(req, result, t0)
         except asyncio.CancelledError:
-            return  # the client went away, or the worker is stopping
+            return  # the client went away (counted in connection_lost), or the worker stops
         except Exception:
             log.exception("response for %s %s failed", req.method, req.path)
+            if self.owed:
+                self._settle(req, 500, 0, t0)
             self._close()
             return
         finally:
@@ -229,12 +258,13 @@ class HttpConnection(ClientConnection):
         while queue and not self.busy and not self.closing and not self.closed \
                 and not self.write_paused:
             req, t0 = queue.popleft()
+            self.queued_bytes -= len(req.body)
             self._handle(req, t0)
-        if self.read_paused and not self.write_paused and len(queue) <= self.w.max_pipeline:
+        if self.read_paused and not self.write_paused and not self._queue_full():
             self._resume_reading()
         if not self.busy and not queue and not self.closed:
             parser = self.parser
-            if self.error is not None and not self.closing:
+            if self.error is not None and not self.said_close:
                 self.slot[_S_REQUESTS] += 1  # counted when answered: requests == responses
                 self._send(None, self.error, monotonic())
             elif self.closing or self.eof:
@@ -256,7 +286,7 @@ class HttpConnection(ClientConnection):
         # From here the WebSocket object owns the socket, its callbacks and its
         # place in worker.connections (and the active_connections gauge).
         self.closed = True
-        self.queue.clear()
+        self._drop_queue()
         self.w.connections.discard(self)
         websocket.WebSocketConnection(self.w, self.transport, req, up, taken[1])
 
@@ -270,9 +300,8 @@ class HttpConnection(ClientConnection):
             keep = req.keep_alive and not self.closing
             http10 = req.version == "1.0"
             head_only = req.method == "HEAD"
-            route = self.app.route_index.get(req.target)  # the raw target: no path decoding
-            if route is None:
-                route = self.app.route_index.get(req.path, 0)
+            r = self.app.route_index.get(req.target)  # the raw target: no path decoding
+            route = self.app.route_index.get(req.path, 0) if r is None else r
         body = resp.body
         status = resp.status
         try:
@@ -292,7 +321,7 @@ class HttpConnection(ClientConnection):
         if self.w.access_log is not None:  # the only cost of the access log when it is off
             self.w.access_log.record(req, status, len(head) + len(body), t0)
         if not keep:
-            self.closing = True
+            self.closing = self.said_close = True
             if not self.busy:
                 self._close()
 
@@ -300,6 +329,26 @@ class HttpConnection(ClientConnection):
         """The stats index of the request's route (0: "other"); _send inlines this."""
         route = self.app.route_index.get(req.target)
         return self.app.route_index.get(req.path, 0) if route is None else route
+
+    @classmethod
+    def count_refusal(cls, worker: Worker, nbytes: int, t0: float) -> None:
+        """Count a connection the acceptor answered 503 and closed at once, as the
+        connection would count its own (worker/acceptor.py)."""
+        c = cls(worker)
+        s = c.slot
+        s[L.S_CONNECTIONS] += 1
+        s[_S_REQUESTS] += 1
+        c._account(503, nbytes, t0)
+        if worker.access_log is not None:
+            worker.access_log.record(None, 503, nbytes, t0)
+
+    def _settle(self, req: Request | None, status: int, nbytes: int, t0: float) -> None:
+        """Count and log the end of an async answer that did not end normally; its
+        bytes were counted as they were written."""
+        self.owed = 0.0
+        self._account(status, 0, t0, self._route(req) if req is not None else 0)
+        if self.w.access_log is not None:
+            self.w.access_log.record(req, status, nbytes, t0)
 
     def _account(self, status: int, nbytes: int, t0: float, route: int = 0) -> None:
         """Count a response. Done before its last bytes are handed to the socket,
@@ -354,6 +403,7 @@ class HttpConnection(ClientConnection):
                         await self.drain()
             cancelled = False
             tail = b"" if http10 or head_only else ser.LAST_CHUNK
+            self.owed = 0.0
             self._account(resp.status, len(tail), t0, route)
             if tail:
                 self.transport.write(tail)
@@ -364,11 +414,20 @@ class HttpConnection(ClientConnection):
                 # shutdown deadline: a last error event, a proper end of body, close
                 last = resp.abort_chunk if resp.abort_chunk and not head_only else b""
                 data = last if http10 else (ser.chunk(last) if last else b"") + ser.LAST_CHUNK
+                self.owed = 0.0
                 self._account(resp.status, len(data), t0, route)
                 self.transport.write(data)
                 self.transport.close()
                 if self.w.access_log is not None:
                     self.w.access_log.record(req, resp.status, sent + len(data), t0)
+            elif self.owed:
+                # the client went away mid-stream: nginx's 499, counted as a response
+                # (4xx) so that requests == responses once it is gone
+                self._settle(req, 499, sent, t0)
+            raise
+        except Exception:
+            if self.owed:  # a body that failed half-way: its status went out with the head
+                self._settle(req, resp.status, sent, t0)
             raise
         finally:
             self.stream = None
@@ -388,7 +447,7 @@ class HttpConnection(ClientConnection):
                     except Exception:
                         pass
         if not keep:
-            self.closing = True
+            self.closing = self.said_close = True
 
     # ------------------------------------------------------------ errors, closing
     def _protocol_error(self, e: HttpError, now: float) -> None:
@@ -398,10 +457,15 @@ class HttpConnection(ClientConnection):
         self.error = error_response(e.request, e.status, e.message)
         if e.requests:
             self.fresh = False
-            self.slot[_S_REQUESTS] += len(e.requests)
-            self.queue.extend((r, now) for r in e.requests)
+            for r in e.requests:
+                self.queue.append((r, now))
+                self.queued_bytes += len(r.body)
         if not self.busy:
             self._after_response()
+
+    def _drop_queue(self) -> None:
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def _close(self) -> None:
         """Close after the output drains, reading and dropping input meanwhile, so a
@@ -467,8 +531,10 @@ class HttpConnection(ClientConnection):
                     self._timeout_error()
             elif now - self.idle_since > w.keepalive_timeout:
                 self._drop()  # idle keep-alive: close quietly, as nginx does
-        elif phase == PHASE_HEAD:
-            if now - self.parser.head_started > w.header_timeout:
+        elif phase == PHASE_HEAD or phase == PHASE_METHOD:
+            # from the connection's start or the last response, not the head's first
+            # byte: silence then a trickle gets no second header_timeout
+            if now - self.idle_since > w.header_timeout:
                 self._timeout_error()
         elif phase == PHASE_BODY or phase == PHASE_UPGRADE_BODY:
             if now - self.parser.body_started > w.body_timeout:
@@ -483,24 +549,20 @@ class HttpConnection(ClientConnection):
             t.close()
 
     def _timeout_error(self) -> None:
+        """408 and close, in the shape of the request as far as it came (JSON on /v1/)."""
         self.slot[_S_REQUESTS] += 1
         self.slot[L.S_ERRORS_PARSE] += 1
-        self._send(None, error_response(None, 408, "request not received in time"), monotonic())
+        req = self.parser.partial_request()
+        self.closing = True
+        self._send(req, error_response(req, 408, "request not received in time"), monotonic())
 
     def shutdown(self) -> None:
-        """The worker stops: close now if idle, else after the response in flight.
+        """The worker drains: the next answer ends the connection (Connection: close).
 
-        A fresh connection (no request yet) is left open: its request may be
-        on the way, and is answered with Connection: close. The worker's drain
-        closes it if it stays silent (close_if_silent)."""
-        if self.fresh and not self.busy and not self.queue:
-            return
+        An idle connection is not closed now: its client may be sending a request
+        at this moment, which a close would lose (no client can tell it from a
+        request the server took). It is answered, with close, or closed by the
+        sweep when it reaches keepalive_timeout (header_timeout for one that never
+        sent a request), as it would be anyway; the drain's deadline,
+        graceful_timeout, ends what is left. Called on every pass of the drain."""
         self.closing = True
-        if not self.busy and not self.queue and self.parser.phase == PHASE_IDLE:
-            if not self.lingering:
-                self.transport.close()
-
-    def close_if_silent(self) -> None:
-        if self.fresh and not self.busy and not self.queue and self.parser.phase == PHASE_IDLE \
-                and not self.lingering and not self.closed:
-            self.transport.close()

@@ -15,6 +15,11 @@ a server going away 1001, and 1001 "idle timeout" after `ws_idle_timeout`
 without a message either way; a client silent for `ws_ping_s` is pinged, and
 one that has not answered by the next ping is closed with 1011. A client that
 leaves an answer unread for `send_timeout` is dropped, as on HTTP.
+
+Back-pressure: while unsent output is over `write_buffer_bytes` nothing more is
+read, so pongs and error replies cannot pile up behind a client that sends
+without reading; nor while more than `max_pipeline` messages, or more than
+`max_body_bytes` of them, wait to be answered.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class WebSocketConnection(ClientConnection):
         self.session: Session = up.session()
         self.ws = Connection(ConnectionType.SERVER)
         self.inbox: deque[str] = deque()
+        self.inbox_len = 0          # characters waiting in `inbox`
         self.partial: list[str] = []
         self.partial_len = 0
         self.max_message = worker.max_body_bytes
@@ -113,7 +119,6 @@ class WebSocketConnection(ClientConnection):
         self.closed = False
         self.going_away = False     # the worker drains: close once the message in hand is done
         self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
-        self.fresh = False          # (the worker's drain asks: a request has been served)
         self.idle_since = monotonic()  # the last message either way (ws_idle_timeout)
         self.heard = self.idle_since  # the last bytes from the client (ws_ping_s)
         self.ping_sent = 0.0          # our ping still unanswered since then
@@ -122,7 +127,8 @@ class WebSocketConnection(ClientConnection):
         transport.set_protocol(self)
         if leftover:
             self.data_received(leftover)
-        transport.resume_reading()  # the HTTP side paused it when the Upgrade arrived
+        if not self.read_paused:  # (the leftover may have filled the inbox)
+            transport.resume_reading()  # the HTTP side paused it when the Upgrade arrived
         if worker.draining:
             self.shutdown()  # switched while the worker stops: answer what came, then 1001
 
@@ -135,8 +141,7 @@ class WebSocketConnection(ClientConnection):
             return
         ws.receive_data(data)
         for ev in ws.events():
-            t = type(ev)
-            if t is TextMessage:
+            if isinstance(ev, TextMessage):
                 self.partial_len += len(ev.data)
                 if self.partial_len > self.max_message:
                     self._fail(CloseReason.MESSAGE_TOO_BIG, "message too big")
@@ -147,15 +152,15 @@ class WebSocketConnection(ClientConnection):
                     self.partial.clear()
                     self.partial_len = 0
                     self._deliver(text)
-            elif t is Ping:
+            elif isinstance(ev, Ping):
                 if ws.state is ConnectionState.OPEN:
                     self._write(ws.send(ev.response()))
-            elif t is CloseConnection:
+            elif isinstance(ev, CloseConnection):
                 self._on_close(ev)
                 return
-            elif t is Pong:
+            elif isinstance(ev, Pong):
                 self.ping_sent = 0.0
-            elif t is BytesMessage:
+            elif isinstance(ev, BytesMessage):
                 self._fail(CloseReason.UNSUPPORTED_DATA, "only text messages are accepted")
                 return
 
@@ -165,19 +170,22 @@ class WebSocketConnection(ClientConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._forget():
             return
-        self.inbox.clear()
+        self._clear_inbox()
         self._cancel_runner()
         self.w.on_connection_closed()
 
     def pause_writing(self) -> None:
         self.write_paused = True
         self.stalled_since = monotonic()
+        self._pause_reading()  # what we would read may need an answer (a pong at least)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if not self._inbox_full():
+            self._resume_reading()
 
     # ------------------------------------------------------------ for sessions
     @property
@@ -198,8 +206,9 @@ class WebSocketConnection(ClientConnection):
         if self.going_away:
             return  # closing: take no new work
         self.inbox.append(text)
+        self.inbox_len += len(text)
         self.idle_since = monotonic()
-        if len(self.inbox) >= self.w.max_pipeline:
+        if self._inbox_full():
             self._pause_reading()  # a client queueing prompts waits for the answers
         if self.runner is None:
             self.runner = self.w.loop.create_task(self._run())
@@ -208,7 +217,8 @@ class WebSocketConnection(ClientConnection):
         try:
             while self.inbox and self.open:
                 text = self.inbox.popleft()
-                if self.read_paused and len(self.inbox) < self.w.max_pipeline:
+                self.inbox_len -= len(text)
+                if self.read_paused and not self.write_paused and not self._inbox_full():
                     self._resume_reading()
                 await self.session.on_text(self, text)
         except asyncio.CancelledError:
@@ -222,6 +232,9 @@ class WebSocketConnection(ClientConnection):
             self.idle_since = monotonic()
         if self.going_away and self.open:
             self.close(CloseReason.GOING_AWAY, "server shutting down")
+
+    def _inbox_full(self) -> bool:
+        return len(self.inbox) >= self.w.max_pipeline or self.inbox_len > self.max_message
 
     def _cancel_runner(self) -> None:
         if self.runner is not None and not self.runner.done():
@@ -289,12 +302,13 @@ class WebSocketConnection(ClientConnection):
         """The worker drains: finish the message being answered, then close 1001.
         (Called again on every pass of the drain loop: idempotent.)"""
         self.going_away = True
-        self.inbox.clear()
+        self._clear_inbox()
         if self.runner is None:
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
-    def close_if_silent(self) -> None:
-        pass  # never "fresh": the upgrade request was served
+    def _clear_inbox(self) -> None:
+        self.inbox.clear()
+        self.inbox_len = 0
 
     def cut(self) -> None:
         """The drain deadline passed: end the answer in progress with an error

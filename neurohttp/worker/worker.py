@@ -22,6 +22,7 @@ import traceback
 from types import FrameType
 from typing import Any
 
+from .. import fdlimit
 from ..ai.models import ModelRegistry
 from ..ai.pipeline import Pipeline
 from ..app import App
@@ -40,6 +41,7 @@ from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
+from .acceptor import Gate
 from .connection import HttpConnection
 
 log = logging.getLogger("neurohttp")
@@ -52,9 +54,14 @@ TICK = 0.5  # seconds between sweeps (timeouts), heartbeats and Date refreshes
 # its handshake, must be served rather than reset.
 ACCEPT_LINGER = 0.3
 ACCEPT_LINGER_MAX = 2.0
-# A connection accepted but still silent this long into a drain is closed.
-FRESH_GRACE = 1.0
 CUT_FLUSH = 0.5  # after the drain deadline, how long cut streams get to send their last event
+# The timeout sweep runs this long after the tick, so that the loop polls in between:
+# after a stall (a handler that blocked the loop), requests that arrived meanwhile are
+# read before the sweep would take their connections for idle. A sweep that itself
+# runs more than SWEEP_LATE late (another stall) waits again, at most SWEEP_RETRIES times.
+SWEEP_DELAY = 0.002
+SWEEP_LATE = 0.1
+SWEEP_RETRIES = 3
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -91,13 +98,15 @@ class Worker:
         self.send_timeout = srv.send_timeout
         self.ws_ping_s = srv.ws_ping_s
         self.ws_idle_timeout = srv.ws_idle_timeout
-        self.max_connections = srv.max_connections
+        self.max_connections = fdlimit.connection_cap(srv.max_connections)
         self.max_pipeline = srv.max_pipeline
         self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
+        self.backlog: int = srv.backlog
+        self.loop_kind: str = srv.loop
         self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
         self.draining = False
-        self.servers: list[Any] = []
+        self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
@@ -117,7 +126,7 @@ class Worker:
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
-        self.loop = new_event_loop(self.cfg.server.loop)
+        self.loop = new_event_loop(self.loop_kind)
         asyncio.set_event_loop(self.loop)
         try:
             return self.loop.run_until_complete(self._main())
@@ -136,11 +145,8 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
-        backlog = self.cfg.server.backlog
-        for sock, ctx in zip(self.sockets, self.tls, strict=True):
-            self.servers.append(await loop.create_server(
-                lambda: HttpConnection(self), sock=sock, backlog=backlog,
-                **server_kwargs(ctx, self.header_timeout)))
+        await self.gate.listen(self.sockets, lambda: HttpConnection(self), self.backlog,
+                               [server_kwargs(ctx, self.header_timeout) for ctx in self.tls])
         s = self.slot
         s[L.S_PID] = os.getpid()
         s[L.S_STATE] = L.STATE_READY
@@ -160,18 +166,27 @@ class Worker:
         self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
         if self.access_log is not None:
             self.access_log.flush()
-        now = time.monotonic()
-        for conn in list(self.connections):
-            try:
-                conn.check_timeouts(now)
-            except Exception:
-                log.exception("timeout check failed")
+        self.loop.call_later(SWEEP_DELAY, self._sweep, time.monotonic() + SWEEP_DELAY, 0)
+        self.gate.tick()
         if os.getppid() != self.master_pid and not self.draining:
             log.warning("worker %d: master %d is gone, stopping", self.worker_id, self.master_pid)
             self.begin_drain()
         # wake just after the next half-second boundary so Date is never a second stale
         delay = TICK - (now_wall % TICK) + 0.001
         self.loop.call_later(delay, self._tick)
+
+    def _sweep(self, due: float, retries: int) -> None:
+        """Check every connection's timeouts, once the I/O that waited behind any
+        stall has been handled (see SWEEP_DELAY)."""
+        now = time.monotonic()
+        if now - due > SWEEP_LATE and retries < SWEEP_RETRIES:
+            self.loop.call_later(SWEEP_DELAY, self._sweep, now + SWEEP_DELAY, retries + 1)
+            return
+        for conn in list(self.connections):
+            try:
+                conn.check_timeouts(now)
+            except Exception:
+                log.exception("timeout check failed")
 
     def begin_drain(self) -> None:
         """Answer everything with Connection: close from now on; _drain then
@@ -191,15 +206,11 @@ class Worker:
         while (any(accept_queue_length(s) for s in self.sockets if s.fileno() >= 0)
                and time.monotonic() - start < ACCEPT_LINGER_MAX):
             await asyncio.sleep(0.02)
-        for srv in self.servers:
-            srv.close()
+        self.gate.close()
         deadline = start + self.graceful_timeout
         while self.connections and time.monotonic() < deadline:
-            now = time.monotonic()
             for conn in list(self.connections):
-                conn.shutdown()
-                if conn.fresh and now - conn.idle_since > FRESH_GRACE:
-                    conn.close_if_silent()
+                conn.shutdown()  # (idle ones close at their timeout: see HttpConnection)
             await asyncio.sleep(0.05)
         if self.connections:
             # Streams still running: end each with a final error event (OpenAI's
@@ -215,7 +226,7 @@ class Worker:
         await asyncio.sleep(0)
 
     def on_connection_closed(self) -> None:
-        pass
+        self.gate.released(len(self.connections))
 
     def reopen_logs(self) -> None:
         from .. import logs
