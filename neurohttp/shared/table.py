@@ -33,6 +33,7 @@ import logging
 import time
 from math import inf
 
+from .keylimits import DAY_US, KeyLimits, KeyVerdict, verdict
 from .mutex import MUTEX_BYTES, init_mutex, lock_slow, trylock, unlock
 from .store import Admission
 
@@ -310,6 +311,125 @@ class KeyTable:
         finally:
             unlock(self.addr)
 
+    # ------------------------------------------------------------ API keys
+    # A key has two entries: its quota state "q:NAME" (E_V0 the request bucket's
+    # TAT, E_V1 the token bucket's TAT, E_V2 the day's window end, E_V3 the day's
+    # count) and its figures "f:NAME" (KF_* below, kept for good). Both are found
+    # by fingerprints the KeyLimits computed once, and taken under one lock.
+    def _key_entries(self, k: KeyLimits, t: int) -> tuple[int, int]:
+        """(quota entry, figures entry) of key `k`, created if absent; -1 if full (lock held)."""
+        w = self.w
+        # the figures first: E_EXP "never" at once, so creating the quota entry
+        # (which may sweep lapsed entries) cannot drop it, only shift it
+        f = TABLE_HEAD + (k.fh1 & self.mask) * ENTRY_WORDS
+        if w[f] != k.fh1 or w[f + 1] != k.fh2:
+            f = self._entry(k.fh1, k.fh2, t)
+            if f >= 0:
+                w[f + E_EXP] = NEVER
+        q = TABLE_HEAD + (k.qh1 & self.mask) * ENTRY_WORDS
+        if w[q] != k.qh1 or w[q + 1] != k.qh2:
+            q = self._entry(k.qh1, k.qh2, t)
+            if q >= 0 and f >= 0:
+                f = self._find(k.fh1, k.fh2)  # a sweep may have shifted it
+        return q, f
+
+    def key_admit(self, k: KeyLimits, now: float | None = None,
+                  charge: bool = True) -> KeyVerdict:
+        """Admit one request of key `k`: its rpm, tpm and daily limits checked
+        (and its request charged) at once, and the key's figures counted
+        (requests, or 429s), under one lock. `charge=False` only looks."""
+        t = int((_time() if now is None else now) * 1_000_000)
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            q, f = self._key_entries(k, t)
+            if q < 0 or f < 0:
+                self._full()
+                return _new(KeyVerdict, (False, "requests", 1.0, 0, 1.0, 0, 1.0, 0, 1.0))
+            w = self.w
+            v, new_r = verdict(k, t, w[q + E_V0], w[q + E_V0 + 1], w[q + E_V0 + 2],
+                               w[q + E_V0 + 3], charge)
+            if charge:
+                if v[0]:
+                    if k.rpm_step:
+                        if new_r > w[q + E_EXP]:
+                            w[q + E_EXP] = new_r  # raised before the value it covers
+                        w[q + E_V0] = new_r
+                    w[f + KF_REQUESTS] += 1
+                else:
+                    w[f + KF_429] += 1
+        finally:
+            unlock(a)
+        return v
+
+    def key_charge(self, k: KeyLimits, tokens_in: int, tokens_out: int,
+                   now: float | None = None) -> None:
+        """Charge tokens used by key `k` to its tpm bucket (into debt if need be:
+        the next admission waits) and its day, and count them in its figures."""
+        t = int((_time() if now is None else now) * 1_000_000)
+        n = tokens_in + tokens_out
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            q, f = self._key_entries(k, t)
+            w = self.w
+            if q >= 0:
+                if k.tpm_step:
+                    tat = w[q + E_V0 + 1]
+                    if tat < t:
+                        tat = t
+                    tat += n * k.tpm_step
+                    if tat > w[q + E_EXP]:
+                        w[q + E_EXP] = tat
+                    w[q + E_V0 + 1] = tat
+                if k.daily:
+                    end = w[q + E_V0 + 2]
+                    if end <= t:  # a new day: its end first (strict if we die here), then the count
+                        end = t - t % DAY_US + DAY_US
+                        if end > w[q + E_EXP]:
+                            w[q + E_EXP] = end
+                        w[q + E_V0 + 2] = end
+                        w[q + E_V0 + 3] = 0
+                    w[q + E_V0 + 3] += n
+            else:
+                self._full()
+            if f >= 0:
+                w[f + KF_TOKENS_IN] += tokens_in
+                w[f + KF_TOKENS_OUT] += tokens_out
+        finally:
+            unlock(a)
+
+    def key_count(self, k: KeyLimits, word: int, n: int = 1) -> None:
+        """Add `n` to one of key `k`'s figures (KF_*), e.g. a 403 or a request
+        admitted by another backend."""
+        t = int(_time() * 1_000_000)
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            f = self._key_entries(k, t)[1]
+            if f >= 0:
+                self.w[f + word] += n
+            else:
+                self._full()
+        finally:
+            unlock(a)
+
+    def key_figures(self, k: KeyLimits) -> dict[str, int]:
+        """Key `k`'s figures since the server started (each word alone is exact)."""
+        self._lock()
+        try:
+            f = self._find(k.fh1, k.fh2)
+            vals = [self.w[f + i] for i in KF_WORDS] if f >= 0 else [0] * len(KF_WORDS)
+        finally:
+            unlock(self.addr)
+        return dict(zip(KF_NAMES, vals, strict=True))
+
     # ------------------------------------------------------------ figures
     def figures(self) -> dict[str, int]:
         """For /stats and /metrics: read without the lock (each word alone is exact)."""
@@ -323,3 +443,13 @@ class TableFull(Exception):
 
 
 _ZERO = memoryview(bytes(ENTRY_WORDS * 8)).cast("q")
+
+# an API key's figures entry: its words and their names in /stats
+KF_REQUESTS = E_V0      # requests admitted
+KF_TOKENS_IN = E_V0 + 1
+KF_TOKENS_OUT = E_V0 + 2
+KF_403 = E_V0 + 3       # refused: a model outside its list
+KF_429 = E_V0 + 4       # refused: over a limit
+KF_WORDS = (KF_REQUESTS, KF_TOKENS_IN, KF_TOKENS_OUT, KF_403, KF_429)
+KF_NAMES = ("requests", "tokens_in", "tokens_out", "forbidden", "rate_limited")
+assert KF_429 < ENTRY_WORDS
