@@ -145,7 +145,7 @@ def test_rpm_is_exact_across_workers(make_server):
     assert len(ok) + len(refused) == 50
     # one more request refills every 6 s: exactly 10 unless the burst took that long
     assert len(ok) == 10 + int(elapsed // 6), (len(ok), elapsed)
-    for status, h, body in refused:
+    for _, h, body in refused:
         assert 1 <= int(h["retry-after"]) <= 6
         assert h["x-ratelimit-limit-requests"] == "10"
         assert h["x-ratelimit-remaining-requests"] == "0"

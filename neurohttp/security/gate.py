@@ -63,10 +63,8 @@ def duration(seconds: float) -> str:
     """A reset time as OpenAI writes it (Go's duration format, to the
     millisecond): "0s", "20ms", "6s", "17.28s", "1m0s", "2h3m4.5s"."""
     ms = math.ceil(seconds * 1000 - 1e-6)
-    if ms <= 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
+    if ms < 60_000:  # the usual case, in one format
+        return f"{ms / 1000:g}s" if ms >= 1000 else f"{ms}ms" if ms > 0 else "0s"
     h, rest = divmod(ms, 3_600_000)
     m, rest = divmod(rest, 60_000)
     s = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
@@ -262,7 +260,8 @@ def rate_headers(key: ApiKey, v: KeyVerdict) -> dict[str, str]:
         h["x-ratelimit-limit-tokens"] = str(lim.tpm)
         h["x-ratelimit-remaining-tokens"] = str(v.tokens_remaining)
         h["x-ratelimit-reset-tokens"] = duration(v.tokens_reset)
-    if lim.daily:
+    if lim.daily and (v.refused or v.daily_remaining < lim.daily // 10):
+        # beyond OpenAI's set; sent when the day is nearly spent or refused
         h["x-ratelimit-limit-tokens-day"] = str(lim.daily)
         h["x-ratelimit-remaining-tokens-day"] = str(v.daily_remaining)
         h["x-ratelimit-reset-tokens-day"] = duration(v.daily_reset)

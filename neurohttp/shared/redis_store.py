@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from .keylimits import DAILY, REQUESTS, TOKENS, KeyLimits, KeyVerdict
 from .store import Admission
 
@@ -180,9 +182,14 @@ class RedisStore:
     # ------------------------------------------------------------ API keys
     async def key_admit(self, k: KeyLimits, now: float | None = None,
                         charge: bool = True) -> KeyVerdict:
-        r = await self._key_admit(keys=[self.prefix + "q:" + k.name],
-                                  args=[_now_arg(now), k.rpm, k.rpm_step, k.tpm, k.tpm_step,
-                                        k.daily, 1 if charge else 0])
+        # EVALSHA through execute_command: Script.__call__ costs ~15 % more CPU
+        # per call (measured), and this is the one call on the request path
+        args = (self.prefix + "q:" + k.name, _now_arg(now), k.rpm, k.rpm_step, k.tpm,
+                k.tpm_step, k.daily, 1 if charge else 0)
+        try:
+            r = await self.r.execute_command("EVALSHA", self._key_admit.sha, 1, *args)
+        except NoScriptError:  # a new or flushed Redis: load it once, run it
+            r = await self.r.execute_command("EVAL", KEY_ADMIT, 1, *args)
         refused = _REFUSED[int(r[0])]
         return KeyVerdict(not refused, refused, int(r[1]) / 1e6, int(r[2]), int(r[3]) / 1e6,
                           int(r[4]), int(r[5]) / 1e6, int(r[6]), int(r[7]) / 1e6)
