@@ -331,3 +331,59 @@ def test_auth_and_state_errors_name_the_key_and_file(tmp_path, text, needle):
     with pytest.raises(config.ConfigError) as e:
         config.load(str(path))
     assert needle in str(e.value) and str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------- the gate's usage subscriber
+def _gate(table, quotas=None):
+    from neurohttp.security.gate import Gate
+    from neurohttp.security.quotas import ShmQuotas
+    ring = KeyRing([KeySpec("team", "0" * 64, 0, 600, 0, [])])
+    return Gate(ring, quotas or ShmQuotas(table), ["/v1/"], [], "echo", table.add), ring
+
+
+def test_usage_charges_reach_the_keys_bucket(table):
+    """charge(model, key, prompt, completion), as the usage event calls it:
+    tokens into the key's tpm bucket (debt) and its figures; unknown or no key: nothing."""
+    gate, ring = _gate(table)
+    limits = ring.by_name["team"].limits
+    assert table.key_admit(limits).allowed
+    gate.charge("echo", "team", 100, 0)
+    for _ in range(7):
+        gate.charge("echo", "team", 0, 100)  # a stream, 100 tokens at a time
+    gate.charge("echo", None, 5, 5)
+    gate.charge("echo", "nobody", 5, 5)
+    v = table.key_admit(limits)
+    assert not v.allowed and v.refused == TOKENS and v.retry_after > 19
+    f = table.key_figures(limits)
+    assert (f["tokens_in"], f["tokens_out"]) == (100, 700)
+
+
+def test_redis_charges_of_one_loop_turn_go_in_one_pipeline(table, redis_server):  # noqa: F811
+    from neurohttp.security.quotas import RedisQuotas
+
+    async def main():
+        client = connect(redis_server.url, 1.0)
+        store = RedisStore(client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+        quotas = RedisQuotas(store, table, 1.0, fail_open=False)
+        gate, ring = _gate(table, quotas)
+        limits = ring.by_name["team"].limits
+        assert (await quotas.admit(limits)).allowed
+        sent = []
+        real = store.key_charge_many
+
+        async def spy(charges, now=None):
+            sent.append(len(charges))
+            await real(charges, now)
+        store.key_charge_many = spy
+        for _ in range(8):
+            gate.charge("echo", "team", 0, 100)
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        v = await quotas.admit(limits)
+        await client.aclose()
+        return sent, v
+    sent, v = asyncio.run(main())
+    assert sent == [8]
+    assert not v.allowed and v.refused == TOKENS
+    f = table.key_figures(KeyLimits("team"))
+    assert f["tokens_out"] == 800 and f["requests"] == 1 and f["rate_limited"] == 1

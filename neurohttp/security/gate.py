@@ -227,14 +227,21 @@ class Gate:
                               headers={"Retry-After": "1"})
 
     # ------------------------------------------------------------ usage
-    def charge(self, key_name: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+    # The gate subscribes to the usage sink (context.UsageSubscriber): every
+    # generation's tokens reach it as they are used.
+    def charge(self, model: str, key: str | None, prompt_tokens: int,
+               completion_tokens: int) -> None:
         """Tokens a key used (the prompt when a generation starts, completion
-        tokens as they stream): charged to its tpm and day, into debt if need be."""
-        if key_name is None:
+        tokens as they stream): charged to its tpm and day, into debt if need
+        be, and counted in its figures."""
+        if key is None:
             return
-        key = self.ring.by_name.get(key_name)
-        if key is not None and (prompt_tokens or completion_tokens):
-            self.quotas.charge(key.limits, prompt_tokens, completion_tokens)
+        k = self.ring.by_name.get(key)
+        if k is not None and (prompt_tokens or completion_tokens):
+            self.quotas.charge(k.limits, prompt_tokens, completion_tokens)
+
+    def report(self, event: Any, request: Any) -> None:
+        """A generation ended: its tokens were charged as they came."""
 
     # ------------------------------------------------------------ figures
     def figures(self, read: Callable[[str], int]) -> dict[str, Any]:
