@@ -98,12 +98,15 @@ class Gate:
         self.open = tuple(open_)
         self.default_model = default_model
         self.count = count
-        self._rules: dict[str, Rule] = {}
+        self._rules: dict[bytes, Rule] = {}
 
     # ------------------------------------------------------------ routing rules
-    def rule(self, path: str) -> Rule:
-        r = self._rules.get(path)
+    def rule(self, req: Request) -> Rule:
+        """The rule of the request's path, cached by its raw target (like the
+        router's raw_routes: the common request's path is never decoded)."""
+        r = self._rules.get(req.target)
         if r is None:
+            path = req.path  # decoded: the rule is the path's the router will see
             protected = path.startswith(self.protect) and not path.startswith(self.open)
             method, kind = _KINDS.get(path, (None, 0))
             if kind == 0 and path.startswith(_MODELS_PREFIX):
@@ -111,13 +114,13 @@ class Gate:
             r = Rule(protected, method, kind)
             if len(self._rules) >= 4096:  # a bound: paths are whatever clients send
                 self._rules.clear()
-            self._rules[path] = r
+            self._rules[req.target] = r
         return r
 
     # ------------------------------------------------------------ the step
     def handle(self, req: Request, dispatch: Callable[[Request], Any]) -> Any:
         """Admit `req` and route it with `dispatch`, or refuse it."""
-        rule = self.rule(req.path)
+        rule = self.rule(req)
         if not rule.protected:
             return dispatch(req)
         key = self.ring.identify(req.raw_headers)
@@ -182,17 +185,21 @@ class Gate:
             v = self.quotas.peek(key.limits)
             if v is None:
                 return result
+        cls = result.__class__
+        if cls is Response or cls is StreamingResponse or cls is WebSocketUpgrade:
+            result.headers.update(rate_headers(key, v))
+            return result
         if hasattr(result, "__await__"):
             return self._finish_later(key, v, result)
-        return self._decorate(key, v, result)
+        return result
 
     async def _finish_later(self, key: ApiKey, v: KeyVerdict, pending: Awaitable[Any]) -> Any:
         return self._decorate(key, v, await pending)
 
     def _decorate(self, key: ApiKey, v: KeyVerdict | None, result: Any) -> Any:
         cls = result.__class__
-        if v is not None and (cls is Response or cls is StreamingResponse
-                              or cls is WebSocketUpgrade):
+        if v is not None and key.limits.limited and (
+                cls is Response or cls is StreamingResponse or cls is WebSocketUpgrade):
             result.headers.update(rate_headers(key, v))
         return result
 

@@ -5,8 +5,10 @@ script in Redis), so a request costs one lock or one round trip, not three.
 
 The arithmetic is the Store's (store.py): rpm and tpm are GCRA buckets (refilled
 continuously, never a counter that resets on the minute), daily tokens a window
-that ends at UTC midnight. `tests/test_key_quotas.py` checks the batched
-operations against the Store's single ones step by step.
+that ends at UTC midnight (table.py KeyTable.key_admit; redis_store.py KEY_ADMIT
+is its transcription into Lua). `tests/test_key_quotas.py` checks the batched
+operations against the Store's single ones, and Redis against shared memory,
+step by step.
 """
 
 from __future__ import annotations
@@ -73,48 +75,3 @@ class KeyVerdict(NamedTuple):
     tokens_reset: float
     daily_remaining: int
     daily_reset: float
-
-
-def verdict(limits: KeyLimits, t: int, rtat: int, ttat: int, dend: int, dcount: int,
-            charge: bool) -> tuple[KeyVerdict, int]:
-    """The admission of one request at `t` (µs) from the key's state: the GCRA
-    theoretical arrival times of its request and token buckets (`rtat`, `ttat`),
-    and its day's window end and count. Returns the verdict and the request
-    bucket's new TAT (to be written if allowed and `charge`).
-
-    Pure arithmetic: the shared-memory table runs it under its lock, and the
-    Redis script is its transcription into Lua (redis_store.py)."""
-    rs, ts, dl = limits.rpm_step, limits.tpm_step, limits.daily
-    if rtat < t:
-        rtat = t
-    if ttat < t:
-        ttat = t
-    if dend <= t:  # the day's window is over: a new one
-        dend = t - t % DAY_US + DAY_US
-        dcount = 0
-    refused = ""
-    wait = 0
-    new_r = rtat
-    if rs:
-        new_r = rtat + rs
-        at = new_r - limits.rpm * rs
-        if at > t:
-            refused, wait = REQUESTS, at - t
-    if ts:
-        at = ttat + ts - limits.tpm * ts  # room for one token
-        if at > t:
-            refused = refused or TOKENS
-            wait = max(wait, at - t)
-    if dl and dcount >= dl:
-        refused = refused or DAILY
-        wait = max(wait, dend - t)
-    if refused or not charge:
-        new_r = rtat
-    return _new(KeyVerdict, (
-        not refused, refused, wait / 1e6,
-        (t + limits.rpm * rs - new_r) // rs if rs else 0, (new_r - t) / 1e6,
-        max(0, (t + limits.tpm * ts - ttat) // ts) if ts else 0, (ttat - t) / 1e6,
-        max(0, dl - dcount), (dend - t) / 1e6)), new_r
-
-
-_new = tuple.__new__  # builds a KeyVerdict without NamedTuple's Python-level __new__

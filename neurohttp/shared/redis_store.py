@@ -34,7 +34,7 @@ if now == 0 then
 end
 """
 
-# key_admit: keylimits.verdict() transcribed. KEYS[1] a hash: r (request TAT),
+# key_admit: table.py KeyTable.key_admit transcribed. KEYS[1] a hash: r (request TAT),
 # t (token TAT), de (the day's end), dc (the day's count).
 # ARGV: now, rpm, rpm_step, tpm, tpm_step, daily, charge
 KEY_ADMIT = _NOW + """

@@ -33,7 +33,7 @@ import logging
 import time
 from math import inf
 
-from .keylimits import DAY_US, KeyLimits, KeyVerdict, verdict
+from .keylimits import DAILY, DAY_US, REQUESTS, TOKENS, KeyLimits, KeyVerdict
 from .mutex import MUTEX_BYTES, init_mutex, lock_slow, trylock, unlock
 from .store import Admission
 
@@ -337,32 +337,83 @@ class KeyTable:
                   charge: bool = True) -> KeyVerdict:
         """Admit one request of key `k`: its rpm, tpm and daily limits checked
         (and its request charged) at once, and the key's figures counted
-        (requests, or 429s), under one lock. `charge=False` only looks."""
+        (requests, or 429s), under one lock. `charge=False` only looks.
+
+        rpm and tpm are GCRA buckets (admit's arithmetic: a request needs one
+        request of room, and one token of room in the token bucket, which is
+        not charged here: tokens are charged as used, key_charge), the day a
+        window ending at UTC midnight (quota's). Written out in full, as the
+        other operations are: it runs on every keyed request. The Redis
+        backend's KEY_ADMIT script is its transcription (redis_store.py)."""
         t = int((_time() if now is None else now) * 1_000_000)
         a = self.addr
         rc = trylock(a)
         if rc:
             self._lock_slow(rc)
         try:
-            q, f = self._key_entries(k, t)
-            if q < 0 or f < 0:
-                self._full()
-                return _new(KeyVerdict, (False, "requests", 1.0, 0, 1.0, 0, 1.0, 0, 1.0))
             w = self.w
-            v, new_r = verdict(k, t, w[q + E_V0], w[q + E_V0 + 1], w[q + E_V0 + 2],
-                               w[q + E_V0 + 3], charge)
-            if charge:
-                if v[0]:
-                    if k.rpm_step:
-                        if new_r > w[q + E_EXP]:
-                            w[q + E_EXP] = new_r  # raised before the value it covers
-                        w[q + E_V0] = new_r
+            mask = self.mask
+            f = TABLE_HEAD + (k.fh1 & mask) * ENTRY_WORDS
+            q = TABLE_HEAD + (k.qh1 & mask) * ENTRY_WORDS
+            if w[f] != k.fh1 or w[f + 1] != k.fh2 or w[q] != k.qh1 or w[q + 1] != k.qh2:
+                q, f = self._key_entries(k, t)
+                if q < 0 or f < 0:
+                    self._full()
+                    return _new(KeyVerdict, (False, REQUESTS, 1.0, 0, 1.0, 0, 1.0, 0, 1.0))
+            if not k.limited:
+                if charge:
                     w[f + KF_REQUESTS] += 1
-                else:
+                return _FREE
+            rs = k.rpm_step
+            ts = k.tpm_step
+            dl = k.daily
+            rtat = w[q + E_V0]
+            if rtat < t:
+                rtat = t
+            ttat = w[q + E_V0 + 1]
+            if ttat < t:
+                ttat = t
+            dend = w[q + E_V0 + 2]
+            dcount = w[q + E_V0 + 3]
+            if dend <= t:  # the day's window is over: a new one (written by key_charge)
+                dend = t - t % DAY_US + DAY_US
+                dcount = 0
+            refused = ""
+            wait = 0
+            new_r = rtat
+            if rs:
+                new_r = rtat + rs
+                at = new_r - k.rpm * rs
+                if at > t:
+                    refused = REQUESTS
+                    wait = at - t
+            if ts:
+                at = ttat + ts - k.tpm * ts  # room for one token
+                if at > t:
+                    refused = refused or TOKENS
+                    if at - t > wait:
+                        wait = at - t
+            if dl and dcount >= dl:
+                refused = refused or DAILY
+                if dend - t > wait:
+                    wait = dend - t
+            if refused or not charge:
+                new_r = rtat
+                if charge:
                     w[f + KF_429] += 1
+            else:
+                if rs:
+                    if new_r > w[q + E_EXP]:
+                        w[q + E_EXP] = new_r  # raised before the value it covers
+                    w[q + E_V0] = new_r
+                w[f + KF_REQUESTS] += 1
         finally:
             unlock(a)
-        return v
+        return _new(KeyVerdict, (
+            not refused, refused, wait / 1e6,
+            (t + k.rpm * rs - new_r) // rs if rs else 0, (new_r - t) / 1e6,
+            max(0, (t + k.tpm * ts - ttat) // ts) if ts else 0, (ttat - t) / 1e6,
+            max(0, dl - dcount), (dend - t) / 1e6))
 
     def key_charge(self, k: KeyLimits, tokens_in: int, tokens_out: int,
                    now: float | None = None) -> None:
@@ -452,4 +503,6 @@ KF_403 = E_V0 + 3       # refused: a model outside its list
 KF_429 = E_V0 + 4       # refused: over a limit
 KF_WORDS = (KF_REQUESTS, KF_TOKENS_IN, KF_TOKENS_OUT, KF_403, KF_429)
 KF_NAMES = ("requests", "tokens_in", "tokens_out", "forbidden", "rate_limited")
+# the admission of a key without limits (only its figures are counted)
+_FREE = KeyVerdict(True, "", 0.0, 0, 0.0, 0, 0.0, 0, 0.0)
 assert KF_429 < ENTRY_WORDS
