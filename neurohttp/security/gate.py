@@ -62,17 +62,16 @@ _LIMIT_NAMES = {REQUESTS: "requests per minute (RPM)", "tokens": "tokens per min
 def duration(seconds: float) -> str:
     """A reset time as OpenAI writes it (Go's duration format, to the
     millisecond): "0s", "20ms", "6s", "17.28s", "1m0s", "2h3m4.5s"."""
-    ms = math.ceil(seconds * 1000 - 1e-6)
-    if ms < 60_000:  # the usual case, in one format
-        return f"{ms / 1000:g}s" if ms >= 1000 else f"{ms}ms" if ms > 0 else "0s"
+    ms = int(seconds * 1000 + 0.999999)  # up to the millisecond
+    if ms < 60_000:  # the usual case
+        if ms >= 1000:
+            s, r = divmod(ms, 1000)
+            return f"{s}s" if not r else f"{s}.{r:03d}".rstrip("0") + "s"
+        return f"{ms}ms" if ms > 0 else "0s"
     h, rest = divmod(ms, 3_600_000)
     m, rest = divmod(rest, 60_000)
-    s = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
-    if h:
-        return f"{h}h{m}m{s}s"
-    if m:
-        return f"{m}m{s}s"
-    return f"{s}s"
+    sec = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    return f"{h}h{m}m{sec}s" if h else f"{m}m{sec}s"
 
 
 class Rule:
@@ -265,18 +264,24 @@ class Gate:
 def rate_headers(key: ApiKey, v: KeyVerdict) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the key's limits (only those it has)."""
     lim = key.limits
-    h: dict[str, str] = {}
+    h: dict[str, str]
     if lim.rpm:
-        h["x-ratelimit-limit-requests"] = str(lim.rpm)
-        h["x-ratelimit-remaining-requests"] = str(v.requests_remaining)
-        h["x-ratelimit-reset-requests"] = duration(v.requests_reset)
-    if lim.tpm:
-        h["x-ratelimit-limit-tokens"] = str(lim.tpm)
-        h["x-ratelimit-remaining-tokens"] = str(v.tokens_remaining)
-        h["x-ratelimit-reset-tokens"] = duration(v.tokens_reset)
-    if lim.daily and (v.refused or v.daily_remaining < lim.daily // 10):
+        h = {"x-ratelimit-limit-requests": lim.rpm_text,
+             "x-ratelimit-remaining-requests": str(v[3]),
+             "x-ratelimit-reset-requests": duration(v[4])}
+        if lim.tpm:
+            h["x-ratelimit-limit-tokens"] = lim.tpm_text
+            h["x-ratelimit-remaining-tokens"] = str(v[5])
+            h["x-ratelimit-reset-tokens"] = duration(v[6])
+    elif lim.tpm:
+        h = {"x-ratelimit-limit-tokens": lim.tpm_text,
+             "x-ratelimit-remaining-tokens": str(v[5]),
+             "x-ratelimit-reset-tokens": duration(v[6])}
+    else:
+        h = {}
+    if lim.daily and (v[1] or v[7] < lim.daily // 10):
         # beyond OpenAI's set; sent when the day is nearly spent or refused
         h["x-ratelimit-limit-tokens-day"] = str(lim.daily)
-        h["x-ratelimit-remaining-tokens-day"] = str(v.daily_remaining)
-        h["x-ratelimit-reset-tokens-day"] = duration(v.daily_reset)
+        h["x-ratelimit-remaining-tokens-day"] = str(v[7])
+        h["x-ratelimit-reset-tokens-day"] = duration(v[8])
     return h

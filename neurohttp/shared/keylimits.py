@@ -35,7 +35,7 @@ class KeyLimits:
     """
 
     __slots__ = ("name", "rpm", "tpm", "daily", "rpm_step", "tpm_step", "limited",
-                 "qh1", "qh2", "fh1", "fh2")
+                 "qh1", "qh2", "fh1", "fh2", "rpm_text", "tpm_text")
 
     def __init__(self, name: str, rpm: int = 0, tpm: int = 0, daily: int = 0) -> None:
         self.name = name
@@ -45,6 +45,7 @@ class KeyLimits:
         self.rpm_step = -(-MINUTE_US // rpm) if rpm else 0  # rounded up: never more than rpm
         self.tpm_step = -(-MINUTE_US // tpm) if tpm else 0
         self.limited = bool(rpm or tpm or daily)
+        self.rpm_text, self.tpm_text = str(rpm), str(tpm)  # header values, made once
         # fingerprints of the key's two entries in the shared-memory table (the
         # quota state and the figures), computed once instead of per request
         qk, fk = "q:" + name, "f:" + name

@@ -367,36 +367,40 @@ class KeyTable:
             rs = k.rpm_step
             ts = k.tpm_step
             dl = k.daily
-            rtat = w[q + E_V0]
-            if rtat < t:
-                rtat = t
-            ttat = w[q + E_V0 + 1]
-            if ttat < t:
-                ttat = t
-            dend = w[q + E_V0 + 2]
-            dcount = w[q + E_V0 + 3]
-            if dend <= t:  # the day's window is over: a new one (written by key_charge)
-                dend = t - t % DAY_US + DAY_US
-                dcount = 0
             refused = ""
             wait = 0
-            new_r = rtat
+            rtat = new_r = ttat = 0
             if rs:
+                rtat = w[q + E_V0]
+                if rtat < t:
+                    rtat = t
                 new_r = rtat + rs
                 at = new_r - k.rpm * rs
                 if at > t:
                     refused = REQUESTS
                     wait = at - t
             if ts:
+                ttat = w[q + E_V0 + 1]
+                if ttat < t:
+                    ttat = t
                 at = ttat + ts - k.tpm * ts  # room for one token
                 if at > t:
-                    refused = refused or TOKENS
+                    if not refused:
+                        refused = TOKENS
                     if at - t > wait:
                         wait = at - t
-            if dl and dcount >= dl:
-                refused = refused or DAILY
-                if dend - t > wait:
-                    wait = dend - t
+            dend = dcount = 0
+            if dl:
+                dend = w[q + E_V0 + 2]
+                if dend > t:
+                    dcount = w[q + E_V0 + 3]
+                else:  # the day's window is over: a new one (written by key_charge)
+                    dend = _midnight_after(t)
+                if dcount >= dl:
+                    if not refused:
+                        refused = DAILY
+                    if dend - t > wait:
+                        wait = dend - t
             if refused or not charge:
                 new_r = rtat
                 if charge:
@@ -409,11 +413,14 @@ class KeyTable:
                 w[f + KF_REQUESTS] += 1
         finally:
             unlock(a)
+        # the figures the headers need (only those of the limits the key has)
+        rrem = (t + k.rpm * rs - new_r) // rs if rs else 0
+        trem = (t + k.tpm * ts - ttat) // ts if ts else 0
+        drem = dl - dcount
         return _new(KeyVerdict, (
-            not refused, refused, wait / 1e6,
-            (t + k.rpm * rs - new_r) // rs if rs else 0, (new_r - t) / 1e6,
-            max(0, (t + k.tpm * ts - ttat) // ts) if ts else 0, (ttat - t) / 1e6,
-            max(0, dl - dcount), (dend - t) / 1e6))
+            not refused, refused, wait / 1e6, rrem, (new_r - t) / 1e6 if rs else 0.0,
+            trem if trem > 0 else 0, (ttat - t) / 1e6 if ts else 0.0,
+            drem if drem > 0 else 0, (dend - t) / 1e6 if dl else 0.0))
 
     def key_charge(self, k: KeyLimits, tokens_in: int, tokens_out: int,
                    now: float | None = None) -> None:
@@ -440,7 +447,7 @@ class KeyTable:
                 if k.daily:
                     end = w[q + E_V0 + 2]
                     if end <= t:  # a new day: its end first (strict if we die here), then the count
-                        end = t - t % DAY_US + DAY_US
+                        end = _midnight_after(t)
                         if end > w[q + E_EXP]:
                             w[q + E_EXP] = end
                         w[q + E_V0 + 2] = end
@@ -503,6 +510,17 @@ KF_403 = E_V0 + 3       # refused: a model outside its list
 KF_429 = E_V0 + 4       # refused: over a limit
 KF_WORDS = (KF_REQUESTS, KF_TOKENS_IN, KF_TOKENS_OUT, KF_403, KF_429)
 KF_NAMES = ("requests", "tokens_in", "tokens_out", "forbidden", "rate_limited")
+_day = [0, 0]  # [the UTC day's start, its end] (µs) last computed
+
+
+def _midnight_after(t: int) -> int:
+    """The first UTC midnight after `t` (µs); a long division once a day, not per call."""
+    if not _day[0] <= t < _day[1]:
+        start = t - t % DAY_US
+        _day[0], _day[1] = start, start + DAY_US
+    return _day[1]
+
+
 # the admission of a key without limits (only its figures are counted)
 _FREE = KeyVerdict(True, "", 0.0, 0, 0.0, 0, 0.0, 0, 0.0)
 assert KF_429 < ENTRY_WORDS
