@@ -6,12 +6,17 @@ sockets: a fake transport records writes. This isolates what our code costs
 
 Prints ns per request (best of 5 runs) for GET /health and POST /v1/chat.
 Used to compare hot-path changes; end-to-end numbers come from bench.py.
+
+`--auth key` runs the same requests with [auth] on and an API key sent in
+Authorization (no limits: the key check and the key's figures); `--auth quota`
+gives that key rpm, tpm and daily limits too (shared memory, never reached).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import sys
 import time
@@ -66,21 +71,35 @@ REQUESTS = {
 }
 
 
+KEY = b"nh-bench-0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
+    ap.add_argument("--auth", choices=("off", "key", "quota"), default="off",
+                    help="[auth] off, on with an unlimited key, or with rpm/tpm/daily limits")
     args = ap.parse_args()
-    cfg = config.load(None)
-    block = StatsBlock.create(f"neurohttp-microbench-{os.getpid()}", geometry_for(cfg))  # runs may overlap
+    requests = REQUESTS
+    if args.auth == "off":
+        cfg = config.load(None)
+    else:
+        limits = {"rpm": 10**9, "tpm": 10**12, "daily_tokens": 10**15} \
+            if args.auth == "quota" else {}
+        cfg = config.from_dict({"auth": {"enabled": True, "keys": [
+            {"name": "bench", "sha256": hashlib.sha256(KEY).hexdigest(), **limits}]}})
+        requests = {name: raw.replace(b"\r\nHost:", b"\r\nAuthorization: Bearer " + KEY
+                                      + b"\r\nHost:", 1) for name, raw in REQUESTS.items()}
+    block = StatsBlock.create(f"neurohttp-microbench-{os.getpid()}", geometry_for(cfg))
     try:
         idx = block.reserve_slot(1, 1)
         w = Worker(cfg, block, idx, 1, [], 0)
         w.loop = asyncio.new_event_loop()
         from neurohttp.ai import tokenizer
         tokenizer.preload()
-        for name, raw in REQUESTS.items():
+        for name, raw in requests.items():
             if args.only and name != args.only:
                 continue
             conn = HttpConnection(w)

@@ -40,6 +40,9 @@ class App:
         # raw_routes, by its raw bytes.
         self.route_index: dict[str | bytes, int] = {}
         self.route_names: list[str] = ["other"]
+        # The admission step (security/gate.py) when [auth] is on: it runs first
+        # and routes through _dispatch itself.
+        self.gate: Any = None
         self.stats_routes = stats_routes
         self._routes_full = False  # logged once
 
@@ -89,6 +92,15 @@ class App:
     # ------------------------------------------------------------ dispatch
     def handle(self, req: Request) -> Result:
         """Route `req`; never raises (a failing handler becomes a 500)."""
+        if self.gate is not None:
+            try:
+                return self.gate.handle(req, self._dispatch)
+            except Exception:
+                log.exception("admission of %s %s failed", req.method, req.path)
+                return error_response(req, 500, "internal server error")
+        return self._dispatch(req)
+
+    def _dispatch(self, req: Request) -> Result:
         if self.before_hooks or self.after_hooks:
             return self._handle_hooked(req)
         methods = self.raw_routes.get(req.target)

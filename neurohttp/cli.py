@@ -370,5 +370,42 @@ def top(config_path: str | None, pid_file: str | None, url: str | None, interval
     sys.exit(run(url or _default_url(config_path, pid_file), interval))
 
 
+@main.group()
+def keys() -> None:
+    """API keys: issue a new one, or hash one for [[auth.keys]] (docs/SECURITY.md)."""
+
+
+@keys.command("new")
+@click.argument("name")
+@click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute (0: no limit).")
+@click.option("--tpm", type=click.IntRange(min=0), default=0, help="Tokens per minute (0: no limit).")
+@click.option("--daily-tokens", type=click.IntRange(min=0), default=0,
+              help="Tokens per UTC day (0: no limit).")
+@click.option("--models", default="", help="Comma-separated models it may use (default: all).")
+def keys_new(name: str, rpm: int, tpm: int, daily_tokens: int, models: str) -> None:
+    """Print a fresh random key (once: it is stored nowhere) and the
+    [[auth.keys]] table to paste into the config (its digest only)."""
+    from .security.keys import digest, new_key
+    if not config_mod.KEY_NAME_RE.fullmatch(name):
+        raise click.BadParameter("1-64 letters, digits, '.', '_' or '-'", param_hint="NAME")
+    key = new_key()
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    table = (f"[[auth.keys]]\nname = {json.dumps(name)}\nsha256 = \"{digest(key)}\"\n"
+             f"rpm = {rpm}\ntpm = {tpm}\ndaily_tokens = {daily_tokens}\n"
+             f"models = [{', '.join(json.dumps(m) for m in names)}]")
+    click.echo(f"# the key (shown once; give it to the client, keep no copy):\n{key}\n")
+    click.echo(f"# paste into the config ([auth] enabled = true):\n{table}")
+
+
+@keys.command("hash")
+def keys_hash() -> None:
+    """Read a key on standard input and print its SHA-256 (the sha256 of [[auth.keys]])."""
+    from .security.keys import digest
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise click.UsageError("no key on standard input")
+    click.echo(digest(key))
+
+
 if __name__ == "__main__":
     main()

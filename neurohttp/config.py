@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -112,6 +113,21 @@ def _str_list(v: Any) -> str | None:
     return None if all(isinstance(x, str) and x for x in v) else "must be a list of names"
 
 
+def _path_prefixes(v: Any) -> str | None:
+    if all(isinstance(x, str) and x.startswith("/") for x in v):
+        return None
+    return "must be a list of path prefixes starting with '/'"
+
+
+def _redis_url(v: Any) -> str | None:
+    if v.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be a redis://, rediss:// or unix:// URL"
+
+
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "server": {
         "bind": Key(list, ["127.0.0.1:8080"], _bind_list),
@@ -151,8 +167,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_routes": Key(int, 0, _non_negative, range=(0, 4096)),
         "max_models": Key(int, 0, _non_negative, range=(0, 4096)),
     },
+    # Besides these keys, [[auth.keys]] tables (AUTH_KEY_KEYS) hold the API keys.
+    "auth": {
+        "enabled": Key(bool, False),
+        "protect": Key(list, ["/v1/"], _path_prefixes),
+        "open": Key(list, ["/health"], _path_prefixes),
+    },
     "state": {
         "max_keys": Key(int, 16384, _positive, range=(16, 16_777_216)),
+        "backend": Key(str, "shm", _one_of("shm", "redis")),
+        "url": Key(str, "redis://127.0.0.1:6379/0", _redis_url),
+        "on_redis_error": Key(str, "fail_open", _one_of("fail_open", "fail_closed")),
+        "timeout_ms": Key(int, 50, _positive, range=(1, 60_000)),
     },
     # Besides these keys, [plugins.<name>] tables hold each plugin's options.
     "plugins": {
@@ -166,6 +192,29 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "key_file": Key(str, ""),
         "ca_file": Key(str, ""),
     },
+}
+
+
+def _key_name(v: Any) -> str | None:
+    if KEY_NAME_RE.fullmatch(v):
+        return None
+    return "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _sha256_hex(v: Any) -> str | None:
+    if re.fullmatch(r"[0-9a-f]{64}", v):
+        return None
+    return "must be the 64 lowercase hex digits of the key's SHA-256 (neurohttpd keys hash)"
+
+
+# The keys of each [[auth.keys]] table; name and sha256 are required.
+AUTH_KEY_KEYS: dict[str, Key] = {
+    "name": Key(str, "", _key_name),
+    "sha256": Key(str, "", _sha256_hex),
+    "rpm": Key(int, 0, _non_negative, range=(0, 10**9)),
+    "tpm": Key(int, 0, _non_negative, range=(0, 10**12)),
+    "daily_tokens": Key(int, 0, _non_negative, range=(0, 10**15)),
+    "models": Key(list, [], _str_list),
 }
 
 
@@ -243,8 +292,33 @@ class StatsSection(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class KeySpec:
+    """One [[auth.keys]] table: the key is known only by its SHA-256 digest."""
+
+    name: str
+    sha256: str
+    rpm: int
+    tpm: int
+    daily_tokens: int
+    models: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSection(Section):
+    enabled: bool
+    protect: list[str]
+    open: list[str]
+    # Not a schema key: the [[auth.keys]] tables, checked by AUTH_KEY_KEYS.
+    keys: tuple[KeySpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StateSection(Section):
     max_keys: int
+    backend: str
+    url: str
+    on_redis_error: str
+    timeout_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +338,8 @@ class TlsSection(Section):
 
 # The dataclass of each SCHEMA table, in the schema's order.
 SECTIONS: dict[str, type[Section]] = {
-    "server": ServerSection, "log": LogSection, "stats": StatsSection, "state": StateSection,
-    "plugins": PluginsSection, "tls": TlsSection,
+    "server": ServerSection, "log": LogSection, "stats": StatsSection, "auth": AuthSection,
+    "state": StateSection, "plugins": PluginsSection, "tls": TlsSection,
 }
 
 
@@ -278,6 +352,7 @@ class Config:
     server: ServerSection
     log: LogSection
     stats: StatsSection
+    auth: AuthSection
     state: StateSection
     plugins: PluginsSection
     models: dict[str, dict[str, Any]]
@@ -377,6 +452,34 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
     return out
 
 
+def _check_keys(where: str, keys: Any, models: dict[str, dict[str, Any]]) -> tuple[KeySpec, ...]:
+    """Check the [[auth.keys]] tables: names and digests unique, models known."""
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise ConfigError(f"{where}: auth.keys must be an array of tables ([[auth.keys]])")
+    out: list[KeySpec] = []
+    names: set[str] = set()
+    digests: set[str] = set()
+    for i, table in enumerate(keys):
+        prefix = f"auth.keys[{i}]"
+        for required in ("name", "sha256"):
+            if required not in table:
+                raise ConfigError(f"{where}: {prefix}.{required} is required")
+        spec = KeySpec(**_check_table(where, prefix, AUTH_KEY_KEYS, table))
+        if spec.name in names:
+            raise ConfigError(f"{where}: {prefix}.name: {spec.name!r} is used by another key")
+        if spec.sha256 in digests:
+            raise ConfigError(f"{where}: {prefix}.sha256: the same key is listed twice "
+                              f"(as {spec.name!r} and an earlier key)")
+        for m in spec.models:
+            if m not in models:
+                raise ConfigError(f"{where}: {prefix}.models: unknown model {m!r} "
+                                  f"(configured: {', '.join(sorted(models))})")
+        names.add(spec.name)
+        digests.add(spec.sha256)
+        out.append(spec)
+    return tuple(out)
+
+
 def check_providers(cfg: Config, providers: dict[str, Any]) -> None:
     """Once plugins are loaded: every model's provider is built in or added by one."""
     for name, table in cfg.models.items():
@@ -393,6 +496,7 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     where = path or "<defaults>"
     tables: dict[str, dict[str, Any]] = {}
     plugin_options: dict[str, dict[str, Any]] = {}
+    auth_keys: Any = []
     for k in data:
         if k not in SCHEMA and k != "models":
             raise ConfigError(f"{where}: unknown section or key '{k}'")
@@ -401,6 +505,9 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
         if name == "plugins" and isinstance(table, dict):
             plugin_options = {k: v for k, v in table.items() if isinstance(v, dict)}
             table = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if name == "auth" and isinstance(table, dict) and "keys" in table:
+            table = dict(table)
+            auth_keys = table.pop("keys")
         tables[name] = _check_table(where, name, keys, table)
     enabled = tables["plugins"]["enabled"]
     for k in plugin_options:
@@ -411,8 +518,14 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
     _check_listeners(where, tables["server"], tables["tls"])
+    key_specs = _check_keys(where, auth_keys, models)
+    if tables["auth"]["enabled"] and not key_specs:
+        raise ConfigError(f"{where}: auth.enabled is true but there is no [[auth.keys]] table "
+                          f"(every request would get 401); add one with `neurohttpd keys new`")
     return Config(path, server=ServerSection(**tables["server"]), log=LogSection(**tables["log"]),
-                  stats=StatsSection(**tables["stats"]), state=StateSection(**tables["state"]),
+                  stats=StatsSection(**tables["stats"]),
+                  auth=AuthSection(**tables["auth"], keys=key_specs),
+                  state=StateSection(**tables["state"]),
                   plugins=PluginsSection(**tables["plugins"], options=plugin_options),
                   models=models, tls=TlsSection(**tables["tls"]))
 

@@ -146,6 +146,9 @@ class AccessLog:
                     "client": None, "method": None, "path": None, "status": status,
                     "bytes": nbytes, "duration": int((_monotonic() - t0) * 1e6) / 1000,
                     "model": None, "tokens": None}
+        # the API key's name (never the key), when the request was admitted with one
+        key = getattr(req, "key", None)
+        line["key"] = key.name if key is not None else None
         buf = self.buf
         buf.append(_dumps(line))
         if len(buf) >= self.FLUSH_AT:

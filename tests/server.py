@@ -60,17 +60,23 @@ def toml_value(v: Any) -> str:
 
 def to_toml(cfg: dict[str, Any], prefix: str = "") -> str:
     """A small TOML writer for test configs: tables of scalars and lists, nested tables."""
-    lines, subs = [], []
+    lines, subs, arrays = [], [], []
     for k, v in cfg.items():
         if isinstance(v, dict):
             subs.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            arrays.append((k, v))  # an array of tables: [[prefix.k]]
         else:
             lines.append(f"{k} = {toml_value(v)}")
     out = ""
-    if lines:
+    if lines or (prefix and arrays and not subs):
         out += (f"[{prefix}]\n" if prefix else "") + "\n".join(lines) + "\n\n"
     for k, v in subs:
         out += to_toml(v, f"{prefix}.{k}" if prefix else k)
+    for k, tables in arrays:
+        name = f"{prefix}.{k}" if prefix else k
+        for t in tables:
+            out += f"[[{name}]]\n" + "".join(f"{a} = {toml_value(b)}\n" for a, b in t.items()) + "\n"
     return out
 
 

@@ -86,7 +86,7 @@ class SeedChat:
 
     def chat(self, req: Request) -> Any:
         try:
-            body = orjson.loads(req.body)
+            body = req.json()  # parsed once: the admission step may have read "model"
         except orjson.JSONDecodeError:
             return error_response(req, 400, "request body is not valid JSON")
         if type(body) is dict and len(body) == 1 and type(body.get("prompt")) is str:

@@ -88,14 +88,20 @@ class MetricsHandlers:
     def stats(self, req: Request) -> Response:
         if not self.allowed(req.client):
             return self._forbidden(req)
-        doc = stats_document(self.snapshot())
+        doc = self._document(self.snapshot())
         return Response(orjson.dumps(doc), 200, dict(_NO_STORE), _JSON)
+
+    def _document(self, snap: Snapshot) -> dict:
+        doc = stats_document(snap)
+        if self.app.gate is not None:  # per-key figures, 401s by reason ([auth])
+            doc["auth"] = self.app.gate.figures(self.ctx.block.state.named.get)
+        return doc
 
     def metrics(self, req: Request) -> Response:
         if not self.allowed(req.client):
             return self._forbidden(req)
         snap = self.snapshot()
-        return Response(metrics_text(snap, stats_document(snap)), 200, dict(_NO_STORE),
+        return Response(metrics_text(snap, self._document(snap)), 200, dict(_NO_STORE),
                         PROM_TYPE)
 
     def static(self, req: Request) -> Response:

@@ -140,8 +140,10 @@ class OpenAIHandlers:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "neurohttp"}
 
     def list_models(self, req: Request) -> Response:
-        return Response.json({"object": "list",
-                              "data": [self._model(n) for n in self.pipeline.models.names()]})
+        names = self.pipeline.models.names()
+        if req.key is not None and req.key.models is not None:  # a key sees its models only
+            names = [n for n in names if n in req.key.models]
+        return Response.json({"object": "list", "data": [self._model(n) for n in names]})
 
     def get_model(self, req: Request) -> Response:
         return Response.json(self._model(req.path[len("/v1/models/"):]))
@@ -149,7 +151,7 @@ class OpenAIHandlers:
     # ------------------------------------------------------------ /v1/chat/completions
     def completions(self, req: Request) -> Any:
         try:
-            body = orjson.loads(req.body)
+            body = req.json()  # parsed once: the admission step may have read "model"
         except orjson.JSONDecodeError:
             return error_response(req, 400, "request body is not valid JSON")
         try:

@@ -33,6 +33,7 @@ import logging
 import time
 from math import inf
 
+from .keylimits import DAILY, DAY_US, REQUESTS, TOKENS, KeyLimits, KeyVerdict
 from .mutex import MUTEX_BYTES, init_mutex, lock_slow, trylock, unlock
 from .store import Admission
 
@@ -310,6 +311,183 @@ class KeyTable:
         finally:
             unlock(self.addr)
 
+    # ------------------------------------------------------------ API keys
+    # A key has two entries: its quota state "q:NAME" (E_V0 the request bucket's
+    # TAT, E_V1 the token bucket's TAT, E_V2 the day's window end, E_V3 the day's
+    # count) and its figures "f:NAME" (KF_* below, kept for good). Both are found
+    # by fingerprints the KeyLimits computed once, and taken under one lock.
+    def _key_entries(self, k: KeyLimits, t: int) -> tuple[int, int]:
+        """(quota entry, figures entry) of key `k`, created if absent; -1 if full (lock held)."""
+        w = self.w
+        # the figures first: E_EXP "never" at once, so creating the quota entry
+        # (which may sweep lapsed entries) cannot drop it, only shift it
+        f = TABLE_HEAD + (k.fh1 & self.mask) * ENTRY_WORDS
+        if w[f] != k.fh1 or w[f + 1] != k.fh2:
+            f = self._entry(k.fh1, k.fh2, t)
+            if f >= 0:
+                w[f + E_EXP] = NEVER
+        q = TABLE_HEAD + (k.qh1 & self.mask) * ENTRY_WORDS
+        if w[q] != k.qh1 or w[q + 1] != k.qh2:
+            q = self._entry(k.qh1, k.qh2, t)
+            if q >= 0 and f >= 0:
+                f = self._find(k.fh1, k.fh2)  # a sweep may have shifted it
+        return q, f
+
+    def key_admit(self, k: KeyLimits, now: float | None = None,
+                  charge: bool = True) -> KeyVerdict:
+        """Admit one request of key `k`: its rpm, tpm and daily limits checked
+        (and its request charged) at once, and the key's figures counted
+        (requests, or 429s), under one lock. `charge=False` only looks.
+
+        rpm and tpm are GCRA buckets (admit's arithmetic: a request needs one
+        request of room, and one token of room in the token bucket, which is
+        not charged here: tokens are charged as used, key_charge), the day a
+        window ending at UTC midnight (quota's). Written out in full, as the
+        other operations are: it runs on every keyed request. The Redis
+        backend's KEY_ADMIT script is its transcription (redis_store.py)."""
+        t = int((_time() if now is None else now) * 1_000_000)
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            mask = self.mask
+            f = TABLE_HEAD + (k.fh1 & mask) * ENTRY_WORDS
+            q = TABLE_HEAD + (k.qh1 & mask) * ENTRY_WORDS
+            if w[f] != k.fh1 or w[f + 1] != k.fh2 or w[q] != k.qh1 or w[q + 1] != k.qh2:
+                q, f = self._key_entries(k, t)
+                if q < 0 or f < 0:
+                    self._full()
+                    return _new(KeyVerdict, (False, REQUESTS, 1.0, 0, 1.0, 0, 1.0, 0, 1.0))
+            if not k.limited:
+                if charge:
+                    w[f + KF_REQUESTS] += 1
+                return _FREE
+            rs = k.rpm_step
+            ts = k.tpm_step
+            dl = k.daily
+            refused = ""
+            wait = 0
+            rtat = new_r = ttat = 0
+            if rs:
+                rtat = w[q + E_V0]
+                if rtat < t:
+                    rtat = t
+                new_r = rtat + rs
+                at = new_r - k.rpm * rs
+                if at > t:
+                    refused = REQUESTS
+                    wait = at - t
+            if ts:
+                ttat = w[q + E_V0 + 1]
+                if ttat < t:
+                    ttat = t
+                at = ttat + ts - k.tpm * ts  # room for one token
+                if at > t:
+                    if not refused:
+                        refused = TOKENS
+                    if at - t > wait:
+                        wait = at - t
+            dend = dcount = 0
+            if dl:
+                dend = w[q + E_V0 + 2]
+                if dend > t:
+                    dcount = w[q + E_V0 + 3]
+                else:  # the day's window is over: a new one (written by key_charge)
+                    dend = _midnight_after(t)
+                if dcount >= dl:
+                    if not refused:
+                        refused = DAILY
+                    if dend - t > wait:
+                        wait = dend - t
+            if refused or not charge:
+                new_r = rtat
+                if charge:
+                    w[f + KF_429] += 1
+            else:
+                if rs:
+                    if new_r > w[q + E_EXP]:
+                        w[q + E_EXP] = new_r  # raised before the value it covers
+                    w[q + E_V0] = new_r
+                w[f + KF_REQUESTS] += 1
+        finally:
+            unlock(a)
+        # the figures the headers need (only those of the limits the key has)
+        rrem = (t + k.rpm * rs - new_r) // rs if rs else 0
+        trem = (t + k.tpm * ts - ttat) // ts if ts else 0
+        drem = dl - dcount
+        return _new(KeyVerdict, (
+            not refused, refused, wait / 1e6, rrem, (new_r - t) / 1e6 if rs else 0.0,
+            trem if trem > 0 else 0, (ttat - t) / 1e6 if ts else 0.0,
+            drem if drem > 0 else 0, (dend - t) / 1e6 if dl else 0.0))
+
+    def key_charge(self, k: KeyLimits, tokens_in: int, tokens_out: int,
+                   now: float | None = None) -> None:
+        """Charge tokens used by key `k` to its tpm bucket (into debt if need be:
+        the next admission waits) and its day, and count them in its figures."""
+        t = int((_time() if now is None else now) * 1_000_000)
+        n = tokens_in + tokens_out
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            q, f = self._key_entries(k, t)
+            w = self.w
+            if q >= 0:
+                if k.tpm_step:
+                    tat = w[q + E_V0 + 1]
+                    if tat < t:
+                        tat = t
+                    tat += n * k.tpm_step
+                    if tat > w[q + E_EXP]:
+                        w[q + E_EXP] = tat
+                    w[q + E_V0 + 1] = tat
+                if k.daily:
+                    end = w[q + E_V0 + 2]
+                    if end <= t:  # a new day: its end first (strict if we die here), then the count
+                        end = _midnight_after(t)
+                        if end > w[q + E_EXP]:
+                            w[q + E_EXP] = end
+                        w[q + E_V0 + 2] = end
+                        w[q + E_V0 + 3] = 0
+                    w[q + E_V0 + 3] += n
+            else:
+                self._full()
+            if f >= 0:
+                w[f + KF_TOKENS_IN] += tokens_in
+                w[f + KF_TOKENS_OUT] += tokens_out
+        finally:
+            unlock(a)
+
+    def key_count(self, k: KeyLimits, word: int, n: int = 1) -> None:
+        """Add `n` to one of key `k`'s figures (KF_*), e.g. a 403 or a request
+        admitted by another backend."""
+        t = int(_time() * 1_000_000)
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            f = self._key_entries(k, t)[1]
+            if f >= 0:
+                self.w[f + word] += n
+            else:
+                self._full()
+        finally:
+            unlock(a)
+
+    def key_figures(self, k: KeyLimits) -> dict[str, int]:
+        """Key `k`'s figures since the server started (each word alone is exact)."""
+        self._lock()
+        try:
+            f = self._find(k.fh1, k.fh2)
+            vals = [self.w[f + i] for i in KF_WORDS] if f >= 0 else [0] * len(KF_WORDS)
+        finally:
+            unlock(self.addr)
+        return dict(zip(KF_NAMES, vals, strict=True))
+
     # ------------------------------------------------------------ figures
     def figures(self) -> dict[str, int]:
         """For /stats and /metrics: read without the lock (each word alone is exact)."""
@@ -323,3 +501,26 @@ class TableFull(Exception):
 
 
 _ZERO = memoryview(bytes(ENTRY_WORDS * 8)).cast("q")
+
+# an API key's figures entry: its words and their names in /stats
+KF_REQUESTS = E_V0      # requests admitted
+KF_TOKENS_IN = E_V0 + 1
+KF_TOKENS_OUT = E_V0 + 2
+KF_403 = E_V0 + 3       # refused: a model outside its list
+KF_429 = E_V0 + 4       # refused: over a limit
+KF_WORDS = (KF_REQUESTS, KF_TOKENS_IN, KF_TOKENS_OUT, KF_403, KF_429)
+KF_NAMES = ("requests", "tokens_in", "tokens_out", "forbidden", "rate_limited")
+_day = [0, 0]  # [the UTC day's start, its end] (µs) last computed
+
+
+def _midnight_after(t: int) -> int:
+    """The first UTC midnight after `t` (µs); a long division once a day, not per call."""
+    if not _day[0] <= t < _day[1]:
+        start = t - t % DAY_US
+        _day[0], _day[1] = start, start + DAY_US
+    return _day[1]
+
+
+# the admission of a key without limits (only its figures are counted)
+_FREE = KeyVerdict(True, "", 0.0, 0, 0.0, 0, 0.0, 0, 0.0)
+assert KF_429 < ENTRY_WORDS

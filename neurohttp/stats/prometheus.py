@@ -177,4 +177,33 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     w.family("neurohttp_process_open_fds", "gauge",
              "Open file descriptors of the master and each worker.",
              [(lab, p["open_fds"]) for lab, p in procs])
+    auth = doc.get("auth")
+    if auth is not None:
+        _auth_metrics(w, auth)
     return w.text()
+
+
+def _auth_metrics(w: _Writer, auth: dict[str, Any]) -> None:
+    """Per-key figures ([auth]): labelled by the key's name, never the key."""
+    keys = auth["keys"]
+    w.family("neurohttp_key_requests_total", "counter", "Requests admitted, by API key name.",
+             [({"key": k}, v["requests"]) for k, v in keys.items()])
+    w.family("neurohttp_key_tokens_total", "counter",
+             "Tokens used, by API key name and direction (prompt: in, completion: out).",
+             [({"key": k, "direction": d}, v[f"tokens_{d}"])
+              for k, v in keys.items() for d in ("in", "out")])
+    w.family("neurohttp_key_refused_total", "counter",
+             "Requests refused, by API key name and status (403: a model outside the key's "
+             "list; 429: over a limit).",
+             [({"key": k, "status": st}, v[f]) for k, v in keys.items()
+              for st, f in (("403", "forbidden"), ("429", "rate_limited"))])
+    w.family("neurohttp_auth_failures_total", "counter",
+             "Requests refused 401, by reason (missing, malformed, invalid): no key name "
+             "is known for them.",
+             [({"reason": r}, n) for r, n in auth["unauthorized"].items()])
+    redis = auth.get("redis")
+    if redis is not None:
+        w.family("neurohttp_redis_errors_total", "counter",
+                 "Redis ([state] backend) calls that failed or timed out, and the requests "
+                 "then admitted unchecked (fail_open) or refused 503 (fail_closed).",
+                 [({"outcome": k}, v) for k, v in redis.items()])

@@ -123,6 +123,9 @@ class Worker:
         SeedChat(self.pipeline).register(self.app)
         OpenAIHandlers(self.pipeline, master_started(block)).register(self.app)
         WebSocketChat(self.pipeline).register(self.app)
+        if cfg.auth.enabled:  # the admission step: keys, models, quotas (security/)
+            from ..security import build_gate
+            self.app.gate = build_gate(cfg, block.state, self.models.default)
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:

@@ -1,0 +1,27 @@
+"""API keys, per-key quotas and the admission step (docs/SECURITY.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from .gate import Gate
+from .keys import KeyRing
+
+
+def build_gate(cfg: Config, state: Any, default_model: str) -> Gate:
+    """The admission step of a worker ([auth] enabled), over the configured
+    [state] backend; `state` is the block's SharedState (after the fork)."""
+    from .quotas import RedisQuotas, ShmQuotas
+
+    st = cfg.state
+    quotas: ShmQuotas | RedisQuotas
+    if st.backend == "redis":
+        from ..shared.redis_store import RedisStore, connect
+        timeout = st.timeout_ms / 1000
+        quotas = RedisQuotas(RedisStore(connect(st.url, timeout)), state.named, timeout,
+                             st.on_redis_error == "fail_open")
+    else:
+        quotas = ShmQuotas(state.named)
+    return Gate(KeyRing(cfg.auth.keys), quotas, cfg.auth.protect, cfg.auth.open,
+                default_model, state.named.add)
