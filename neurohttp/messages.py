@@ -71,7 +71,7 @@ class Request:
     """
 
     __slots__ = ("method", "target", "version", "raw_headers", "body", "client", "keep_alive",
-                 "_headers", "_path", "_query_string", "_query", "_json", "_state")
+                 "_headers", "_path", "_query_string", "_query", "_json", "_state", "usage")
 
     def __init__(self, method: str, target: bytes, version: str,
                  raw_headers: list[tuple[bytes, bytes]], client: str, keep_alive: bool,
@@ -90,6 +90,9 @@ class Request:
         self._query: dict[str, str] | None = None
         self._json: Any = _UNSET
         self._state: dict[str, Any] | None = None
+        # The request's generation, once it has reported (a context.UsageEvent:
+        # model, key, tokens, latency, outcome); None for other requests.
+        self.usage: Any = None
 
     @property
     def headers(self) -> Headers:
