@@ -11,7 +11,7 @@ this module imports nothing above `messages` but the stats block's own modules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,8 +121,8 @@ class StatsReader:
 
     __slots__ = ("block", "route_names", "model_names")
 
-    def __init__(self, block: StatsBlock, route_names: Sequence[str],
-                 model_names: Sequence[str]) -> None:
+    def __init__(self, block: StatsBlock, route_names: list[str],
+                 model_names: list[str]) -> None:
         self.block = block
         self.route_names = route_names  # the App's live list: plugins add routes later
         self.model_names = model_names

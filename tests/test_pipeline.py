@@ -171,6 +171,8 @@ class Texts:
     text, as a whole answer does."""
 
     batch = 1
+    pre = None
+    post = b""
 
     def __init__(self, streaming: bool = True) -> None:
         self.streaming = streaming

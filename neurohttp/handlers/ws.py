@@ -39,6 +39,8 @@ class WsFrames:
 
     batch = 1
     streaming = True
+    pre = None  # text messages are str: text() builds them
+    post = b""
 
     def start(self, gen: Generation) -> str | None:
         return None
