@@ -166,12 +166,12 @@ class Upstream:
 
 
 class Texts:
-    """A framer that gives each piece as it is (in-process tests): text as str,
-    a Delta as itself, a failure as its Failure. streaming=False keeps the
-    text, as a whole answer does."""
+    """A framer for in-process tests: each piece's frame is its text as JSON
+    (see `texts`), a Delta's is b"delta", a failure's b"error". streaming=False
+    keeps the text, as a whole answer does."""
 
     batch = 1
-    pre = None
+    pre = b""
     post = b""
 
     def __init__(self, streaming: bool = True) -> None:
@@ -180,20 +180,14 @@ class Texts:
     def start(self, gen):
         return None
 
-    def text(self, tok):
-        return tok
-
     def delta(self, gen, d):
-        return d
-
-    def join(self, frames):
-        return frames[0]
+        return b"delta"
 
     def end(self, gen):
         return None
 
     def error(self, gen, failure):
-        return failure
+        return b"error"
 
 
 class Framed:
@@ -208,14 +202,8 @@ class Framed:
     def start(self, gen):
         return None
 
-    def text(self, tok):
-        return self.pre + json.dumps(tok).encode() + self.post
-
     def delta(self, gen, d):
         return None
-
-    def join(self, frames):
-        return b"".join(frames)
 
     def end(self, gen):
         return None
@@ -234,7 +222,7 @@ def slot_of(g: Generation):
 
 
 async def texts(g: Generation, streaming: bool = True) -> list[str]:
-    return [t async for t in g.frames(Texts(streaming))]
+    return [json.loads(t) async for t in g.frames(Texts(streaming))]
 
 
 def test_cancelling_a_stream_closes_the_provider():
@@ -266,7 +254,7 @@ def test_closing_the_token_iterator_closes_the_provider():
     async def main() -> None:
         g = gen_for(up)
         it = g.frames(Texts())
-        assert await it.__anext__() == " t1"
+        assert await it.__anext__() == b'" t1"'
         await it.aclose()
         assert up.closed
 

@@ -223,3 +223,29 @@ def test_usage_reaches_the_request_whatever_is_configured(make_server, tmp_path,
         got = wait_for(lines, 10, what="three access-log lines")
         assert [(x["model"], x["tokens"]) for x in got] == [("echo", 6), ("echo", 13),
                                                             ("paced", 5)]
+
+
+def test_an_upstream_count_below_what_was_charged_never_takes_tokens_back():
+    """A provider's Usage replaces the server's count, but counters only go up:
+    when it is below what was already charged, the charged figure stands."""
+    from neurohttp.ai.providers import Usage
+
+    class Low:
+        async def stream(self, messages, params):
+            for word in ("alpha beta gamma delta " * 400).split(" "):  # > SETTLE_PARTS
+                yield word + " "
+                await asyncio.sleep(0)
+            yield Usage(prompt_tokens=1, completion_tokens=2)
+
+    g, rec = generation(Low())
+
+    async def main() -> None:
+        async for _ in g.frames(Texts()):
+            pass
+        g.finish()
+
+    asyncio.run(main())
+    ev = rec.events[0]
+    assert ev.completion_tokens == rec.charged[1] > 2
+    assert ev.prompt_tokens == 3 == rec.charged[0]  # 1 < the 3 already charged
+    assert g.usage_sink.counters.slot[L.S_TOKENS_OUT] == ev.completion_tokens

@@ -38,7 +38,7 @@ from collections.abc import (
 )
 from itertools import islice
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -63,7 +63,7 @@ READY_RUN = 1024  # ready pieces made between two turns of the loop (run_now, ru
 # Completion tokens are counted and charged every SETTLE_PARTS pieces, and at
 # least every SETTLE_S seconds while a stream runs (so /stats and the
 # per-second figures follow the stream, and quotas are charged as it goes).
-SETTLE_PARTS = 256
+SETTLE_PARTS = 1024
 SETTLE_S = 0.2
 # The longest stop sequence accepted (characters). OpenAI documents no limit;
 # real ones are a few characters ("\n\n", "</s>", "User:"). A stream holds
@@ -262,15 +262,14 @@ def _advance(s: str, borders: list[int], q: int, tok: str, limit: int) -> tuple[
 
 
 
-T = TypeVar("T")
-
-
-class Framer(Protocol[T]):
+class Framer(Protocol):
     """How one API frames a generation's output (handlers/chat.py: the seed
     API's NDJSON and SSE; handlers/ws.py: WebSocket messages;
-    handlers/openai.py: OpenAI's chunks). `batch`: ready pieces
-    joined into one frame (1: each alone); `streaming`: False for a whole
-    answer (the text is kept, not dropped once counted)."""
+    handlers/openai.py: OpenAI's chunks). A text piece's frame is `pre` +
+    the text as a JSON string + `post`, built inline by the loop (no call
+    per piece); the other frames come from the methods. `batch`: ready
+    pieces joined into one frame (1: each alone); `streaming`: False for a
+    whole answer (the text is kept, not dropped once counted)."""
 
     @property
     def batch(self) -> int: ...
@@ -278,49 +277,38 @@ class Framer(Protocol[T]):
     @property
     def streaming(self) -> bool: ...
 
-    # For bytes framers, a text frame is `pre` + the text as a JSON string +
-    # `post`, built inline by the loop (no call per piece); None: text() is called.
     @property
-    def pre(self) -> bytes | None: ...
+    def pre(self) -> bytes: ...
 
     @property
     def post(self) -> bytes: ...
 
-    def start(self, gen: Generation) -> T | None:
+    def start(self, gen: Generation) -> bytes | None:
         """The first frame (OpenAI's role chunk), before any piece."""
 
-    def text(self, tok: str) -> T: ...
+    def delta(self, gen: Generation, d: Delta) -> bytes | None:
+        """A structured piece's frame (None: nothing to send for it)."""
 
-    def delta(self, gen: Generation, d: Delta) -> T | None: ...
-
-    def join(self, frames: list[T]) -> T: ...
-
-    def end(self, gen: Generation) -> T | None:
+    def end(self, gen: Generation) -> bytes | None:
         """The last frame, after the last piece (it calls gen.finish())."""
 
-    def error(self, gen: Generation, failure: Failure) -> T | None:
+    def error(self, gen: Generation, failure: Failure) -> bytes | None:
         """The frame that ends a generation whose provider failed."""
 
 
 class _Collect:
-    """The framer of a whole answer: nothing to frame, the text is kept."""
+    """The framer of a whole answer: nothing to send, the text is kept."""
 
     batch = READY_RUN
     streaming = False
-    pre = None
+    pre = b""
     post = b""
 
     def start(self, gen: Generation) -> bytes | None:
         return None
 
-    def text(self, tok: str) -> bytes:
-        return b""
-
     def delta(self, gen: Generation, d: Delta) -> bytes | None:
         return None
-
-    def join(self, frames: list[bytes]) -> bytes:
-        return b""
 
     def end(self, gen: Generation) -> bytes | None:
         return None
@@ -716,13 +704,12 @@ class Generation:
         if self.rules is None:
             # _feed's plain-text case inlined: this loop runs per ready piece
             # (an unpaced stream), and a call per piece costs ~15% of it
+            # (settling is checked by the callers, per batch: frames, run_now)
             parts = self.parts
             for item in source:
                 if item.__class__ is str:
                     if item:
                         parts.append(item)
-                        if len(parts) > SETTLE_PARTS:
-                            self._settle()
                         yield item
                     continue
                 out = feed(item)
@@ -789,14 +776,13 @@ class Generation:
             if aclose is not None:
                 await aclose()
 
-    async def frames(self, f: Framer[T]) -> AsyncGenerator[T, None]:
+    async def frames(self, f: Framer) -> AsyncGenerator[bytes, None]:
         """The generation, framed by `f`: the one loop every stream, WebSocket
         answer and paced whole answer goes through. Ready pieces (an unpaced
         model) go out f.batch to a frame, none waiting for another, with the
         loop let run every YIELD_EVERY of them. A provider's failure ends the
         frames with f.error(); cancelling or closing them closes the provider."""
         self.streaming = f.streaming
-        text = f.text
         pre, post = f.pre, f.post
         dumps = orjson.dumps
         try:
@@ -805,26 +791,27 @@ class Generation:
             if ready is not None:
                 size = f.batch
                 every = max(1, YIELD_EVERY // size)
-                batch: list[T] = [] if start is None else [start]
+                batch: list[bytes] = [] if start is None else [start]
                 n = 0
                 try:
                     for out in ready:
                         if out.__class__ is str:
-                            batch.append(pre + dumps(out) + post  # type: ignore[arg-type]
-                                         if pre is not None else text(out))
+                            batch.append(pre + dumps(out) + post)
                         else:
                             frame = f.delta(self, out)  # type: ignore[arg-type]
                             if frame is None:
                                 continue
                             batch.append(frame)
                         if len(batch) >= size:
-                            yield f.join(batch)
+                            yield b"".join(batch)
                             batch = []
                             n += 1
+                            if len(self.parts) > SETTLE_PARTS:
+                                self._settle()
                             if not n % every:
                                 await asyncio.sleep(0)  # a long ready answer shares the loop
                     if batch:
-                        yield f.join(batch)
+                        yield b"".join(batch)
                 finally:
                     ready.close()
             else:
@@ -838,7 +825,7 @@ class Generation:
                     if first is not None:
                         self.first = None
                         if first.__class__ is str:
-                            yield text(first)
+                            yield pre + dumps(first) + post
                         else:
                             frame = f.delta(self, first)  # type: ignore[arg-type]
                             if frame is not None:
@@ -853,8 +840,7 @@ class Generation:
                                 if self.ttft is None:
                                     self.ttft = monotonic() - self.started
                                 if piece.__class__ is str:
-                                    yield (pre + dumps(piece) + post  # type: ignore[misc]
-                                           if pre is not None else text(piece))
+                                    yield pre + dumps(piece) + post
                                 else:
                                     frame = f.delta(self, piece)  # type: ignore[arg-type]
                                     if frame is not None:
@@ -873,7 +859,7 @@ class Generation:
                 rest = self.rules.flush()
                 if rest:
                     self.parts.append(rest)
-                    yield text(rest)
+                    yield pre + dumps(rest) + post
             last = f.end(self)
             if last is not None:
                 yield last
@@ -897,6 +883,8 @@ class Generation:
                 return False
             for _ in islice(it, READY_RUN):
                 pass
+            if len(self.parts) > SETTLE_PARTS:
+                self._settle()
             if next(it, None) is None:
                 if self.rules is not None and not self.done:
                     rest = self.rules.flush()
@@ -938,11 +926,14 @@ class Generation:
         if self.counted:
             return
         self.counted = True
-        self._settle(everything=True)
-        completion = self.tokens_before + self.other_tokens
         if self.reported_completion is not None:
+            # the provider's count replaces the server's: the text not counted
+            # yet stays uncounted (it is still in `parts` for `text`)
             completion = max(self.reported_completion, self.charged)
             self._charge(completion - self.charged)
+        else:
+            self._settle(everything=True)
+            completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
         if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
@@ -1088,7 +1079,7 @@ class Pipeline:
         return BadInput(f"{param} is too large: {mt}. This model supports at most {ceiling} "
                         f"completion tokens, whereas you provided {mt}.", param)
 
-    def respond(self, req: Request | None, gen: Generation, framer: Framer[bytes],
+    def respond(self, req: Request | None, gen: Generation, framer: Framer,
                 content_type: str, sse: bool
                 ) -> StreamingResponse | Awaitable[Response | StreamingResponse]:
         """The generation as a streamed response, with the stream hygiene:
@@ -1101,14 +1092,14 @@ class Pipeline:
             return self._streaming(gen, framer, content_type, sse)
         return self._primed(req, gen, framer, content_type, sse)
 
-    async def _primed(self, req: Request | None, gen: Generation, framer: Framer[bytes],
+    async def _primed(self, req: Request | None, gen: Generation, framer: Framer,
                       content_type: str, sse: bool) -> Response | StreamingResponse:
         if not await gen.prime():
             assert gen.failure is not None
             return gen.failure.response(req)
         return self._streaming(gen, framer, content_type, sse)
 
-    def _streaming(self, gen: Generation, framer: Framer[bytes], content_type: str,
+    def _streaming(self, gen: Generation, framer: Framer, content_type: str,
                    sse: bool) -> StreamingResponse:
         if sse:
             abort = b"data: " + orjson.dumps(SHUTDOWN_ERROR) + b"\n\n"

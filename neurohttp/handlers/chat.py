@@ -93,15 +93,9 @@ class SeedFrames:
     def start(self, gen: Generation) -> bytes | None:
         return None
 
-    def text(self, tok: str) -> bytes:
-        return self.pre + orjson.dumps(tok) + self.post
-
     def delta(self, gen: Generation, d: Delta) -> bytes | None:
         obj = delta_object(d)
         return None if obj is None else self.frame(obj)
-
-    def join(self, frames: list[bytes]) -> bytes:
-        return b"".join(frames)
 
     def end(self, gen: Generation) -> bytes:
         last = self.frame(done_message(gen))  # counts the tokens before the last bytes leave

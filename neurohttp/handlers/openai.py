@@ -151,9 +151,6 @@ class CompletionFrames:
     def start(self, gen: Generation) -> bytes:
         return self.first
 
-    def text(self, tok: str) -> bytes:
-        return self.pre + orjson.dumps(tok) + self.post
-
     def delta(self, gen: Generation, d: Delta) -> bytes:
         delta: dict[str, Any] = dict(d.extra) if d.extra else {}
         if d.content is not None:
@@ -172,9 +169,6 @@ class CompletionFrames:
         obj["choices"] = [{"index": 0, "delta": delta, "logprobs": d.logprobs,
                            "finish_reason": None}]
         return _event(obj)
-
-    def join(self, frames: list[bytes]) -> bytes:
-        return b"".join(frames)
 
     def end(self, gen: Generation) -> bytes:
         u = gen.finish()  # counts the tokens before the last bytes leave

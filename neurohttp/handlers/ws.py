@@ -35,31 +35,26 @@ _SHUTDOWN_TEXT = orjson.dumps(SHUTDOWN_ERROR).decode()
 
 
 class WsFrames:
-    """The seed stream as WebSocket text messages, one per piece."""
+    """The seed stream as WebSocket text messages, one per piece (UTF-8 JSON:
+    the session sends each as a text message)."""
 
     batch = 1
     streaming = True
-    pre = None  # text messages are str: text() builds them
-    post = b""
+    pre = b'{"token":'
+    post = b"}"
 
-    def start(self, gen: Generation) -> str | None:
+    def start(self, gen: Generation) -> bytes | None:
         return None
 
-    def text(self, tok: str) -> str:
-        return '{"token":' + orjson.dumps(tok).decode() + "}"
-
-    def delta(self, gen: Generation, d: Delta) -> str | None:
+    def delta(self, gen: Generation, d: Delta) -> bytes | None:
         obj = delta_object(d)
-        return None if obj is None else orjson.dumps(obj).decode()
+        return None if obj is None else orjson.dumps(obj)
 
-    def join(self, frames: list[str]) -> str:
-        return frames[0]  # (batch = 1)
+    def end(self, gen: Generation) -> bytes:
+        return orjson.dumps(done_message(gen))
 
-    def end(self, gen: Generation) -> str:
-        return orjson.dumps(done_message(gen)).decode()
-
-    def error(self, gen: Generation, failure: Failure) -> str:
-        return orjson.dumps(failure.body()).decode()
+    def error(self, gen: Generation, failure: Failure) -> bytes:
+        return orjson.dumps(failure.body())
 
 
 WS_FRAMES = WsFrames()
@@ -128,7 +123,7 @@ class ChatSession:
         frames = gen.frames(WS_FRAMES)
         try:
             async for message in frames:
-                ws.send_text(message)
+                ws.send_text(message.decode())
                 if ws.write_paused:
                     await ws.drain()
             cancelled = False
