@@ -1042,7 +1042,7 @@ class Pipeline:
         # Answers made at once repeat: their final text and usage event are
         # kept per (model, key, prompt tokens, text, finish, max_tokens), so the
         # hot path counts nothing and builds no event.
-        mt = params.get("max_tokens")
+        mt = params.get("max_tokens") if params else None
         ck = (name, key, prompt_tokens, text, finish, mt)
         done = self._instant.get(ck)
         if done is None:

@@ -181,10 +181,13 @@ class SeedChat:
                 if too_many is not None:
                     return error_response(req, 400, too_many.message, param=too_many.param)
         pipeline = self.pipeline
-        found = pipeline.default_model if model is None else pipeline.find_model(req, model)
-        if found.__class__ is Response:
-            return found
-        name, provider = found  # type: ignore[misc]  # a Response was returned above
+        if model is None:
+            name, provider = pipeline.default_model
+        else:
+            found = pipeline.find_model(req, model)
+            if found.__class__ is Response:
+                return found
+            name, provider = found  # type: ignore[misc]  # a Response was returned above
         messages = [{"role": "user", "content": prompt}]
         prompt_tokens = known(prompt)
         if prompt_tokens is None:
