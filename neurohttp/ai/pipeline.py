@@ -537,9 +537,9 @@ class Generation:
             return None
         if isinstance(item, ProviderError):
             raise item
-        raise BadOutput(f"provider {self.provider_name!r} yielded {type(item).__name__} "
-                        f"({item!r:.80}); a provider yields str or the events of "
-                        "neurohttp.ai.providers (Delta, Chunk, Finish, Usage, ProviderError)")
+        raise BadOutput(f"provider {self.provider_name!r} yielded {type(item).__name__}; "
+                        "a provider yields str or the events of neurohttp.ai.providers "
+                        "(Delta, Chunk, Finish, Usage, ProviderError)")
 
     def _delta(self, d: Delta) -> str | Delta | None:
         content = d.content
