@@ -72,7 +72,8 @@ def main() -> None:
             print(f"streamed token, {kind}: {best:,.0f} ns")
 
         asyncio.run(run())
-        del handler, w  # they hold views of the block, which cannot close under them
+        # the Worker holds views of the block, which cannot close under them
+        handler = w = None  # type: ignore[assignment]  # noqa: F841
         gc.collect()
     finally:
         block.unlink()
