@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,15 +44,15 @@ def main() -> None:
     cfg = config.from_dict({"models": {"echo": {"provider": "echo"}, "m": model}})
     block = StatsBlock.create(f"neurohttp-microstream-{os.getpid()}", geometry_for(cfg))
     try:
-        w = Worker(cfg, block, block.reserve_slot(1, 1), 1, [], 0)
+        w: Any = Worker(cfg, block, block.reserve_slot(1, 1), 1, [], 0)
         from neurohttp.ai import tokenizer
         tokenizer.preload()
-        handler = w.app.routes["/v1/chat/completions"]["POST"]
+        handler: Any = w.app.routes["/v1/chat/completions"]["POST"]
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hello"}],
                            "max_tokens": args.tokens, "stream": True}).encode()
 
         async def one() -> int:
-            r = handler(Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1",
+            r: Any = handler(Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1",
                                 True, body))
             if not hasattr(r, "chunks"):
                 r = await r  # a stream primed before its head (a paced provider)
@@ -73,7 +74,7 @@ def main() -> None:
 
         asyncio.run(run())
         # the Worker holds views of the block, which cannot close under them
-        handler = w = None  # type: ignore[assignment]  # noqa: F841
+        handler = w = None  # noqa: F841
         gc.collect()
     finally:
         block.unlink()
