@@ -132,15 +132,16 @@ class AccessLog:
         if req is not None:
             # The raw target (path and query, as sent), not req.path: that one is
             # computed on first use, which costs more than the rest of this line.
-            # Handlers put "model" and "tokens" in req.state; read it without
-            # creating it for requests that have none.
-            state = getattr(req, "_state", None)
+            # A generation's usage event (context.UsageSink puts it on the request
+            # when it ends, whether this log is on or not): model and tokens.
+            usage = getattr(req, "usage", None)
             line = {"time": self._prefix + _MILLIS[int((now - sec) * 1000)],
                     "client": req.client, "method": req.method,
                     "path": req.target.decode("latin-1"), "status": status, "bytes": nbytes,
                     "duration": int((_monotonic() - t0) * 1e6) / 1000,
-                    "model": state.get("model") if state else None,
-                    "tokens": state.get("tokens") if state else None}
+                    "model": usage.model if usage is not None else None,
+                    "tokens": usage.prompt_tokens + usage.completion_tokens
+                    if usage is not None else None}
         else:
             line = {"time": self._prefix + _MILLIS[int((now - sec) * 1000)],
                     "client": None, "method": None, "path": None, "status": status,

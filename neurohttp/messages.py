@@ -72,7 +72,7 @@ class Request:
 
     __slots__ = ("method", "target", "version", "raw_headers", "body", "client", "keep_alive",
                  "_headers", "_path", "_query_string", "_query", "_json", "_state",
-                 "key")
+                 "key", "usage")
 
     def __init__(self, method: str, target: bytes, version: str,
                  raw_headers: list[tuple[bytes, bytes]], client: str, keep_alive: bool,
@@ -94,6 +94,9 @@ class Request:
         # The API key the request was admitted with (security/keys.py ApiKey:
         # its name, models, limits; never the key itself), None without one.
         self.key: Any = None
+        # The request's generation, once it has reported (a context.UsageEvent:
+        # model, key, tokens, latency, outcome); None for other requests.
+        self.usage: Any = None
 
     @property
     def headers(self) -> Headers:

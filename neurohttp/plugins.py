@@ -22,9 +22,12 @@ import sys
 from types import ModuleType
 from typing import Any
 
+from .ai.providers import Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
 from .messages import Request, Response, StreamingResponse
 
-__all__ = ["Request", "Response", "StreamingResponse", "PluginError", "load_plugins"]
+__all__ = ["Request", "Response", "StreamingResponse", "PluginError", "load_plugins",
+           # what a provider (app.add_provider) may yield besides text
+           "Chunk", "Delta", "Finish", "ProviderError", "ToolCallDelta", "Usage"]
 
 log = logging.getLogger("neurohttp")
 

@@ -12,9 +12,16 @@ import pytest
 
 from neurohttp import config
 from neurohttp.ai import tokenizer
-from neurohttp.ai.pipeline import COMPACT_PARTS, MAX_STOP_CHARS, Generation, StopCutter, parse_stop
+from neurohttp.ai.pipeline import (
+    MAX_STOP_CHARS,
+    SETTLE_PARTS,
+    Generation,
+    StopCutter,
+    parse_stop,
+)
 from neurohttp.ai.providers import LENGTH, STOP
 from neurohttp.ai.providers.echo import EchoProvider
+from neurohttp.context import Counters, UsageSink
 from neurohttp.errors import BadInput
 from neurohttp.stats import layout as L
 
@@ -158,8 +165,64 @@ class Upstream:
             self.closed = True
 
 
+class Texts:
+    """A framer for in-process tests: each piece's frame is its text as JSON
+    (see `texts`), a Delta's is b"delta", a failure's b"error". streaming=False
+    keeps the text, as a whole answer does."""
+
+    batch = 1
+    pre = b""
+    post = b""
+
+    def __init__(self, streaming: bool = True) -> None:
+        self.streaming = streaming
+
+    def start(self, gen):
+        return None
+
+    def delta(self, gen, d):
+        return b"delta"
+
+    def end(self, gen):
+        return None
+
+    def error(self, gen, failure):
+        return b"error"
+
+
+class Framed:
+    """A bytes framer like the HTTP ones: `pre` + JSON string + `post`, 64 to a chunk."""
+
+    batch = 64
+    streaming = True
+
+    def __init__(self, pre: bytes, post: bytes) -> None:
+        self.pre, self.post = pre, post
+
+    def start(self, gen):
+        return None
+
+    def delta(self, gen, d):
+        return None
+
+    def end(self, gen):
+        return None
+
+    def error(self, gen, failure):
+        return None
+
+
 def gen_for(provider, params=None, filters=None) -> Generation:
-    return Generation(FakeSlot(), None, "m", provider, [], params or {}, 3, filters or [])
+    sink = UsageSink(Counters(FakeSlot(), None))
+    return Generation(sink, None, "m", provider, [], params or {}, 3, filters or [])
+
+
+def slot_of(g: Generation):
+    return g.usage_sink.counters.slot
+
+
+async def texts(g: Generation, streaming: bool = True) -> list[str]:
+    return [json.loads(t) async for t in g.frames(Texts(streaming))]
 
 
 def test_cancelling_a_stream_closes_the_provider():
@@ -169,7 +232,7 @@ def test_cancelling_a_stream_closes_the_provider():
         g = gen_for(up)
 
         async def consume() -> None:
-            async for _ in g.tokens():
+            async for _ in g.frames(Texts(streaming=False)):
                 pass
 
         task = asyncio.ensure_future(consume())
@@ -180,7 +243,7 @@ def test_cancelling_a_stream_closes_the_provider():
             await task
         g.close(True)
         assert up.closed
-        assert g.slot[L.S_TOKENS_OUT] == tokenizer.count(g.text) > 0
+        assert slot_of(g)[L.S_TOKENS_OUT] == tokenizer.count(g.text) > 0
 
     asyncio.run(main())
 
@@ -190,8 +253,8 @@ def test_closing_the_token_iterator_closes_the_provider():
 
     async def main() -> None:
         g = gen_for(up)
-        it = g.tokens()
-        assert await it.__anext__() == " t1"
+        it = g.frames(Texts())
+        assert await it.__anext__() == b'" t1"'
         await it.aclose()
         assert up.closed
 
@@ -199,15 +262,16 @@ def test_closing_the_token_iterator_closes_the_provider():
 
 
 def test_max_tokens_guard_stops_a_provider_that_ignores_it():
+    """max_tokens counts tokens, not the provider's pieces: " t1" is two."""
     up = Upstream(0)
 
     async def main() -> Generation:
         g = gen_for(up, {"max_tokens": 7})
-        assert [t async for t in g.tokens()] == [f" t{i}" for i in range(1, 8)]
+        assert "".join(await texts(g, streaming=False)) == " t1 t2 t3 t"
         return g
 
     g = asyncio.run(main())
-    assert up.closed and g.finish()["completion_tokens"] == tokenizer.count(g.text)
+    assert up.closed and g.finish()["completion_tokens"] == tokenizer.count(g.text) == 7
     assert g.finish_reason == "length"
 
 
@@ -219,17 +283,13 @@ def test_filters_and_usage_counted_once():
         return None if "world" in tok else tok.upper()
 
     g = gen_for(EchoProvider({}), filters=[upper])
-
-    async def main() -> list[str]:
-        return [t async for t in g.tokens()]
-
-    assert asyncio.run(main()) == ["HELLO,", " AI"]
+    assert asyncio.run(texts(g, streaming=False)) == ["HELLO,", " AI"]
     assert g.text == "HELLO, AI" and g.finish_reason == "content_filter"
     u = g.finish()
     g.close()
     assert u == {"prompt_tokens": 3, "completion_tokens": tokenizer.count("HELLO, AI"),
                  "total_tokens": 3 + tokenizer.count("HELLO, AI")}
-    assert g.slot[L.S_TOKENS_OUT] == u["completion_tokens"]  # not twice
+    assert slot_of(g)[L.S_TOKENS_OUT] == u["completion_tokens"]  # not twice
 
 
 @pytest.mark.parametrize("params", [
@@ -248,12 +308,9 @@ def test_ready_and_paced_paths_agree(params, split):
     instant = gen_for(EchoProvider(opts), dict(params), [lower])
     assert instant.run_now()
     paced = gen_for(EchoProvider(opts | {"token_delay_ms": 0.01}), dict(params), [lower])
-    assert paced.ready() is None
+    assert not paced.ready()
 
-    async def main() -> list[str]:
-        return [t async for t in paced.tokens()]
-
-    assert asyncio.run(main()) == instant.parts
+    assert "".join(asyncio.run(texts(paced))) == instant.text
     assert paced.finish() == instant.finish()
     assert paced.finish_reason == instant.finish_reason
     for stop in params.get("stop", []):
@@ -261,14 +318,16 @@ def test_ready_and_paced_paths_agree(params, split):
 
 
 def test_frames_batches_ready_tokens():
-    g = gen_for(EchoProvider({"repeat": True, "split": "token"}), {"max_tokens": 200})
+    echo = EchoProvider({"repeat": True, "split": "token"})
+    g = gen_for(echo, {"max_tokens": 200})
 
     async def main() -> list[bytes]:
-        return [c async for c in g.frames(b"<", b">")]
+        return [c async for c in g.frames(Framed(b"<", b">"))]
 
     chunks = asyncio.run(main())
     assert len(chunks) == 4  # 64 + 64 + 64 + 8 tokens
-    assert b"".join(chunks) == b"".join(b"<" + json.dumps(t).encode() + b">" for t in g.parts)
+    toks = echo.tokens([], {"max_tokens": 200})[:-1]
+    assert b"".join(chunks) == b"".join(b"<" + json.dumps(t).encode() + b">" for t in toks)
 
 
 @pytest.mark.parametrize("ready", [True, False])
@@ -290,7 +349,7 @@ def test_long_streams_count_in_slices_exactly(ready):
 
     async def main() -> int:
         n = 0
-        async for chunk in g.frames(b"", b""):
+        async for chunk in g.frames(Framed(b"", b"")):
             n += len(chunk)
         return n
 
@@ -298,6 +357,7 @@ def test_long_streams_count_in_slices_exactly(ready):
     assert len(g.parts) < 1000  # it did not keep every piece
     assert g.tokens_before > 0
     assert g.finish()["completion_tokens"] == tokenizer.count(text * 10)
+    assert slot_of(g)[L.S_TOKENS_OUT] == tokenizer.count(text * 10)
 
 
 class Failing:
@@ -317,31 +377,34 @@ class Failing:
         raise e
 
 
-def openai_handlers(provider):
-    from neurohttp.handlers.openai import OpenAIHandlers
+def services_for(provider, filters=None):
+    """Services for in-process handlers: a fake slot, one model "m"."""
+    from neurohttp.context import Services, Settings
 
     class Models:
+        max_output_tokens = {"m": 4096}
+
         def get(self, name):
-            return name, provider
+            return "m", provider
 
         def names(self):
             return ["m"]
 
-    class Pipe:
-        slot = FakeSlot()
-        meter = None  # no per-model figures here
-        models = Models()
-        filters: list = []
-        sse_ping_s = 0.0
-        log_usage = False
+        def provider_name(self, model):
+            return "fake"
 
+    class Clock:
+        second = 1_700_000_000
+
+    counters = Counters(FakeSlot(), None)
+    return Services(Settings(sse_ping_s=0.0), Models(), counters, None, None, Clock(),
+                    UsageSink(counters), filters or [])
+
+
+def openai_handlers(provider):
     from neurohttp.ai.pipeline import Pipeline
-    pipe = Pipe()
-    pipe.begin = Pipeline.begin.__get__(pipe)
-    pipe.find_model = Pipeline.find_model.__get__(pipe)
-    pipe.instant = Pipeline.instant.__get__(pipe)
-    pipe.respond = Pipeline.respond.__get__(pipe)
-    return OpenAIHandlers(pipe, 0)
+    from neurohttp.handlers.openai import OpenAIHandlers
+    return OpenAIHandlers(Pipeline(services_for(provider)), 0)
 
 
 @pytest.mark.parametrize("status,retry,expect", [
@@ -361,10 +424,9 @@ def test_provider_failures_keep_openai_shapes(status, retry, expect):
     assert set(err) == {"message", "type", "param", "code"}
     assert (resp.headers.get("Retry-After") == str(retry)) if retry else not resp.headers
 
-    stream = h.completions(req(True))
-    assert isinstance(stream, StreamingResponse)
-
     async def read() -> list[bytes]:
+        stream = await h.completions(req(True))  # primed: a stream once a piece came
+        assert isinstance(stream, StreamingResponse)
         return [c async for c in stream.chunks]
 
     events = b"".join(asyncio.run(read())).split(b"\n\n")
@@ -408,11 +470,11 @@ def test_long_non_stream_answers_are_made_in_slices():
         return turns
 
     assert asyncio.run(main()) > 100
-    assert longest[0] <= COMPACT_PARTS + 1
+    assert longest[0] <= SETTLE_PARTS + 1
     u = g.finish()
     assert u["completion_tokens"] == 300_000 == tokenizer.count(g.text)
     assert g.finish_reason == "length" and g.text.startswith("Hello, AI world! Hello")
-    assert len(g.kept) < 300_000 // COMPACT_PARTS + 2
+    assert len(g.kept) < 300_000 // SETTLE_PARTS + 2
 
 
 def test_long_parrot_answers_are_cut_lazily():

@@ -342,3 +342,22 @@ def test_ws_reader_that_never_reads_is_dropped_after_send_timeout(make_server):
     finally:
         s.close()
     assert srv.stats()["streams_cancelled"] == 1 and serving(srv, pids)
+
+
+def test_handshake_check_is_sans_io():
+    """protocol/ws_handshake.py: a version and headers in, the accept value
+    (RFC 6455's own example) or a refusal out."""
+    from neurohttp.protocol.ws_handshake import Refusal, check
+
+    good = {"upgrade": "websocket", "connection": "keep-alive, Upgrade",
+            "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    assert check("1.1", good.get) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    for version, change, status in [("1.1", {"upgrade": None}, 426),
+                                    ("1.0", {}, 400),
+                                    ("1.1", {"sec-websocket-version": "8"}, 426),
+                                    ("1.1", {"sec-websocket-key": "c2hvcnQ="}, 400),
+                                    ("1.1", {"sec-websocket-key": "not base64!"}, 400)]:
+        r = check(version, (good | change).get)
+        assert isinstance(r, Refusal) and r.status == status, (version, change)
+    assert check("1.1", (good | {"sec-websocket-version": "8"}).get).headers == {
+        "Sec-WebSocket-Version": "13"}

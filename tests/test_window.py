@@ -201,6 +201,7 @@ def test_a_failed_generation_counts_as_an_error_of_its_model(block):
     from types import SimpleNamespace
 
     from neurohttp.ai.pipeline import Pipeline
+    from neurohttp.context import Counters, Services, Settings, StatsReader, UsageSink
     from neurohttp.handlers.openai import OpenAIHandlers
     from neurohttp.messages import Request
 
@@ -214,11 +215,12 @@ def test_a_failed_generation_counts_as_an_error_of_its_model(block):
 
     t0 = float(int(time.time()))
     m = start_worker(block, 1, t0)
-    models = SimpleNamespace(get=lambda name: (name, Failing()), names=lambda: ["echo"])
-    pipe = SimpleNamespace(slot=block.slot(1), meter=m, models=models, filters=[],
-                           sse_ping_s=0.0, log_usage=False)
-    for name in ("begin", "instant", "respond", "count_out", "find_model"):
-        setattr(pipe, name, getattr(Pipeline, name).__get__(pipe))
+    models = SimpleNamespace(get=lambda name: (name or "echo", Failing()),
+                             names=lambda: ["echo"], max_output_tokens={},
+                             provider_name=lambda model: "failing")
+    counters = Counters(block.slot(1), m)
+    pipe = Pipeline(Services(Settings(), models, counters, m, StatsReader(block, [], []),
+                             SimpleNamespace(second=int(t0)), UsageSink(counters), []))
     body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "x"}]})
     req = Request("POST", b"/v1/chat/completions", "1.1", [], "127.0.0.1", True, body.encode())
     resp = asyncio.run(OpenAIHandlers(pipe, 0).completions(req))

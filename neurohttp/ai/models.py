@@ -20,10 +20,13 @@ class ModelRegistry:
                  extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
         factories = {**BUILTIN_PROVIDERS, **(extra_providers or {})}
         self.models: dict[str, Any] = {}
+        self.providers: dict[str, str] = {}  # model -> its provider's name ("echo", a plugin's)
         # per model: the ceiling on a request's max_tokens
         self.max_output_tokens: dict[str, int] = {}
         for name, options in models.items():
-            self.models[name] = factories[options.get("provider", "echo")](options)
+            provider = options.get("provider", "echo")
+            self.models[name] = factories[provider](options)
+            self.providers[name] = provider
             self.max_output_tokens[name] = options.get("max_output_tokens",
                                                        MAX_OUTPUT_TOKENS.default)
         self.default = "echo" if "echo" in self.models else next(iter(self.models))
@@ -38,3 +41,7 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return list(self.models)
+
+    def provider_name(self, model: str) -> str:
+        """The provider `model` is served by, as [models.<name>] provider names it."""
+        return self.providers.get(model, "?")

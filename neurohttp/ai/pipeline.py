@@ -1,47 +1,70 @@
-"""The token pipeline: /v1/chat (JSON, NDJSON, SSE), /v1/chat/completions
-(JSON, SSE) and /v1/ws all produce their tokens here.
+"""The generation pipeline: /v1/chat (JSON, NDJSON, SSE), /v1/chat/completions
+(JSON, SSE) and /v1/ws all produce their answers here, through one path.
 
-A `Generation` is one completion. Its tokens go provider -> stop sequences ->
-the plugins' on_token filters -> the max_tokens guard -> the API's framing.
-It counts usage with tiktoken into the worker's stats slot: prompt tokens
-when it starts, completion tokens exactly once when it ends or is cut short.
-`usage`, /stats and quotas therefore see the same numbers.
+A `Generation` is one completion. What its provider yields (the contract is in
+ai/providers/__init__.py: text, Delta, Chunk, Finish, Usage, ProviderError)
+goes through one loop, `Generation.frames` (or `run_now` for an answer that is
+ready at once): text through the stop sequences, the plugins' on_token
+filters and the max_tokens guard (counted in cl100k tokens), then to the
+API's `Framer` (handlers/: OpenAI SSE chunks, the seed API's NDJSON or SSE,
+WebSocket messages; COLLECT for a whole answer). A provider that can answer at once and has no
+per-token rules to apply is answered by `Pipeline.instant`, with no
+Generation at all (the hot path).
 
-Closing the token iterator (the client went away, the server is stopping)
-closes the provider's async generator. Its `finally` runs at once, so an
-upstream request can be cancelled there.
+Usage goes to the worker's usage sink (context.UsageSink): the prompt's
+tokens when the generation begins, completion tokens as they are produced
+(the text is counted up to a place where cl100k counts add up, every
+SETTLE_PARTS pieces or SETTLE_S seconds), and one report when it ends,
+however it ends (finished, cut by max_tokens, cancelled, failed). The final
+figures equal `usage` in the response and what was charged, exactly.
+
+Closing the frames (the client went away, the server is stopping) closes the
+provider's async iterator: its `finally` runs at once, so an upstream
+request can be cancelled there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable
+import math
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+)
 from itertools import islice
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent
 from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, StreamingResponse
-from ..stats import layout as L
 from . import tokenizer
 from .models import UnknownModel
-from .providers import Finish
+from .providers import STATUS, Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
 
 if TYPE_CHECKING:
-    from ..stats.window import Meter
-    from ..worker.worker import Worker
+    from ..context import UsageSink
 
 log = logging.getLogger("neurohttp")
+_count = tokenizer.count
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_PING = b": ping\n\n"
-BATCH = 64  # ready tokens per chunk (see Generation.frames)
-COMPACT_PARTS = 1024  # a generation counts its text every this many pieces (a stream drops it)
-READY_RUN = 1024  # ready tokens produced between two turns of the loop (Generation.run_now)
+BATCH = 64  # ready pieces per HTTP chunk (see Generation.frames)
+YIELD_EVERY = 512  # ready pieces between two turns of the loop
+READY_RUN = 1024  # ready pieces made between two turns of the loop (run_now, run_to_end)
+# Completion tokens are counted and charged every SETTLE_PARTS pieces, and at
+# least every SETTLE_S seconds while a stream runs (so /stats and the
+# per-second figures follow the stream, and quotas are charged as it goes).
+SETTLE_PARTS = 1024
+SETTLE_S = 0.2
 # The longest stop sequence accepted (characters). OpenAI documents no limit;
 # real ones are a few characters ("\n\n", "</s>", "User:"). A stream holds
 # back at most this much text, and matching costs O(len) per stop to set up.
@@ -76,14 +99,75 @@ def parse_stop(value: Any) -> list[str]:
     return stop
 
 
-def provider_error(exc: BaseException) -> tuple[int, dict]:
-    """(status, OpenAI error body) for a provider that failed. A provider may set
-    `status` (e.g. 502, 503, 429) and `retry_after` on its exception."""
+# ---------------------------------------------------------------- failures
+class BadOutput(ProviderError):
+    """A provider yielded something that is not in the contract."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("provider_error", message)
+
+
+class Failure:
+    """A provider's failure as the client gets it: status, OpenAI error body,
+    Retry-After."""
+
+    __slots__ = ("status", "kind", "message", "retry_after", "param")
+
+    def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None,
+                 param: str | None = None) -> None:
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.retry_after = retry_after
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, code=self.kind, param=self.param)
+
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None or self.status not in (429, 503):
+            return None
+        return {"Retry-After": str(max(0, math.ceil(self.retry_after)))}
+
+    def response(self, req: Request | None) -> Response:
+        return error_response(req, self.status, self.message, code=self.kind, param=self.param,
+                              headers=self.headers())
+
+
+# Statuses an exception may carry (the contract before ProviderError: a
+# `status` attribute) -> the kind it is taken for.
+_LEGACY = {400: "bad_request", 429: "rate_limited", 503: "upstream_unavailable",
+           504: "upstream_timeout", 408: "upstream_timeout"}
+
+
+def failure_of(exc: BaseException, model: str, provider: str) -> Failure:
+    """Map a provider's failure to what the client gets (DESIGN.md §4): a
+    ProviderError by its kind; a timeout 504; a refused or broken connection
+    502; an exception with an int `status` by that status (an upstream's own
+    401 or 500 is the server's 502); anything else 500. Logged here, once."""
+    where = f"model {model!r} (provider {provider!r})"
+    if isinstance(exc, ProviderError):
+        if isinstance(exc, BadOutput):
+            log.error("%s: %s", where, exc.message)
+        else:
+            log.warning("%s failed: %s: %s%s", where, exc.kind, exc.message,
+                        f" (upstream status {exc.status})" if exc.status else "")
+        return Failure(STATUS[exc.kind], exc.kind, exc.message, exc.retry_after, exc.param)
+    if isinstance(exc, TimeoutError):
+        log.warning("%s timed out", where, exc_info=exc)
+        return Failure(504, "upstream_timeout", f"the model {model!r} did not answer in time")
+    if isinstance(exc, ConnectionError):
+        log.warning("%s could not reach its upstream: %r", where, exc)
+        return Failure(502, "upstream_unreachable", f"the model {model!r} could not be reached")
     status = getattr(exc, "status", None)
-    if type(status) is not int or not 400 <= status <= 599:
-        log.error("model provider failed: %r", exc)
-        return 500, error_body(500, "the model failed to answer", type="server_error")
-    return status, error_body(status, str(exc) or "the model failed to answer")
+    if type(status) is int and 400 <= status <= 599:
+        kind = _LEGACY.get(status, "upstream_error")
+        log.warning("%s failed with status %d: %r", where, status, exc)
+        retry = getattr(exc, "retry_after", None)
+        return Failure(STATUS[kind], kind, str(exc) or "the model failed to answer",
+                       retry if isinstance(retry, (int, float)) else None)
+    log.error("%s failed", where, exc_info=exc)
+    return Failure(500, "provider_error", "the model failed to answer")
 
 
 def _borders(s: str) -> list[int]:
@@ -176,88 +260,237 @@ def _advance(s: str, borders: list[int], q: int, tok: str, limit: int) -> tuple[
     return q, -1
 
 
+
+
+class Framer(Protocol):
+    """How one API frames a generation's output (handlers/chat.py: the seed
+    API's NDJSON and SSE; handlers/ws.py: WebSocket messages;
+    handlers/openai.py: OpenAI's chunks). A text piece's frame is `pre` +
+    the text as a JSON string + `post`, built inline by the loop (no call
+    per piece); the other frames come from the methods. `batch`: ready
+    pieces joined into one frame (1: each alone); `streaming`: False for a
+    whole answer (the text is kept, not dropped once counted)."""
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def streaming(self) -> bool: ...
+
+    @property
+    def pre(self) -> bytes: ...
+
+    @property
+    def post(self) -> bytes: ...
+
+    def start(self, gen: Generation) -> bytes | None:
+        """The first frame (OpenAI's role chunk), before any piece."""
+
+    def delta(self, gen: Generation, d: Delta) -> bytes | None:
+        """A structured piece's frame (None: nothing to send for it)."""
+
+    def end(self, gen: Generation) -> bytes | None:
+        """The last frame, after the last piece (it calls gen.finish())."""
+
+    def error(self, gen: Generation, failure: Failure) -> bytes | None:
+        """The frame that ends a generation whose provider failed."""
+
+
+class _Collect:
+    """The framer of a whole answer: nothing to send, the text is kept."""
+
+    batch = READY_RUN
+    streaming = False
+    pre = b""
+    post = b""
+
+    def start(self, gen: Generation) -> bytes | None:
+        return None
+
+    def delta(self, gen: Generation, d: Delta) -> bytes | None:
+        return None
+
+    def end(self, gen: Generation) -> bytes | None:
+        return None
+
+    def error(self, gen: Generation, failure: Failure) -> bytes | None:
+        return None
+
+
+COLLECT = _Collect()
+
+
 class _Rules:
-    """The per-token rules of a generation that has stop sequences, token
-    filters or max_tokens: one place, used by the ready and the async paths."""
+    """The per-text rules of a generation that has stop sequences, token
+    filters or a max_tokens to enforce itself: one place for every path."""
 
-    __slots__ = ("gen", "cutter", "limit", "n")
+    __slots__ = ("gen", "cutter", "limit", "used")
 
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, gen: Generation, guard: bool) -> None:
         self.gen = gen
         self.cutter = StopCutter(gen.stops) if gen.stops else None
-        self.limit = gen.max_tokens
-        self.n = 0
+        self.limit = gen.max_tokens if guard else None
+        self.used = 0  # completion tokens so far, estimated piece by piece (see guard)
 
-    def feed(self, tok: str) -> tuple[str | None, bool]:
-        """(text to send, whether the generation ends here)."""
-        text: str | None
+    def text(self, tok: str, guard: bool = True) -> str | None:
+        """The text to send for `tok` (None: nothing now); sets gen.done when
+        the generation ends here. `guard`: count it against max_tokens (not
+        when the provider counted it itself)."""
         gen = self.gen
-        self.n += 1
-        if self.limit is not None and self.n > self.limit:  # the provider ignored max_tokens
-            gen.finish_reason = "length"
-            return None, True
-        stop = False
-        text = tok
+        text: str | None = tok
         if self.cutter is not None:
             text, stop = self.cutter.feed(tok)
+            if stop:
+                gen.done = True
+                gen.finish_reason = "stop"
         if text and gen.filters:
             text = gen._filtered(text)
             if text is None:
-                return None, True
-        if stop:
-            gen.finish_reason = "stop"
-        return text, stop
+                gen.done = True
+                return None
+        if text and guard and self.limit is not None:
+            text = self.guard(text)
+        return text or None
+
+    def guard(self, text: str) -> str:
+        """Let `text` through as far as max_tokens allows, counted in cl100k
+        tokens of the whole answer (not pieces). The sum of the pieces' own
+        counts is checked first: it is cheap (short counts are cached) and
+        rarely under the whole's; near the limit the exact count decides, and
+        the piece that crosses it is cut on a token boundary."""
+        assert self.limit is not None
+        n = tokenizer.count(text)
+        if self.used + n <= self.limit:
+            self.used += n
+            return text
+        gen = self.gen
+        gen._settle()
+        before = gen.tokens_before + gen.other_tokens  # counted, all but the held tail
+        tail = "".join(gen.parts)
+        allowed = self.limit - before
+        whole = tail + text
+        n = tokenizer.count(whole)
+        if n <= allowed:
+            self.used = before + n
+            return text
+        gen.done = True
+        gen.finish_reason = "length"
+        cut = tokenizer.truncate(whole, max(0, allowed))
+        return cut[len(tail):] if len(cut) > len(tail) else ""
+
+    def counted(self, n: int) -> bool:
+        """Tokens the provider counted itself (a Delta's tokens, tool calls):
+        False when they go past max_tokens (the generation ends before them)."""
+        if self.limit is not None and self.used + n > self.limit:
+            self.gen.done = True
+            self.gen.finish_reason = "length"
+            return False
+        self.used += n
+        return True
 
     def flush(self) -> str | None:
         if self.cutter is None:
             return None
-        rest = self.cutter.flush()
-        return self.gen._filtered(rest) if rest and self.gen.filters else rest
+        rest: str | None = self.cutter.flush()
+        if rest and self.gen.filters:
+            rest = self.gen._filtered(rest)
+        if rest and self.limit is not None:
+            rest = self.guard(rest)
+        return rest or None
+
+
+class _ToolCall:
+    """One tool call of a whole answer, put together from its deltas."""
+
+    __slots__ = ("id", "type", "name", "arguments")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: list[str] = []
+        self.arguments: list[str] = []
+
+    def add(self, d: ToolCallDelta) -> None:
+        if d.id is not None and self.id is None:
+            self.id = d.id
+        if d.type is not None and self.type is None:
+            self.type = d.type
+        if d.name:
+            self.name.append(d.name)
+        if d.arguments:
+            self.arguments.append(d.arguments)
+
+    def message(self) -> dict[str, Any]:
+        """OpenAI's `message.tool_calls[i]`."""
+        return {"id": self.id or "", "type": self.type or "function",
+                "function": {"name": "".join(self.name), "arguments": "".join(self.arguments)}}
 
 
 class Generation:
     """One completion through the pipeline."""
 
-    __slots__ = ("slot", "req", "model", "provider", "messages", "params", "prompt_tokens",
-                 "filters", "max_tokens", "stops", "parts", "kept", "rest", "finish_reason",
-                 "completion_tokens", "counted", "streaming", "tokens_before", "log_usage",
-                 "meter", "started", "failed")
+    __slots__ = ("usage_sink", "req", "model", "provider", "provider_name", "messages", "params",
+                 "key", "prompt_tokens", "filters", "max_tokens", "stops", "rules", "parts",
+                 "kept", "rest", "finish_reason", "completion_tokens", "tokens_before",
+                 "other_tokens", "charged", "reported_prompt", "reported_completion",
+                 "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
+                 "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed")
 
-    def __init__(self, slot: Any, req: Request | None, model: str, provider: Any,
+    def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
-                 filters: list[Callable[[Any, str], str | None]],
-                 log_usage: bool = False, meter: Meter | None = None) -> None:
-        self.slot = slot
-        # per-model figures (stats/window.py): latency from here to finish(), errors
-        self.meter = meter
+                 filters: list[Callable[[Any, str], str | None]], *,
+                 provider_name: str = "?", key: str | None = None, stream: bool = False) -> None:
+        self.usage_sink = usage_sink
         self.started = monotonic()
-        self.failed = False  # the provider failed: the handler sets it before close()
-        self.log_usage = log_usage  # put model and tokens in req.state for the access log
         self.req = req
         self.model = model
         self.provider = provider
+        self.provider_name = provider_name
         self.messages = messages
         self.params = params
-        self.prompt_tokens = prompt_tokens
+        self.key = key  # the API key's name (None until [auth] keys exist)
+        self.stream = stream
+        self.prompt_tokens = prompt_tokens  # charged by Pipeline.begin
         self.filters = filters
         mt = params.get("max_tokens")
         self.max_tokens: int | None = mt if type(mt) is int else None
         stop = params.get("stop")
         self.stops: list[str] | None = [s for s in stop if s] or None if stop else None
+        guard = self.max_tokens is not None and not getattr(provider, "cuts_at_max_tokens", False)
+        self.rules: _Rules | None = (_Rules(self, guard) if self.stops or filters or guard
+                                     else None)
+        # The text produced and not yet counted. Every SETTLE_PARTS pieces (or
+        # SETTLE_S seconds) it is counted up to a place where counts add up and
+        # charged; a whole answer keeps that text joined in `kept`, a stream
+        # drops it. `parts` is changed in place.
         self.parts: list[str] = []
-        # Every COMPACT_PARTS pieces the text so far is counted and joined into
-        # `kept`, so a long answer is never a huge list of pieces nor counted in
-        # one go at the end. A stream needs only the count of what it sent, not
-        # the text: it keeps nothing.
         self.kept: list[str] = []
-        self.rest: Generator[str, None, None] | None = None  # ready tokens run_now left for run_to_end
+        self.tokens_before = 0   # tokens of the text counted so far
+        self.other_tokens = 0    # tokens counted otherwise: tool calls, refusals, a Delta's own
+        self.charged = 0         # completion tokens charged to the usage sink so far
+        self.reported_prompt: int | None = None      # a provider's Usage
+        self.reported_completion: int | None = None
+        self.rest: Generator[str | Delta, None, None] | None = None  # what run_now left
         self.finish_reason: str | None = None
         self.completion_tokens = 0
-        self.counted = False
         self.streaming = False
-        self.tokens_before = 0  # tokens of the text already counted (in `kept`, or dropped)
+        self.ttft: float | None = None
+        self.done = False         # a rule ended the generation (stop, filter, max_tokens)
+        self.failure: Failure | None = None
+        self.counted = False      # the final figures are settled (_count)
+        self.reported = False
+        self.outcome: str | None = None
+        # a whole answer's structured parts (None until a Delta brings one)
+        self.tool_calls: dict[int, _ToolCall] | None = None
+        self.refusal: list[str] | None = None
+        self.logprobs: dict[str, list[Any]] | None = None
+        # prime(): the provider's iterator, opened, and its first output
+        self.agen: AsyncIterator[Any] | None = None
+        self.first: str | Delta | None = None
+        self.exhausted = False
+        self.probed = False  # the provider was asked for a ready answer (_ready)
 
-    # ------------------------------------------------------------ producing tokens
+    # ------------------------------------------------------------ one item
     def _filtered(self, tok: str) -> str | None:
         req = self.req
         for f in self.filters:
@@ -268,195 +501,407 @@ class Generation:
             tok = out
         return tok
 
-    def ready(self) -> Generator[str, None, None] | None:
-        """The tokens as a plain iterator when the provider has them all at once
-        (its `tokens_now`, e.g. the unpaced echo model); None otherwise."""
+    def _feed(self, item: Any) -> str | Delta | None:
+        """One item from the provider -> what to send (text, a Delta) or None."""
+        if item.__class__ is str:
+            rules = self.rules
+            if rules is not None:
+                item = rules.text(item)
+                if item is None:
+                    return None
+            elif not item:
+                return None
+            parts = self.parts
+            parts.append(item)
+            if len(parts) > SETTLE_PARTS:
+                self._settle()
+            return item
+        return self._item(item)
+
+    def _item(self, item: Any) -> str | Delta | None:
+        """Everything but a plain str (the slow path)."""
+        if isinstance(item, Delta):
+            return self._delta(item)
+        if isinstance(item, Chunk):
+            return self._chunk(item.data)
+        if isinstance(item, Finish):
+            self.finish_reason = item.reason
+            return None
+        if isinstance(item, str):  # a str subclass is text, as a plain str
+            return self._feed(str(item))
+        if isinstance(item, Usage):
+            if type(item.prompt_tokens) is int and item.prompt_tokens >= 0:
+                self.reported_prompt = item.prompt_tokens
+            if type(item.completion_tokens) is int and item.completion_tokens >= 0:
+                self.reported_completion = item.completion_tokens
+            return None
+        if isinstance(item, ProviderError):
+            raise item
+        raise BadOutput(f"provider {self.provider_name!r} yielded {type(item).__name__}; "
+                        "a provider yields str or the events of neurohttp.ai.providers "
+                        "(Delta, Chunk, Finish, Usage, ProviderError)")
+
+    def _delta(self, d: Delta) -> str | Delta | None:
+        content = d.content
+        if content is not None and type(content) is not str:
+            if not isinstance(content, str):
+                raise BadOutput(f"provider {self.provider_name!r} yielded a Delta whose "
+                                f"content is {type(content).__name__}, not str")
+            content = str(content)
+        rules = self.rules
+        if d.tokens is not None:
+            # the provider counts this piece itself: its text is kept, not counted
+            if type(d.tokens) is not int or d.tokens < 0:
+                raise BadOutput(f"provider {self.provider_name!r} yielded a Delta whose "
+                                f"tokens is {d.tokens!r}, not a count")
+            if rules is not None and not rules.counted(d.tokens):
+                return None
+            if content and rules is not None:
+                content = rules.text(content, guard=False)
+            self._settle(everything=True)
+            if content and not self.streaming:
+                self.kept.append(content)
+            self.other_tokens += d.tokens
+            self._charge(d.tokens)
+        elif content:
+            content = self._feed(content)  # type: ignore[assignment]  # a str in, a str out
+        n = 0
+        if d.tool_calls:
+            for tc in d.tool_calls:
+                if not isinstance(tc, ToolCallDelta):
+                    raise BadOutput(f"provider {self.provider_name!r} yielded a tool call "
+                                    f"delta of type {type(tc).__name__}")
+                if d.tokens is None:
+                    n += ((tokenizer.count(tc.name) if tc.name else 0)
+                          + (tokenizer.count(tc.arguments) if tc.arguments else 0))
+        if d.refusal and d.tokens is None:
+            n += tokenizer.count(d.refusal)
+        if n:
+            if rules is not None and not rules.counted(n):
+                return None
+            self.other_tokens += n
+            self._charge(n)
+        if not self.streaming:
+            self._keep(d)
+        if content is d.content:
+            return d if (content or d.tool_calls or d.refusal is not None or d.logprobs
+                         or d.extra or d.chunk) else None
+        # the rules changed the text: send what they let through
+        if not content and not (d.tool_calls or d.refusal is not None or d.logprobs or d.extra):
+            return None
+        return Delta(content or None, d.tool_calls, d.refusal, d.logprobs, d.extra, d.chunk,
+                     d.tokens)
+
+    def _keep(self, d: Delta) -> None:
+        """A whole answer's tool calls, refusal and logprobs."""
+        if d.tool_calls:
+            calls = self.tool_calls
+            if calls is None:
+                calls = self.tool_calls = {}
+            for tc in d.tool_calls:
+                call = calls.get(tc.index)
+                if call is None:
+                    call = calls[tc.index] = _ToolCall()
+                call.add(tc)
+        if d.refusal:
+            if self.refusal is None:
+                self.refusal = []
+            self.refusal.append(d.refusal)
+        if d.logprobs:
+            if self.logprobs is None:
+                self.logprobs = {}
+            for k, v in d.logprobs.items():
+                if type(v) is list:
+                    self.logprobs.setdefault(k, []).extend(v)
+
+    def _chunk(self, data: Any) -> str | Delta | None:
+        """A whole OpenAI chunk: choice 0's delta (every field kept), its finish
+        reason, the chunk's usage and its other fields."""
+        if type(data) is not dict:
+            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk of "
+                            f"{type(data).__name__}, not a dict")
+        u = data.get("usage")
+        if type(u) is dict:
+            self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+        choices = data.get("choices") or []
+        choice = next((c for c in choices if type(c) is dict and c.get("index", 0) == 0), None)
+        if choice is None:
+            return None
+        delta = choice.get("delta") or {}
+        if type(delta) is not dict:
+            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk whose delta is "
+                            f"{type(delta).__name__}")
+        extra = {k: v for k, v in delta.items()
+                 if k not in ("role", "content", "tool_calls", "refusal")} or None
+        top = {k: v for k, v in data.items()
+               if k not in ("id", "object", "created", "model", "choices", "usage")} or None
+        try:
+            calls = [ToolCallDelta.from_dict(t) for t in delta.get("tool_calls") or ()] or None
+        except ValueError as e:
+            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk with a bad "
+                            f"tool call: {e}") from None
+        out = None
+        content = delta.get("content")
+        refusal = delta.get("refusal")
+        if (content or calls or refusal is not None or choice.get("logprobs") or extra):
+            out = self._delta(Delta(content if type(content) is str else None, calls,
+                                    refusal if type(refusal) is str else None,
+                                    choice.get("logprobs") or None, extra, top))
+        reason = choice.get("finish_reason")
+        if type(reason) is str:
+            self.finish_reason = reason
+        return out
+
+    # ------------------------------------------------------------ counting
+    def _charge(self, n: int) -> None:
+        if n > 0:
+            self.charged += n
+            self.usage_sink.charge(self.model, self.key, 0, n)
+
+    def _settle(self, everything: bool = False) -> None:
+        """Count the text so far up to a place where counts add up (all of it
+        with `everything`), charge those tokens and keep the text joined in
+        `kept` (a whole answer) or drop it (a stream)."""
+        parts = self.parts
+        if not parts:
+            return
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        cut = len(text) if everything else tokenizer.settle_point(text)
+        parts.clear()
+        if cut < len(text):
+            parts.append(text[cut:])
+        if cut:
+            head = text[:cut] if cut < len(text) else text
+            n = tokenizer.count(head)
+            self.tokens_before += n
+            if not self.streaming:
+                self.kept.append(head)
+            self._charge(n)
+
+    # ------------------------------------------------------------ producing
+    def _ready(self) -> Generator[str | Delta, None, None] | None:
+        """What the provider has at once (its `tokens_now`, e.g. the unpaced echo
+        model), through the rules, as a plain iterator; None if it has nothing
+        ready."""
+        rest = self.rest
+        if rest is not None:
+            self.rest = None
+            return rest
+        if self.probed:
+            return None
+        self.probed = True
         tokens_now = getattr(self.provider, "tokens_now", None)
         if tokens_now is None:
             return None
         source = tokens_now(self.messages, self.params)
         if source is None:
             return None
-        return self._accept(source)
+        self.ttft = monotonic() - self.started
+        return self._through(source)
 
-    def _accept(self, source: Iterable[Any]) -> Generator[str, None, None]:
-        parts = self.parts
-        if not self.stops and not self.filters:
-            left = sys.maxsize if self.max_tokens is None else self.max_tokens
-            for tok in source:
-                if tok.__class__ is str:
-                    if not left:  # the provider ignored max_tokens
-                        self.finish_reason = "length"
-                        return
-                    left -= 1
-                    if tok:
-                        parts.append(tok)
-                        yield tok
-                elif tok.__class__ is Finish:
-                    self.finish_reason = tok.reason
+    def _through(self, source: Iterable[Any]) -> Generator[str | Delta, None, None]:
+        feed = self._feed
+        if self.rules is None:
+            # _feed's plain-text case inlined: this loop runs per ready piece
+            # (an unpaced stream), and a call per piece costs ~15% of it
+            # (settling is checked by the callers, per batch: frames, run_now)
+            parts = self.parts
+            for item in source:
+                if item.__class__ is str:
+                    if item:
+                        parts.append(item)
+                        yield item
+                    continue
+                out = feed(item)
+                if out is not None:
+                    yield out
+                if self.done:
+                    return
             return
-        rules = _Rules(self)
-        for tok in source:
-            if tok.__class__ is not str:
-                if tok.__class__ is Finish:
-                    self.finish_reason = tok.reason
-                continue
-            text, done = rules.feed(tok)
-            if text:
-                parts.append(text)
-                yield text
-            if done:
+        for item in source:
+            out = feed(item)
+            if out is not None:
+                yield out
+            if self.done:
                 return
-        rest = rules.flush()
-        if rest:
-            parts.append(rest)
-            yield rest
+
+    def _open(self) -> AsyncIterator[Any]:
+        it = self.provider.stream(self.messages, self.params)
+        aiter = getattr(it, "__aiter__", None)
+        if aiter is None:
+            raise BadOutput(f"provider {self.provider_name!r}: stream() returned "
+                            f"{type(it).__name__}, not an async iterator")
+        return it if hasattr(it, "__anext__") else aiter()
+
+    def ready(self) -> bool:
+        """Whether the provider has the answer at once (then frames() needs no
+        priming: nothing can fail before the first piece but the provider's
+        own bugs)."""
+        if self.rest is None:
+            self.rest = self._ready()
+        return self.rest is not None
+
+    async def prime(self) -> bool:
+        """Open the provider and wait for its first output, so that a failure
+        before any byte is sent is answered with its own status (429 with
+        Retry-After, 502, 504...) rather than inside a 200 stream. False: it
+        failed (see `failure`; reported)."""
+        try:
+            agen = self.agen = self._open()
+            feed = self._feed
+            async for item in agen:
+                out = feed(item)
+                if out is not None:
+                    self.ttft = monotonic() - self.started
+                    self.first = out
+                    return True
+                if self.done:
+                    return True
+            self.exhausted = True
+            return True
+        except Exception as e:
+            await self._aclose()
+            self.fail(e)
+            return False
+        except BaseException:
+            await self._aclose()
+            self.close(True)
+            raise
+
+    async def _aclose(self) -> None:
+        agen = self.agen
+        if agen is not None:
+            self.agen = None
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def frames(self, f: Framer) -> AsyncGenerator[bytes, None]:
+        """The generation, framed by `f`: the one loop every stream, WebSocket
+        answer and paced whole answer goes through. Ready pieces (an unpaced
+        model) go out f.batch to a frame, none waiting for another, with the
+        loop let run every YIELD_EVERY of them. A provider's failure ends the
+        frames with f.error(); cancelling or closing them closes the provider."""
+        self.streaming = f.streaming
+        pre, post = f.pre, f.post
+        dumps = orjson.dumps
+        try:
+            ready = self._ready()
+            start = f.start(self)
+            if ready is not None:
+                size = f.batch
+                every = max(1, YIELD_EVERY // size)
+                batch: list[bytes] = [] if start is None else [start]
+                n = 0
+                try:
+                    for out in ready:
+                        if out.__class__ is str:
+                            batch.append(pre + dumps(out) + post)
+                        else:
+                            frame = f.delta(self, out)  # type: ignore[arg-type]
+                            if frame is None:
+                                continue
+                            batch.append(frame)
+                        if len(batch) >= size:
+                            yield b"".join(batch)
+                            batch = []
+                            n += 1
+                            if len(self.parts) > SETTLE_PARTS:
+                                self._settle()
+                            if not n % every:
+                                await asyncio.sleep(0)  # a long ready answer shares the loop
+                    if batch:
+                        yield b"".join(batch)
+                finally:
+                    ready.close()
+            else:
+                if start is not None:
+                    yield start
+                agen = self.agen
+                if agen is None:  # not primed
+                    agen = self.agen = self._open()
+                else:
+                    first = self.first
+                    if first is not None:
+                        self.first = None
+                        if first.__class__ is str:
+                            yield pre + dumps(first) + post
+                        else:
+                            frame = f.delta(self, first)  # type: ignore[arg-type]
+                            if frame is not None:
+                                yield frame
+                if not (self.exhausted or self.done):
+                    feed = self._feed
+                    settle_at = self.started + SETTLE_S
+                    try:
+                        async for item in agen:
+                            piece = feed(item)
+                            if piece is not None:
+                                if self.ttft is None:
+                                    self.ttft = monotonic() - self.started
+                                if piece.__class__ is str:
+                                    yield pre + dumps(piece) + post
+                                else:
+                                    frame = f.delta(self, piece)  # type: ignore[arg-type]
+                                    if frame is not None:
+                                        yield frame
+                            if self.done:
+                                break
+                            t = monotonic()
+                            if t > settle_at:  # charge what was sent so far
+                                settle_at = t + SETTLE_S
+                                self._settle()
+                    finally:
+                        await self._aclose()
+                else:
+                    await self._aclose()
+            if self.rules is not None and not self.done:
+                rest = self.rules.flush()
+                if rest:
+                    self.parts.append(rest)
+                    yield pre + dumps(rest) + post
+            last = f.end(self)
+            if last is not None:
+                yield last
+        except Exception as e:
+            failure = self.fail(e)
+            frame = f.error(self, failure)
+            if frame is not None:
+                yield frame
+        except BaseException:
+            self.close(True)  # cancelled, or the frames were closed: count what was made
+            raise
 
     def run_now(self) -> bool:
-        """Produce the whole completion synchronously if the provider can and it
-        is short (READY_RUN tokens); a longer one is left in `rest` for
-        run_to_end, which lets the loop run between slices of it."""
-        it = self.ready()
-        if it is None:
+        """Produce a whole answer synchronously if the provider has it ready and
+        it is short (READY_RUN pieces): True when done (answered or failed: see
+        `failure`). A longer one is left in `rest` for run_to_end, which lets
+        the loop run between slices of it."""
+        try:
+            it = self._ready()
+            if it is None:
+                return False
+            for _ in islice(it, READY_RUN):
+                pass
+            if len(self.parts) > SETTLE_PARTS:
+                self._settle()
+            if next(it, None) is None:
+                if self.rules is not None and not self.done:
+                    rest = self.rules.flush()
+                    if rest:
+                        self.parts.append(rest)
+                return True
+            self.rest = it
             return False
-        for _ in islice(it, READY_RUN):
-            pass
-        if next(it, None) is None:
-            return True
-        self.rest = it
-        return False
-
-    async def tokens(self) -> AsyncGenerator[str, None]:
-        """The completion's tokens as they are produced. Closing this iterator
-        closes the provider's generator."""
-        agen = self.provider.stream(self.messages, self.params)
-        parts = self.parts
-        try:
-            if not self.stops and not self.filters:
-                # the common case, kept lean (it runs per token); frames() has a copy
-                limit = sys.maxsize if self.max_tokens is None else self.max_tokens
-                n = 0
-                async for tok in agen:
-                    if tok.__class__ is str:
-                        if tok:
-                            n += 1
-                            if n > limit:  # the provider ignored max_tokens
-                                self.finish_reason = "length"
-                                return
-                            parts.append(tok)
-                            if len(parts) > COMPACT_PARTS:
-                                self._compact()
-                            yield tok
-                    elif tok.__class__ is Finish:
-                        self.finish_reason = tok.reason
-                return
-            rules = _Rules(self)
-            async for tok in agen:
-                if tok.__class__ is not str:
-                    if tok.__class__ is Finish:
-                        self.finish_reason = tok.reason
-                    continue
-                text, done = rules.feed(tok)
-                if text:
-                    parts.append(text)
-                    if len(parts) > COMPACT_PARTS:
-                        self._compact()
-                    yield text
-                if done:
-                    return
-            rest = rules.flush()
-            if rest:
-                parts.append(rest)
-                yield rest
-        finally:
-            await agen.aclose()
-
-    async def frames_or_error(self, pre: bytes, post: bytes,
-                              error_frame: Callable[[dict], bytes]) -> AsyncGenerator[bytes, None]:
-        """frames(), except that a provider failure ends them with one error event
-        (OpenAI's shape, framed by `error_frame`) and marks the generation failed:
-        the caller then sends no final event."""
-        frames = self.frames(pre, post)
-        try:
-            async for data in frames:
-                yield data
         except Exception as e:
-            self.failed = True
-            yield error_frame(provider_error(e)[1])
-        finally:
-            await frames.aclose()
+            self.fail(e)
+            return True
 
-    async def frames(self, pre: bytes, post: bytes) -> AsyncGenerator[bytes, None]:
-        """Each token framed as `pre` + the token as a JSON string + `post`.
-        Tokens that all exist at once (an unpaced model) go out BATCH to a
-        chunk: none waits for another, and the socket gets one write, not 64."""
-        dumps = orjson.dumps
-        self.streaming = True
-        ready = self.ready()
-        if ready is not None:
-            batch: list[bytes] = []
-            n = 0
-            try:
-                for tok in ready:
-                    batch.append(pre + dumps(tok) + post)
-                    if len(batch) >= BATCH:
-                        yield b"".join(batch)
-                        batch = []
-                        n += 1
-                        if len(self.parts) > COMPACT_PARTS:
-                            self._compact()
-                        if not n % 8:
-                            await asyncio.sleep(0)  # a long instant answer shares the loop
-                if batch:
-                    yield b"".join(batch)
-            finally:
-                ready.close()
-            return
-        if not self.stops and not self.filters:
-            # tokens()'s lean loop inlined: one async generator less per paced token
-            agen = self.provider.stream(self.messages, self.params)
-            parts = self.parts
-            limit = sys.maxsize if self.max_tokens is None else self.max_tokens
-            n = 0
-            try:
-                async for tok in agen:
-                    if tok.__class__ is str:
-                        if tok:
-                            n += 1
-                            if n > limit:  # the provider ignored max_tokens
-                                self.finish_reason = "length"
-                                return
-                            parts.append(tok)
-                            if len(parts) > COMPACT_PARTS:
-                                self._compact()
-                            yield pre + dumps(tok) + post
-                    elif tok.__class__ is Finish:
-                        self.finish_reason = tok.reason
-            finally:
-                await agen.aclose()
-            return
-        toks = self.tokens()
-        try:
-            async for tok in toks:
-                yield pre + dumps(tok) + post
-        finally:
-            await toks.aclose()
-
-    def _compact(self) -> None:
-        """Count the text so far up to a place where counts add up (within its
-        last 4 KiB) and keep it joined in `kept`, or drop it when streaming (in
-        place: the token loops hold the same list)."""
-        parts = self.parts
-        text = "".join(parts)
-        cut = tokenizer.cut(text, max(0, len(text) - 4096), len(text))
-        if cut:
-            head = text[:cut]
-            self.tokens_before += tokenizer.count(head)
-            if not self.streaming:
-                self.kept.append(head)
-            text = text[cut:]
-        parts.clear()
-        parts.append(text)
+    async def run_to_end(self) -> None:
+        """Produce a whole answer from a paced model (or what run_now left);
+        a failure is in `failure`, a cancellation counts what was made."""
+        async for _ in self.frames(COLLECT):
+            pass
 
     # ------------------------------------------------------------ results
     @property
@@ -465,72 +910,93 @@ class Generation:
             return "".join(self.kept) + "".join(self.parts)
         return "".join(self.parts)
 
+    def message_extras(self) -> dict[str, Any]:
+        """A whole answer's tool_calls and refusal, in OpenAI's message shape."""
+        out: dict[str, Any] = {}
+        if self.tool_calls:
+            out["tool_calls"] = [self.tool_calls[i].message() for i in sorted(self.tool_calls)]
+        if self.refusal:
+            out["refusal"] = "".join(self.refusal)
+        return out
+
+    def _count(self) -> None:
+        """Settle the figures (once): the tail of the text counted and charged;
+        an upstream's reported counts taken, never below what was charged (the
+        counters only go up), so usage == what was charged, exactly."""
+        if self.counted:
+            return
+        self.counted = True
+        if self.reported_completion is not None:
+            # the provider's count replaces the server's: the text not counted
+            # yet stays uncounted (it is still in `parts` for `text`)
+            completion = max(self.reported_completion, self.charged)
+            self._charge(completion - self.charged)
+        else:
+            self._settle(everything=True)
+            completion = self.tokens_before + self.other_tokens
+        self.completion_tokens = completion
+        if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
+            self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
+            self.prompt_tokens = self.reported_prompt
+
     def finish(self) -> dict[str, int]:
-        """Count the completion (once) and settle finish_reason; returns `usage`.
-        Called before the last bytes of a response are sent."""
-        if not self.counted:
-            self.counted = True
-            self.completion_tokens = n = self.tokens_before + tokenizer.count("".join(self.parts))
-            self.slot[L.S_TOKENS_OUT] += n
-            if self.meter is not None:
-                self.meter.model_request(self.model, self.started, tokens_out=n,
-                                         error=self.failed)
-            if self.log_usage and self.req is not None:
-                st = self.req.state
-                st["model"] = self.model
-                st["tokens"] = self.prompt_tokens + n
+        """Count the completion and settle finish_reason; returns `usage`.
+        Called before the last bytes of a response are sent; reports once."""
+        self._count()
+        if self.finish_reason is None and self.tool_calls:
+            self.finish_reason = "tool_calls"
         self.finish_reason = settle_finish(self.finish_reason, self.completion_tokens,
                                            self.max_tokens)
+        self._report(LENGTH if self.finish_reason == "length" else FINISHED)
         return usage(self.prompt_tokens, self.completion_tokens)
 
+    def fail(self, exc: BaseException) -> Failure:
+        """The provider failed: map it (logged once), count what was made, report."""
+        if self.failure is None:
+            self.failure = failure_of(exc, self.model, self.provider_name)
+        self._count()
+        self._report(FAILED)
+        return self.failure
+
     def close(self, cancelled: bool = False) -> None:
-        """The stream ended, maybe cut short: count what was produced."""
-        if not self.counted:
+        """The stream ended, maybe cut short (StreamingResponse.on_close): count
+        what was produced and report, if nothing did yet."""
+        if self.reported:
+            return
+        if cancelled:
+            self._count()
+            self._report(CANCELLED)
+        else:
             self.finish()
 
-    async def run_to_end(self) -> Response | None:
-        """Produce the whole completion (a non-stream answer from a paced model).
-        None when it completed; else the provider's failure as an error
-        response in OpenAI's shape, with Retry-After when the provider gave one."""
-        try:
-            rest = self.rest
-            if rest is not None:  # what run_now left, in slices of READY_RUN tokens
-                self.rest = None
-                try:
-                    while True:
-                        await asyncio.sleep(0)
-                        n = 0
-                        for _ in islice(rest, READY_RUN):
-                            n += 1
-                        if len(self.parts) > COMPACT_PARTS:
-                            self._compact()
-                        if n < READY_RUN:
-                            break
-                finally:
-                    rest.close()
-            else:
-                async for _ in self.tokens():
-                    pass
-        except Exception as e:
-            self.failed = True
-            self.close()
-            status, err = provider_error(e)
-            retry = getattr(e, "retry_after", None)
-            return Response.json(err, status, {"Retry-After": str(retry)} if retry else None)
-        return None
+    def _report(self, outcome: str) -> None:
+        if self.reported:
+            return
+        self.reported = True
+        self.outcome = outcome
+        t = monotonic()
+        failure = self.failure
+        self.usage_sink.report(UsageEvent(
+            self.model, self.key, self.prompt_tokens, self.completion_tokens,
+            t - self.started, self.ttft, outcome, self.finish_reason,
+            failure.kind if failure is not None else None, self.stream), self.req, self.started)
 
 
 class Pipeline:
-    """Per worker: the models, the token filters and the stats slot."""
+    """Per worker: the models, the token filters and the usage sink."""
 
-    def __init__(self, ctx: Worker) -> None:
-        self.slot = ctx.slot
-        self.meter: Meter | None = ctx.meter  # per-model figures; the slot keeps the totals
-        self.models = ctx.models
-        self.default_model: tuple[str, Any] = ctx.models.get(None)  # (name, provider)
-        self.filters = ctx.app.token_filters  # the live list: plugins add to it later
-        self.sse_ping_s = float(ctx.cfg.server.sse_ping_s)
-        self.log_usage = getattr(ctx, "access_log", None) is not None
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.usage_sink = services.usage
+        self.models = services.models
+        self.default_model: tuple[str, Any] = services.models.get(None)  # (name, provider)
+        self.filters = services.filters  # the live list: plugins add to it later
+        self.sse_ping_s = float(services.settings.sse_ping_s)
+        self.clock = services.clock
+        self._instant: dict[tuple[str, str | None, int, str, str | None, int | None],
+                            tuple[str, UsageEvent]] = {}
+        # each model's provider.complete_now (a bound method: looked up once)
+        self._complete_now: dict[str, Callable[..., Any]] = {}
 
     def find_model(self, req: Request, model: str | None) -> tuple[str, Any] | Response:
         """(public name, provider) for `model` (None: the default), or the 404
@@ -543,32 +1009,69 @@ class Pipeline:
 
     def begin(self, req: Request | None, name: str, provider: Any,
               messages: list[dict[str, Any]], params: dict[str, Any],
-              prompt_tokens: int) -> Generation:
-        """A completion for a model already looked up; counts the prompt tokens."""
-        self.slot[L.S_TOKENS_IN] += prompt_tokens
-        if self.meter is not None:
-            self.meter.tokens(name, tokens_in=prompt_tokens)
-        return Generation(self.slot, req, name, provider, messages, params, prompt_tokens,
-                          self.filters, self.log_usage, self.meter)
+              prompt_tokens: int, key: str | None = None, stream: bool = False) -> Generation:
+        """A completion for a model already looked up; charges the prompt tokens
+        (to the request's API key, when it was admitted with one)."""
+        if key is None and req is not None and req.key is not None:
+            key = req.key.name
+        self.usage_sink.charge(name, key, prompt_tokens)
+        return Generation(self.usage_sink, req, name, provider, messages, params, prompt_tokens,
+                          self.filters, provider_name=self.models.provider_name(name), key=key,
+                          stream=stream)
 
-    def instant(self, provider: Any, messages: list[dict[str, Any]],
-                params: dict[str, Any]) -> tuple[str, str | None] | None:
-        """(text, finish_reason or None) when the provider can answer at once (the
-        unpaced echo model), so a non-streamed answer needs no task and no
-        Generation. Stop sequences and token filters work per token, so they
-        take the token path, which keeps streamed and whole answers identical.
-        The caller counts the tokens (count_out)."""
-        if self.filters or params.get("stop"):
+    def instant(self, req: Request | None, name: str, provider: Any,
+                messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
+                key: str | None = None) -> tuple[str, UsageEvent] | None:
+        """The whole answer and its usage (charged and reported) when the provider
+        can answer at once (the unpaced echo model): no Generation, no task.
+        None when it cannot, or when stop sequences or token filters apply:
+        those work per piece, so they take the Generation's path, which keeps
+        streamed and whole answers identical."""
+        if self.filters or "stop" in params:
             return None
-        complete_now = getattr(provider, "complete_now", None)
+        complete_now = self._complete_now.get(name)
         if complete_now is None:
-            return None
+            complete_now = getattr(provider, "complete_now", None)
+            if complete_now is None:
+                return None
+            self._complete_now[name] = complete_now
         answer = complete_now(messages, params)
         if answer is None:
             return None
-        if answer.__class__ is tuple:
-            return answer
-        return answer, None
+        if answer.__class__ is str:
+            text, finish = answer, None
+        else:
+            text, finish = answer
+        if key is None and req is not None and req.key is not None:
+            key = req.key.name  # the request's API key, charged and named in the event
+        # Answers made at once repeat: their final text and usage event are
+        # kept per (model, key, prompt tokens, text, finish, max_tokens), so the
+        # hot path counts nothing and builds no event.
+        mt = params.get("max_tokens") if params else None
+        ck = (name, key, prompt_tokens, text, finish, mt)
+        done = self._instant.get(ck)
+        if done is None:
+            done = self._instant_answer(name, key, prompt_tokens, text, finish, mt)
+            if len(text) <= 256:
+                if len(self._instant) >= 1024:
+                    self._instant.clear()
+                self._instant[ck] = done
+        self.usage_sink.instant(done[1], req)
+        return done
+
+    def _instant_answer(self, name: str, key: str | None, prompt_tokens: int, text: str,
+                        finish: str | None, mt: int | None) -> tuple[str, UsageEvent]:
+        completion = _count(text)
+        if mt is not None and completion >= mt:
+            if completion > mt:  # the provider ignored max_tokens
+                text = tokenizer.truncate(text, mt)
+                completion = _count(text)
+                finish = "length"
+            elif finish is None:
+                finish = "length"
+        finish = finish or "stop"
+        return text, UsageEvent(name, key, prompt_tokens, completion, 0.0, 0.0,
+                                LENGTH if finish == "length" else FINISHED, finish)
 
     def max_tokens_error(self, name: str, params: dict[str, Any],
                          param: str = "max_tokens") -> BadInput | None:
@@ -581,21 +1084,33 @@ class Pipeline:
         return BadInput(f"{param} is too large: {mt}. This model supports at most {ceiling} "
                         f"completion tokens, whereas you provided {mt}.", param)
 
-    def count_out(self, text: str) -> int:
-        n = tokenizer.count(text)
-        self.slot[L.S_TOKENS_OUT] += n
-        return n
-
-    def respond(self, gen: Generation, body: AsyncIterator[bytes], content_type: str,
-                sse: bool, abort_event: dict) -> StreamingResponse:
-        """Wrap a framed body as a streamed response with the stream hygiene:
+    def respond(self, req: Request | None, gen: Generation, framer: Framer,
+                content_type: str, sse: bool
+                ) -> StreamingResponse | Awaitable[Response | StreamingResponse]:
+        """The generation as a streamed response, with the stream hygiene:
         no-cache, no proxy buffering, `: ping` when idle (SSE), a final error
-        event if the server must cut it short, usage counted however it ends."""
+        event if the server must cut it short, usage reported however it ends.
+        A provider that is not ready at once is primed first (an awaitable is
+        returned): if it fails before its first output, the answer is an error
+        with the failure's own status instead of a stream."""
+        if gen.ready():
+            return self._streaming(gen, framer, content_type, sse)
+        return self._primed(req, gen, framer, content_type, sse)
+
+    async def _primed(self, req: Request | None, gen: Generation, framer: Framer,
+                      content_type: str, sse: bool) -> Response | StreamingResponse:
+        if not await gen.prime():
+            assert gen.failure is not None
+            return gen.failure.response(req)
+        return self._streaming(gen, framer, content_type, sse)
+
+    def _streaming(self, gen: Generation, framer: Framer, content_type: str,
+                   sse: bool) -> StreamingResponse:
         if sse:
-            abort = b"data: " + orjson.dumps(abort_event) + b"\n\n"
+            abort = b"data: " + orjson.dumps(SHUTDOWN_ERROR) + b"\n\n"
             ping = SSE_PING if self.sse_ping_s > 0 else None
         else:
-            abort = orjson.dumps(abort_event) + b"\n"
+            abort = orjson.dumps(SHUTDOWN_ERROR) + b"\n"
             ping = None
-        return StreamingResponse(body, 200, dict(SSE_HEADERS), content_type, gen.close,
-                                 ping, self.sse_ping_s, abort)
+        return StreamingResponse(gen.frames(framer), 200, dict(SSE_HEADERS), content_type,
+                                 gen.close, ping, self.sse_ping_s, abort)

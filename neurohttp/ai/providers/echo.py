@@ -117,6 +117,7 @@ class _Plan:
 
 class EchoProvider:
     name = "echo"
+    cuts_at_max_tokens = True  # its answers end at max_tokens cl100k tokens (_Plan.pieces)
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.template = options.get("response") or DEFAULT_ANSWER
