@@ -9,6 +9,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from neurohttp import SERVER_NAME
+from neurohttp.messages import Request
 from neurohttp.protocol import serialize as ser
 from neurohttp.protocol.h1 import (
     PHASE_BODY,
@@ -24,7 +25,7 @@ MAX_BODY = 4096
 
 
 def parser(max_head: int = MAX_HEAD, max_body: int = MAX_BODY) -> H1Parser:
-    return H1Parser("10.0.0.1", max_head, max_body)
+    return H1Parser("10.0.0.1", max_head, max_body, Request)
 
 
 def feed_all(data: bytes, sizes: int | None = None, p: H1Parser | None = None):

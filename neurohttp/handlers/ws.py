@@ -17,10 +17,11 @@ import orjson
 from ..ai import tokenizer
 from ..ai.models import UnknownModel
 from ..ai.pipeline import SHUTDOWN_ERROR, Pipeline, provider_error
-from ..errors import BadInput, error_body
+from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, WebSocketUpgrade
+from ..protocol import ws_handshake
 from ..stats import layout as L
-from ..worker.websocket import WebSocketConnection, handshake
+from ..worker.websocket import WebSocketConnection
 from .chat import done_message, parse_seed
 
 if TYPE_CHECKING:
@@ -37,9 +38,9 @@ class WebSocketChat:
         app.add_route("GET", "/v1/ws", self.upgrade)  # type: ignore[arg-type]  # the upgrade is the connection's
 
     def upgrade(self, req: Request) -> Response | WebSocketUpgrade:
-        accept = handshake(req)
-        if isinstance(accept, Response):
-            return accept
+        accept = ws_handshake.check(req.version, req.headers.get)
+        if isinstance(accept, ws_handshake.Refusal):
+            return error_response(req, accept.status, accept.message, headers=accept.headers)
         return WebSocketUpgrade(accept, lambda: ChatSession(self.pipeline, req))
 
 

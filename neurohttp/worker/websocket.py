@@ -6,7 +6,9 @@ ping/pong, the close handshake, back-pressure and shutdown.
 
 `HttpConnection` hands the transport over (`transport.set_protocol`) when a
 handler answers with `WebSocketUpgrade`; from then on this object gets the
-socket's callbacks and owns the connection's place in `Worker.connections`.
+socket's callbacks and owns the connection's place in the host's
+connections (worker/host.py). The opening handshake's check is sans-IO
+(protocol/ws_handshake.py), and so is its 101 (protocol/serialize.py).
 
 Close codes: a client's close is echoed (1000 ...); a frame wsproto cannot
 accept closes with the code wsproto names (1002 protocol error, 1007 invalid
@@ -25,26 +27,21 @@ without reading; nor while more than `max_pipeline` messages, or more than
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from wsproto.utilities import LocalProtocolError
 
-from ..errors import error_response
-from ..messages import Request, Response, WebSocketUpgrade
-from ..protocol import serialize as ser
+from ..messages import Request, WebSocketUpgrade
+from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from .base import ClientConnection
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .host import ConnectionHost
 
 log = logging.getLogger("neurohttp")
 
@@ -62,47 +59,14 @@ class Session(Protocol):
         """The server's shutdown deadline passed during on_text: send a last word."""
 
 
-def _tokens(value: str | None) -> set[str]:
-    return {t.strip().lower() for t in (value or "").split(",")}
-
-
-def handshake(req: Request) -> str | Response:
-    """The Sec-WebSocket-Accept value for a valid opening handshake (RFC 6455
-    4.2.1), else the error response to send instead."""
-    h = req.headers
-    if "websocket" not in _tokens(h.get("upgrade")) or "upgrade" not in _tokens(h.get("connection")):
-        return error_response(req, 426, "this endpoint speaks WebSocket: send an Upgrade request",
-                              headers={"Upgrade": "websocket", "Connection": "Upgrade"})
-    if req.version != "1.1":
-        return error_response(req, 400, "WebSocket needs HTTP/1.1")
-    if (h.get("sec-websocket-version") or "").strip() != "13":
-        return error_response(req, 426, "unsupported WebSocket version (13 is spoken)",
-                              headers={"Sec-WebSocket-Version": "13"})
-    key = (h.get("sec-websocket-key") or "").strip()
-    try:
-        ok = len(base64.b64decode(key, validate=True)) == 16
-    except (binascii.Error, ValueError):
-        ok = False
-    if not ok:
-        return error_response(req, 400, "missing or invalid Sec-WebSocket-Key")
-    return generate_accept_token(key.encode("ascii")).decode("ascii")
-
-
-def accept_head(up: WebSocketUpgrade) -> bytes:
-    """The 101 response that switches the connection."""
-    extra = ser.extra_headers(up.headers) if up.headers else b""
-    return (b"HTTP/1.1 101 Switching Protocols\r\n" + ser.clock.common +
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
-            up.accept.encode("ascii") + b"\r\n" + extra + b"\r\n")
-
-
 class WebSocketConnection(ClientConnection):
     """One upgraded connection."""
 
-    def __init__(self, worker: Worker, transport: Any, req: Request, up: WebSocketUpgrade,
-                 leftover: bytes) -> None:
-        self.w = worker
-        self.slot = worker.slot
+    def __init__(self, settings: ConnectionSettings, host: ConnectionHost, transport: Any,
+                 req: Request, up: WebSocketUpgrade) -> None:
+        self.settings = settings
+        self.host = host
+        self.slot = host.slot
         self.transport = transport
         self.request = req
         self.session: Session = up.session()
@@ -111,7 +75,7 @@ class WebSocketConnection(ClientConnection):
         self.inbox_len = 0          # characters waiting in `inbox`
         self.partial: list[str] = []
         self.partial_len = 0
-        self.max_message = worker.max_body_bytes
+        self.max_message = settings.max_body_bytes
         self.runner: asyncio.Task | None = None
         self.write_paused = False
         self.read_paused = False
@@ -123,13 +87,17 @@ class WebSocketConnection(ClientConnection):
         self.heard = self.idle_since  # the last bytes from the client (ws_ping_s)
         self.ping_sent = 0.0          # our ping still unanswered since then
         self.stalled_since = 0.0      # when unsent output last went over the bound
-        worker.connections.add(self)
+
+    def start(self, leftover: bytes) -> None:
+        """Take the socket's callbacks (the host already counts this connection)
+        and the bytes that followed the Upgrade request."""
+        transport = self.transport
         transport.set_protocol(self)
         if leftover:
             self.data_received(leftover)
         if not self.read_paused:  # (the leftover may have filled the inbox)
             transport.resume_reading()  # the HTTP side paused it when the Upgrade arrived
-        if worker.draining:
+        if self.host.draining:
             self.shutdown()  # switched while the worker stops: answer what came, then 1001
 
     # ------------------------------------------------------------ asyncio callbacks
@@ -172,7 +140,6 @@ class WebSocketConnection(ClientConnection):
             return
         self._clear_inbox()
         self._cancel_runner()
-        self.w.on_connection_closed()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -186,6 +153,9 @@ class WebSocketConnection(ClientConnection):
             waiter.set_result(None)
         if not self._inbox_full():
             self._resume_reading()
+
+    def _output_paused(self) -> bool:
+        return self.write_paused
 
     # ------------------------------------------------------------ for sessions
     @property
@@ -211,7 +181,7 @@ class WebSocketConnection(ClientConnection):
         if self._inbox_full():
             self._pause_reading()  # a client queueing prompts waits for the answers
         if self.runner is None:
-            self.runner = self.w.loop.create_task(self._run())
+            self.runner = self.host.loop.create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -234,7 +204,7 @@ class WebSocketConnection(ClientConnection):
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _inbox_full(self) -> bool:
-        return len(self.inbox) >= self.w.max_pipeline or self.inbox_len > self.max_message
+        return len(self.inbox) >= self.settings.max_pipeline or self.inbox_len > self.max_message
 
     def _cancel_runner(self) -> None:
         if self.runner is not None and not self.runner.done():
@@ -277,15 +247,15 @@ class WebSocketConnection(ClientConnection):
             if now > self.close_deadline and not self.closed:
                 self.transport.close()
             return  # closing: nothing else is due
-        w = self.w
+        st = self.settings
         if self.write_paused:
             # the client leaves our answer unread: as on HTTP, drop it after send_timeout
-            if now - self.stalled_since > w.send_timeout:
+            if now - self.stalled_since > st.send_timeout:
                 self.transport.abort()
             return
         if not self.open:
             return
-        ping = w.ws_ping_s
+        ping = st.ws_ping_s
         if ping:
             if self.ping_sent:
                 if now - self.ping_sent > ping:
@@ -294,7 +264,7 @@ class WebSocketConnection(ClientConnection):
             elif now - self.heard > ping:
                 self.ping_sent = now
                 self._write(self.ws.send(Ping(payload=PING_PAYLOAD)))
-        idle = w.ws_idle_timeout
+        idle = st.ws_idle_timeout
         if idle and self.runner is None and not self.inbox and now - self.idle_since > idle:
             self.close(CloseReason.GOING_AWAY, "idle timeout")
 
