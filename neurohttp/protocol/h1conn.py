@@ -293,6 +293,7 @@ class H1Connection(Generic[R]):
             keep = req.keep_alive and not self.state  # (OPEN is 0)
             http10 = req.version == "1.0"
             self.body_ok = req.method != "HEAD"
+        head: bytes | None
         if status in _BODYLESS:
             if status < 200:  # an interim status cannot end an exchange: the client would wait
                 raise ValueError(f"status {status} is not a final answer")

@@ -22,7 +22,7 @@ class ClientConnection(asyncio.Protocol):
     closed: bool
     slot: Any
     host: ConnectionHost
-    drain_waiter: asyncio.Future | None
+    drain_waiter: asyncio.Future[None] | None
 
     def _output_paused(self) -> bool:
         raise NotImplementedError

@@ -97,8 +97,8 @@ class HttpConnection(ClientConnection):
         self.access_log = host.access_log
         self.transport: Any = None
         self.read_paused = False
-        self.task: asyncio.Task | None = None
-        self.drain_waiter: asyncio.Future | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.stream: StreamingResponse | None = None  # the stream being sent
         self.owed = 0.0             # t0 of the async request in flight not yet counted answered

@@ -76,10 +76,10 @@ class WebSocketConnection(ClientConnection):
         self.partial: list[str] = []
         self.partial_len = 0
         self.max_message = settings.max_body_bytes
-        self.runner: asyncio.Task | None = None
+        self.runner: asyncio.Task[None] | None = None
         self.write_paused = False
         self.read_paused = False
-        self.drain_waiter: asyncio.Future | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.going_away = False     # the worker drains: close once the message in hand is done
         self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
