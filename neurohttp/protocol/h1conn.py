@@ -16,11 +16,14 @@ Three machines, as in h11 (whose `_state.py` is the model):
   (none taken, or answered at once), WAITING (an async handler runs: the
   request_timeout runs), STREAMING (a streamed answer's head went out), and
   CANCELLING (the server abandons the answer: shutdown cut or timeout);
-* the connection, `state`: OPEN (keep-alive), CLOSING (the next or current
-  answer is the last: the worker drains, a refusal waits behind queued
-  requests, an answer failed), MUST_CLOSE (the last answer went out: close
-  now), LINGERING (closed for writing, input read and dropped until
-  `linger_until`), SWITCHED (another protocol owns the socket), CLOSED.
+* the connection, `state`: OPEN (keep-alive), DRAINING (the worker stops:
+  the answer that leaves no request waiting says Connection: close, so no
+  request the client already sent is lost; an idle connection closes at its
+  timeout, never under a client that may be sending), CLOSING (the next or
+  current answer is the last: a refusal, a timeout, an answer that failed),
+  MUST_CLOSE (the last answer went out: close now), LINGERING (closed for
+  writing, input read and dropped until `linger_until`), SWITCHED (another
+  protocol owns the socket), CLOSED.
 
 Requests are answered strictly in order. `receive` hands back the requests a
 read completed when nothing is in flight; otherwise they wait in `queue`
@@ -60,11 +63,12 @@ class Conn(IntEnum):
     """The connection's state (ordered: a later state never goes back)."""
 
     OPEN = 0
-    CLOSING = 1
-    MUST_CLOSE = 2
-    LINGERING = 3
-    SWITCHED = 4
-    CLOSED = 5
+    DRAINING = 1
+    CLOSING = 2
+    MUST_CLOSE = 3
+    LINGERING = 4
+    SWITCHED = 5
+    CLOSED = 6
 
 
 class Exchange(IntEnum):
@@ -104,7 +108,8 @@ class Cancel(IntEnum):
     EXPIRED = 2     # request_timeout: 504 before any byte; a stream is closed mid-body
 
 
-OPEN, CLOSING, MUST_CLOSE, LINGERING = Conn.OPEN, Conn.CLOSING, Conn.MUST_CLOSE, Conn.LINGERING
+OPEN, DRAINING, CLOSING = Conn.OPEN, Conn.DRAINING, Conn.CLOSING
+MUST_CLOSE, LINGERING = Conn.MUST_CLOSE, Conn.LINGERING
 SWITCHED, CLOSED = Conn.SWITCHED, Conn.CLOSED
 X_IDLE, WAITING, STREAMING, CANCELLING = (Exchange.IDLE, Exchange.WAITING, Exchange.STREAMING,
                                           Exchange.CANCELLING)
@@ -164,7 +169,10 @@ class H1Connection(Generic[R]):
             return _NO_REQUESTS
         if reqs:
             self.fresh = False
-            if self.exchange or self.queue or self.write_paused:
+            if self.exchange or self.queue or self.write_paused or self.state:
+                # something is in flight, or waits, or the client does not read, or
+                # the connection is not plain keep-alive: they are answered one by
+                # one (next_request), so each answer knows what still waits
                 self.defer(reqs, now)
                 return _NO_REQUESTS
         if parser.continue_pending or parser.upgrade is not None:
@@ -204,15 +212,16 @@ class H1Connection(Generic[R]):
             self.attention = True  # answers held back while the client was not reading
 
     def shutdown(self) -> None:
-        """The worker drains: the next answer is the last (Connection: close). An
-        idle connection is not closed here: its client may be sending a request
-        right now; it closes at its timeout (check), as it would anyway."""
+        """The worker drains: the answer that leaves nothing waiting is the last
+        (Connection: close). An idle connection is not closed here: its client may
+        be sending a request right now; it closes at its timeout (check), as it
+        would anyway."""
         if self.state is OPEN:
-            self.state = CLOSING
+            self.state = DRAINING
 
     def close_after_answer(self) -> None:
         """The answer being made is the connection's last (it failed half-way)."""
-        if self.state is OPEN:
+        if self.state < CLOSING:
             self.state = CLOSING
 
     def lost(self) -> None:
@@ -290,7 +299,9 @@ class H1Connection(Generic[R]):
             keep = http10 = False
             self.body_ok = True
         else:
-            keep = req.keep_alive and not self.state  # (OPEN is 0)
+            # (OPEN is 0; draining, an answer keeps the connection while requests wait)
+            keep = req.keep_alive and (not self.state or (
+                self.state is DRAINING and bool(self.queue)))
             http10 = req.version == "1.0"
             self.body_ok = req.method != "HEAD"
         head: bytes | None
@@ -323,7 +334,8 @@ class H1Connection(Generic[R]):
         http10 = req.version == "1.0"
         bodyless = status == 204 or status == 304
         self.body_ok = not bodyless and req.method != "HEAD"
-        keep = req.keep_alive and self.state is OPEN and (bodyless or not http10)
+        keep = req.keep_alive and (bodyless or not http10) and (
+            self.state is OPEN or (self.state is DRAINING and bool(self.queue)))
         if bodyless:
             head = _bodyless_head(status, headers, keep, http10, trusted)
         else:
@@ -463,5 +475,5 @@ class H1Connection(Generic[R]):
     def timed_out(self) -> R | None:
         """A TIMEOUT is being answered (408, then close): the request as far as
         it came, for the answer's shape."""
-        self.state = CLOSING
+        self.close_after_answer()
         return self.parser.partial_request()
