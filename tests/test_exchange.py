@@ -15,7 +15,7 @@ from test_http11 import Conn
 
 WAIT = 15.0
 
-PLUGIN = '''
+PLUGIN = r'''
 import asyncio
 from neurohttp.plugins import Response, StreamingResponse
 
@@ -41,6 +41,16 @@ def setup(app, options):
             await asyncio.Event().wait()  # its source goes silent
         return StreamingResponse(pieces(), content_type="text/plain")
     app.add_route("GET", "/silent-stream", silent_stream)
+
+    limits = b"x-ratelimit-limit-requests: 60\r\n"  # built once by trusted code
+    app.add_route("GET", "/trusted", lambda request: Response(
+        b"{}", headers={"X-Plain": "1"}, content_type="application/json",
+        trusted_headers=limits + b"x-ratelimit-remaining-requests: %d\r\n" % 59))
+
+    @app.after_response
+    def tag(request, response):   # a hook works on a copy: the trusted lines stay
+        if request.path == "/trusted":
+            response.headers["X-Hooked"] = "yes"
 
     def empty_stream(request):
         async def pieces():
@@ -110,6 +120,17 @@ def test_a_204_stream_sends_no_body_and_keeps_the_connection(srv):
         assert st == 204 and body == b"" and "transfer-encoding" not in headers
         assert c.response()[0] == 200
         assert b"never sent" not in c.buf
+
+
+def test_trusted_header_lines_reach_the_client_beside_the_checked_ones(srv):
+    with Conn(srv) as c:
+        c.send(get("/trusted") + GET_HEALTH)
+        st, headers, body = c.response()
+        assert st == 200 and body == b"{}"
+        assert headers["x-ratelimit-limit-requests"] == "60"
+        assert headers["x-ratelimit-remaining-requests"] == "59"
+        assert headers["x-plain"] == "1" and headers["x-hooked"] == "yes"
+        assert c.response()[0] == 200
 
 
 # ---------------------------------------------------------------- request_timeout

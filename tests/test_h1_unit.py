@@ -543,6 +543,31 @@ def test_handler_cannot_override_framing_or_split_the_response():
         ser.response_head(200, "text/plain\r\nX: y", None, 0, True, False)
 
 
+def test_header_checks_hold_once_the_names_are_known():
+    """Names are checked once and values on every call (extra_headers' fast
+    path): a known name with a CR or LF in its value is still refused."""
+    ok = {"X-Rate": "59", "X-Reset": "1s"}
+    assert ser.extra_headers(ok) == b"X-Rate: 59\r\nX-Reset: 1s\r\n"
+    assert ser.extra_headers(ok) == b"X-Rate: 59\r\nX-Reset: 1s\r\n"  # (now by the fast path)
+    for value in ("1\r\nSet-Cookie: x", "1\n", "\r"):
+        with pytest.raises(ValueError, match="X-Rate"):
+            ser.extra_headers({"X-Reset": "1s", "X-Rate": value})
+    assert ser.extra_headers({"X-Rate": 59, "X-Reset": 1.5}) == b"X-Rate: 59\r\nX-Reset: 1.5\r\n"
+    assert ser.extra_headers({"X-Rate": "1", "content-length": "9"}) == b"X-Rate: 1\r\n"
+    assert ser.extra_headers({"X-Tab": "a\tb"}) == b"X-Tab: a\tb\r\n"  # (HTAB is allowed)
+
+
+def test_bodyless_and_switching_heads():
+    _, f, _ = parse_head(ser.bodyless_head(304, {"ETag": '"x"'}, True, False, b"X-T: 1\r\n"))
+    assert f == {b"Server": SERVER_NAME.encode(), b"Date": f[b"Date"], b"ETag": b'"x"',
+                 b"X-T": b"1"}
+    _, f, _ = parse_head(ser.bodyless_head(204, None, False, False))
+    assert f[b"Connection"] == b"close" and b"Content-Length" not in f
+    line, f, _ = parse_head(ser.switch_head("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", {"X-A": "1"}))
+    assert line == b"HTTP/1.1 101 Switching Protocols" and f[b"Upgrade"] == b"websocket"
+    assert f[b"Sec-WebSocket-Accept"] == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" and f[b"X-A"] == b"1"
+
+
 def test_stream_head_chunked_or_close_delimited():
     _, f11, _ = parse_head(ser.stream_head(200, "application/x-ndjson", None, True, False))
     assert f11[b"Transfer-Encoding"] == b"chunked" and b"Connection" not in f11

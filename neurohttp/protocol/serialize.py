@@ -81,20 +81,39 @@ def _ctype(ct: str) -> bytes:
     return b
 
 
+# names of header fields already checked, and not owned by the server
+_good_names: set[str] = set()
+
+
 def extra_headers(headers: dict[str, str]) -> bytes:
     """A handler's own headers, refusing CR/LF so nothing can split the response.
 
-    Every field is checked on every call: code whose header values it builds
-    itself (numbers, fixed names) passes them as `trusted` bytes instead (see
-    Response.trusted_headers), or validates a fixed set once with this function
-    and keeps the bytes."""
+    Values are checked on every call, names once. The usual call (names seen
+    before, str values) runs in C: one scan of the values joined, one join. Code whose header values it builds itself
+    (numbers, fixed names) can pass `trusted` bytes instead (see
+    Response.trusted_headers), or check a fixed set once with this function
+    and keep the bytes."""
+    if _good_names.issuperset(headers):
+        try:
+            values = "".join(headers.values())
+        except TypeError:  # a value that is not a str
+            return _checked(headers)
+        if "\r" not in values and "\n" not in values:
+            return ("\r\n".join(map(": ".join, headers.items())) + "\r\n").encode("latin-1")
+    return _checked(headers)
+
+
+def _checked(headers: dict[str, str]) -> bytes:
+    """extra_headers, field by field: drops the server's own fields, names the bad one."""
     out = []
     for k, v in headers.items():
         if k.lower() in _MANAGED:
             continue
         v = str(v)
-        if "\r" in k or "\n" in k or ":" in k or "\r" in v or "\n" in v:
+        if "\r" in k or "\n" in k or ":" in k or not k or "\r" in v or "\n" in v:
             raise ValueError(f"invalid header {k!r}")
+        if len(_good_names) < 256:
+            _good_names.add(k)
         out.append(f"{k}: {v}\r\n")
     return "".join(out).encode("latin-1")
 
