@@ -102,7 +102,7 @@ def main() -> None:
         for name, raw in requests.items():
             if args.only and name != args.only:
                 continue
-            conn = HttpConnection(w)
+            conn = HttpConnection(w.conn_settings, w)
             t = FakeTransport()
             conn.connection_made(t)
             best = float("inf")

@@ -142,6 +142,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "body_timeout": Key(NUM, 30.0, _positive, range=(0, HOUR)),
         "keepalive_timeout": Key(NUM, 5.0, _non_negative, range=(0, HOUR)),
         "send_timeout": Key(NUM, 60.0, _positive, range=(0, HOUR)),
+        "request_timeout": Key(NUM, 600.0, _positive, range=(1, DAY)),
         "graceful_timeout": Key(NUM, 30.0, _non_negative, range=(0, HOUR)),
         "worker_timeout": Key(NUM, 30.0, _positive, range=(1, HOUR)),
         "max_requests": Key(int, 0, _non_negative, range=(0, 10**9)),
@@ -262,6 +263,7 @@ class ServerSection(Section):
     body_timeout: float
     keepalive_timeout: float
     send_timeout: float
+    request_timeout: float
     graceful_timeout: float
     worker_timeout: float
     max_requests: int

@@ -20,7 +20,6 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import Any
 
 from .. import fdlimit, handlers
 from ..ai.models import ModelRegistry
@@ -29,15 +28,17 @@ from ..config import Config
 from ..context import Counters, Services, Settings, StatsReader, UsageSink
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
-from ..messages import Request
+from ..messages import Request, Response
 from ..plugins import load_configured
 from ..protocol.serialize import clock
+from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
 from .acceptor import Gate
-from .connection import HttpConnection
+from .connection import HttpConnection, busy_response, count_refusal
+from .host import Connection
 
 log = logging.getLogger("neurohttp")
 
@@ -85,23 +86,20 @@ class Worker:
         self.tls = tls or [None] * len(sockets)
         self.master_pid = master_pid
         srv = cfg.server
-        self.max_header_bytes = srv.max_header_bytes
-        self.max_body_bytes = srv.max_body_bytes
+        # what connections get instead of this Worker: their settings, and this
+        # object as their host (worker/host.py ConnectionHost: register, forget,
+        # handover, draining, app, slot, meter, access_log, loop)
+        self.conn_settings = connection_settings(cfg)
         self.header_timeout = srv.header_timeout
-        self.body_timeout = srv.body_timeout
-        self.keepalive_timeout = srv.keepalive_timeout
-        self.send_timeout = srv.send_timeout
-        self.ws_ping_s = srv.ws_ping_s
-        self.ws_idle_timeout = srv.ws_idle_timeout
         self.max_connections = fdlimit.connection_cap(srv.max_connections)
-        self.max_pipeline = srv.max_pipeline
-        self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
         self.backlog: int = srv.backlog
         self.loop_kind: str = srv.loop
-        self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
+        self.connections: set[Connection] = set()  # HTTP and WebSocket connections
         self.draining = False
-        self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
+        # accepts (and refuses when full) once the loop runs
+        self.gate = Gate(worker_id, self.max_connections, lambda: len(self.connections),
+                         lambda nbytes, t0: count_refusal(self, nbytes, t0))
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
@@ -149,7 +147,9 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
-        await self.gate.listen(self.sockets, lambda: HttpConnection(self), self.backlog,
+        settings = self.conn_settings
+        await self.gate.listen(loop, self.sockets, lambda: HttpConnection(settings, self),
+                               self.backlog,
                                [server_kwargs(ctx, self.header_timeout) for ctx in self.tls])
         s = self.slot
         s[L.S_PID] = os.getpid()
@@ -229,8 +229,22 @@ class Worker:
             conn.abort()
         await asyncio.sleep(0)
 
-    def on_connection_closed(self) -> None:
+    # ------------------------------------------------------------ connections' host
+    def register(self, conn: Connection, peer: str) -> Response | None:
+        self.connections.add(conn)
+        n = len(self.connections)
+        self.gate.opened(n)  # at the cap: the acceptors refuse from now on
+        if n > self.max_connections:
+            return busy_response()  # accepted before the acceptors switched: refused too
+        return None
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
         self.gate.released(len(self.connections))
+
+    def handover(self, old: Connection, new: Connection) -> None:
+        self.connections.discard(old)
+        self.connections.add(new)
 
     def reopen_logs(self) -> None:
         from .. import logs
@@ -262,6 +276,18 @@ class Worker:
         log.error("worker %d (pid %d) loop blocked, stuck on %s; stack:\n%s",
                   self.worker_id, os.getpid(), where, stack.rstrip())
         sys.stderr.flush()
+
+
+def connection_settings(cfg: Config) -> ConnectionSettings:
+    """[server]'s limits and timeouts, as connections take them."""
+    srv = cfg.server
+    return ConnectionSettings(
+        max_header_bytes=srv.max_header_bytes, max_body_bytes=srv.max_body_bytes,
+        header_timeout=srv.header_timeout, body_timeout=srv.body_timeout,
+        keepalive_timeout=srv.keepalive_timeout, send_timeout=srv.send_timeout,
+        request_timeout=srv.request_timeout, max_pipeline=srv.max_pipeline,
+        write_buffer_bytes=srv.write_buffer_bytes, ws_ping_s=srv.ws_ping_s,
+        ws_idle_timeout=srv.ws_idle_timeout)
 
 
 def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,
