@@ -14,6 +14,7 @@ import orjson
 
 from ..errors import error_response
 from ..messages import Request, Response
+from ..security.firewall import figures as firewall_figures
 from ..stats.prometheus import CONTENT_TYPE as PROM_TYPE
 from ..stats.prometheus import metrics_text
 from ..stats.snapshot import Snapshot, stats_document
@@ -93,8 +94,11 @@ class MetricsHandlers:
 
     def _document(self, snap: Snapshot) -> dict:
         doc = stats_document(snap)
-        if self.app.gate is not None:  # per-key figures, 401s by reason ([auth])
-            doc["auth"] = self.app.gate.figures(self.ctx.block.state.named.get)
+        named = self.ctx.block.state.named
+        gate = self.app.gate
+        if gate is not None and gate.auth:  # per-key figures, 401s by reason ([auth])
+            doc["auth"] = gate.figures(named.get)
+        doc["firewall"] = firewall_figures(named.get)  # refusals per rule (all workers)
         return doc
 
     def metrics(self, req: Request) -> Response:

@@ -52,6 +52,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
         self.w.connections.discard(self)
+        if self.w.firewall is not None:
+            self.w.firewall.on_close(self.transport)  # its per-IP count, if it had one
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))

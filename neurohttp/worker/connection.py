@@ -113,6 +113,11 @@ class HttpConnection(ClientConnection):
             # accepted before the acceptors switched: refuse politely too
             s[_S_REQUESTS] += 1  # counted with its answer: requests == responses
             self._send(None, busy_response(), self.idle_since)
+        elif w.firewall is not None:  # [firewall]: the peer's address rules, per-IP cap
+            refusal = w.firewall.on_accept(client, transport)
+            if refusal is not None:
+                s[_S_REQUESTS] += 1
+                self._send(None, refusal, self.idle_since)
 
     def data_received(self, data: bytes) -> None:
         self.slot[_S_BYTES_IN] += len(data)

@@ -123,9 +123,15 @@ class Worker:
         SeedChat(self.pipeline).register(self.app)
         OpenAIHandlers(self.pipeline, master_started(block)).register(self.app)
         WebSocketChat(self.pipeline).register(self.app)
-        if cfg.auth.enabled:  # the admission step: keys, models, quotas (security/)
-            from ..security import build_gate
-            self.app.gate = build_gate(cfg, block.state, self.models.default)
+        # The firewall ([firewall]; None when it sets no rule): the connections call
+        # self.firewall at accept and close, the admission step its request rules.
+        from ..security import build_firewall, build_gate
+        fw = build_firewall(cfg, block.state, slot_index)
+        self.firewall: Any = fw if fw is not None and fw.at_accept else None
+        if cfg.auth.enabled or (fw is not None and fw.at_request):
+            # the admission step: firewall rules, keys, models, quotas (security/)
+            self.app.gate = build_gate(cfg, block.state, self.models.default,
+                                       fw if fw is not None and fw.at_request else None)
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
