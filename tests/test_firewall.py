@@ -167,8 +167,9 @@ def _start_on_ipv6(make_server, rules: dict[str, Any]) -> Server:
     srv = make_server(workers=2, config=fw_config(**rules), bind="[::1]:0", start=False)
     srv.host = "::1"
     srv.start(wait=False)
-    wait_for(lambda: re.search(r"listening on \[::1\]:(\d+)", srv.log()), 20, what="listening")
-    srv.port = int(re.search(r"listening on \[::1\]:(\d+)", srv.log()).group(1))
+    m = wait_for(lambda: re.search(r"listening on \[::1\]:(\d+)", srv.log()), 20,
+                 what="listening")
+    srv.port = int(m.group(1))
     wait_for(lambda: srv.ready_workers() == 2, 20, what="workers ready")
     time.sleep(0.25)  # one master loop: the steering includes them
     return srv
@@ -450,3 +451,33 @@ def test_hup_applies_new_rules_without_losing_a_request(make_server):
              what="the held connection's count released")
     wait_for(lambda: not (set(srv.worker_pids()) & old), 40, what="the old generation gone")
     assert refused_counts(srv)["conn_per_ip"] == 1
+
+
+# ---------------------------------------------------------------- TLS
+def test_a_denied_peer_on_a_tls_listener_is_refused_after_the_handshake(tmp_path):
+    """On a TLS listener the connection reaches the firewall once the handshake is
+    done (the event loop hands it over then): a denied peer reads a 403 over TLS
+    and the close; an allowed one is served."""
+    from test_tls import HOST, PKI, TlsServer
+
+    pki = PKI(tmp_path / "pki")
+    srv = TlsServer(tmp_path / "srv", pki, sections={"firewall": {"deny": ["127.0.0.2/32"]}})
+    try:
+        srv.start()
+        for src, status in (("127.0.0.2", 403), ("127.0.0.3", 200)):
+            raw = socket.socket()
+            raw.settimeout(10)
+            raw.bind((src, 0))
+            raw.connect((HOST, srv.tls_port))
+            with pki.client_context().wrap_socket(raw, server_hostname=HOST) as s:
+                if status == 403:
+                    (resp,) = parse_responses(until_eof(s))
+                else:
+                    resp = exchange(s)
+                assert resp[0] == status, src
+        assert refused_counts(srv)["deny"] == 1
+    finally:
+        try:
+            srv.stop()
+        finally:
+            srv.kill()
