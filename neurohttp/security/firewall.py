@@ -40,7 +40,6 @@ COUNTER = "fw:"  # + rule: exact counters in the named table
 _CACHE_BOUND = 4096  # entries per memo (paths, user agents, peers): a bound, not a policy
 
 _UA = b"user-agent"
-_UA_SPELLINGS = frozenset({_UA, b"User-Agent", b"USER-AGENT"})
 
 _FORBIDDEN = {
     "allow": "your address is not allowed to use this server",
@@ -67,11 +66,16 @@ class Firewall:
     """One worker's firewall: the rules of its generation's config, and the
     shared tables (`state`: the block's SharedState) it counts in."""
 
+    __slots__ = ("allow", "deny", "screens", "proxies", "proxied", "max_conns", "rps",
+                 "rps_text", "agents", "paths", "open", "count", "slot", "at_accept",
+                 "at_request", "held", "_paths", "_agents", "_proxy")
+
     def __init__(self, fw: Any, state: Any, slot: int) -> None:
         self.allow = Networks(fw.allow)
         self.deny = Networks(fw.deny)
         self.screens = bool(self.allow or self.deny)
         self.proxies = Networks(fw.trusted_proxies)
+        self.proxied = bool(self.proxies)  # (a plain attribute: no __bool__ call per request)
         self.max_conns: int = fw.max_connections_per_ip
         self.rps: int = fw.rps_per_ip
         self.rps_text = str(self.rps)
@@ -133,7 +137,7 @@ class Firewall:
     def check(self, req: Request) -> Response | None:
         """Screen one request: None to admit it, or the refusal. Sets
         req.client to the forwarded client's address behind a trusted proxy."""
-        if self.proxies:
+        if self.proxied:
             peer = req.client
             trusted = self._proxy.get(peer)
             if trusted is None:
@@ -160,13 +164,15 @@ class Firewall:
                 self._paths[req.target] = bad
             if bad:
                 return self._forbid(req, "path")
-        if self.agents:
+        agents = self.agents
+        if agents:
             for name, value in req.raw_headers:
-                if name in _UA_SPELLINGS or (len(name) == 10 and name.lower() == _UA):
+                # the length first: it rules out most fields without hashing their names
+                if len(name) == 10 and (name == b"User-Agent" or name.lower() == _UA):
                     bad = self._agents.get(value)
                     if bad is None:
                         low = value.lower()
-                        bad = any(a in low for a in self.agents)
+                        bad = any(a in low for a in agents)
                         if len(self._agents) >= _CACHE_BOUND:
                             self._agents.clear()
                         self._agents[value] = bad

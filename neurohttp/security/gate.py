@@ -131,6 +131,8 @@ class Gate:
             refused = fw.check(req)
             if refused is not None:
                 return refused
+            if not self.auth:  # the firewall alone: nothing more to admit
+                return dispatch(req)
         rule = self.rule(req)
         if not rule.protected:
             return dispatch(req)
