@@ -113,6 +113,10 @@ def _str_list(v: Any) -> str | None:
     return None if all(isinstance(x, str) and x for x in v) else "must be a list of names"
 
 
+def _substrings(v: Any) -> str | None:
+    return None if all(isinstance(x, str) and x for x in v) else "must be a list of non-empty strings"
+
+
 def _path_prefixes(v: Any) -> str | None:
     if all(isinstance(x, str) and x.startswith("/") for x in v):
         return None
@@ -185,6 +189,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "plugins": {
         "paths": Key(list, ["plugins"], _str_list),
         "enabled": Key(list, [], _str_list),
+    },
+    # The firewall (security/firewall.py, docs/SECURITY.md "Firewall"): address
+    # rules at accept, per-client limits exact across workers, request rules.
+    "firewall": {
+        "allow": Key(list, [], _cidr_list),
+        "deny": Key(list, [], _cidr_list),
+        "max_connections_per_ip": Key(int, 0, _non_negative, range=(0, 1_000_000)),
+        "rps_per_ip": Key(int, 0, _non_negative, range=(0, 1_000_000)),
+        "deny_user_agents": Key(list, [], _substrings),
+        "deny_paths": Key(list, [], _path_prefixes),
+        "trusted_proxies": Key(list, [], _cidr_list),
     },
     # Used by the server.tls_bind listeners; the files are read and checked by
     # tlsconfig.py (neurohttpd check, start, reload).
@@ -332,6 +347,17 @@ class PluginsSection(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class FirewallSection(Section):
+    allow: list[str]
+    deny: list[str]
+    max_connections_per_ip: int
+    rps_per_ip: int
+    deny_user_agents: list[str]
+    deny_paths: list[str]
+    trusted_proxies: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class TlsSection(Section):
     cert_file: str
     key_file: str
@@ -341,7 +367,8 @@ class TlsSection(Section):
 # The dataclass of each SCHEMA table, in the schema's order.
 SECTIONS: dict[str, type[Section]] = {
     "server": ServerSection, "log": LogSection, "stats": StatsSection, "auth": AuthSection,
-    "state": StateSection, "plugins": PluginsSection, "tls": TlsSection,
+    "state": StateSection, "plugins": PluginsSection, "firewall": FirewallSection,
+    "tls": TlsSection,
 }
 
 
@@ -359,6 +386,7 @@ class Config:
     plugins: PluginsSection
     models: dict[str, dict[str, Any]]
     tls: TlsSection
+    firewall: FirewallSection
 
     @property
     def binds(self) -> list[tuple[str, int]]:
@@ -529,7 +557,8 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                   auth=AuthSection(**tables["auth"], keys=key_specs),
                   state=StateSection(**tables["state"]),
                   plugins=PluginsSection(**tables["plugins"], options=plugin_options),
-                  models=models, tls=TlsSection(**tables["tls"]))
+                  models=models, tls=TlsSection(**tables["tls"]),
+                  firewall=FirewallSection(**tables["firewall"]))
 
 
 def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:

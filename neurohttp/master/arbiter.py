@@ -408,6 +408,12 @@ class Master:
         assert self.block is not None
         text = self.block.read_text(w.slot)
         never_ready = self.block.slot(w.slot)[L.S_STATE] == L.STATE_STARTING
+        # the per-IP connections it still counted (killed, or gone with them open),
+        # before its slot can be taken again ([firewall] max_connections_per_ip)
+        held = self.block.state.open.fold_conns(w.slot)
+        if held:
+            log.info("worker %d (pid %d) left %d per-IP connection counts; released",
+                     w.worker_id, w.pid, held)
         self.block.fold(w.slot)
         self.system.forget(w.pid)
         for lst in self.listeners + self.removed:

@@ -180,6 +180,12 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     auth = doc.get("auth")
     if auth is not None:
         _auth_metrics(w, auth)
+    fw = doc.get("firewall")
+    if fw is not None:
+        w.family("neurohttp_firewall_refused_total", "counter",
+                 "Connections and requests the firewall refused, by rule (allow, deny: "
+                 "403; conn_per_ip, rps_per_ip: 429; ua, path: 403).",
+                 [({"rule": r}, n) for r, n in fw["refused"].items()])
     return w.text()
 
 

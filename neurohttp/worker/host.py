@@ -7,8 +7,7 @@ The host registers and forgets connections (the worker's set, which its sweep,
 drain and cap act on), says whether it drains, dispatches requests (the App),
 and lends the counters a connection writes (its stats slot and the meter's
 current cell) and the access-log sink. `register` is where an accepted
-connection may be refused (a full worker today; a firewall's peer check
-belongs there too), `forget` where its end is noted.
+connection may be refused (a full worker, or the firewall's peer rules), `forget` where its end is noted.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ from ..messages import Request, Response
 
 class Connection(Protocol):
     """What the worker calls on each of its connections."""
+
+    transport: Any  # (the firewall's per-IP count is keyed by it: it outlives a WS upgrade)
 
     def check_timeouts(self, now: float) -> None:
         """The sweep, twice a second: act on what is due."""

@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from types import FrameType
+from typing import Any
 
 from .. import fdlimit, handlers
 from ..ai.models import ModelRegistry
@@ -119,12 +120,22 @@ class Worker:
             stats=StatsReader(block, self.app.route_names, self.meter.model_names),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
         self.pipeline = handlers.register(self.app, self.services)
-        if cfg.auth.enabled:  # the admission step: keys, models, quotas (security/)
-            from ..security import build_gate
-            gate = self.app.gate = build_gate(cfg, block.state, self.models.default)
-            self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
-            self.services.stats.add_section(
-                "auth", lambda: gate.figures(block.state.named.get))
+        # The firewall ([firewall]; None when it sets no rule): register/forget
+        # consult it at accept and close, the admission step its request rules.
+        from ..security import build_firewall, build_gate
+        from ..security.firewall import figures as firewall_figures
+        fw = build_firewall(cfg, block.state, slot_index)
+        self.firewall: Any = fw if fw is not None and fw.at_accept else None
+        named = block.state.named
+        self.services.stats.add_section("firewall", lambda: firewall_figures(named.get))
+        if cfg.auth.enabled or (fw is not None and fw.at_request):
+            # the admission step: firewall rules, keys, models, quotas (security/)
+            gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
+                                              fw if fw is not None and fw.at_request else None)
+            if cfg.auth.enabled:
+                self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
+                self.services.stats.add_section(
+                    "auth", lambda: gate.figures(named.get))
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -236,10 +247,14 @@ class Worker:
         self.gate.opened(n)  # at the cap: the acceptors refuse from now on
         if n > self.max_connections:
             return busy_response()  # accepted before the acceptors switched: refused too
+        if self.firewall is not None:  # [firewall]: the peer's address rules, per-IP cap
+            return self.firewall.on_accept(peer, conn.transport)
         return None
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if self.firewall is not None:
+            self.firewall.on_close(conn.transport)  # its per-IP count, if it had one
         self.gate.released(len(self.connections))
 
     def handover(self, old: Connection, new: Connection) -> None:
