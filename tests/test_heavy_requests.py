@@ -64,15 +64,24 @@ def probe_while(srv: Server, heavy: Callable[[], Any]) -> tuple[Any, list[float]
     return out["result"], times
 
 
-def post(srv: Server, path: str, body: Any, timeout: float = 60) -> tuple[int, dict]:
+def post_raw(srv: Server, path: str, body: Any, timeout: float = 60) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
     try:
         conn.request("POST", path, json.dumps(body, ensure_ascii=False).encode(),
                      {"Content-Type": "application/json"})
         r = conn.getresponse()
-        return r.status, json.loads(r.read())
+        return r.status, r.read()
     finally:
         conn.close()
+
+
+def post(srv: Server, path: str, body: Any, timeout: float = 60) -> tuple[int, dict]:
+    status, raw = post_raw(srv, path, body, timeout)
+    return status, json.loads(raw)
+
+
+def decoded(answer: tuple[int, bytes]) -> tuple[int, dict]:
+    return answer[0], json.loads(answer[1])
 
 
 def ws_ask(srv: Server, msg: dict, timeout: float = 60) -> list[dict]:
@@ -234,16 +243,20 @@ def test_long_answers_share_the_loop(make_server):
     srv = make_server(workers=1, config={"models": REPEAT})
     pid = srv.worker_pids()
     n = 4_000_000  # ~14 MB of text: made in one go, it held the loop for seconds
-    (status, body), times = probe_while(srv, lambda: post(
+    # (the answers are decoded after the probe: decoding 14 MB in the test's
+    # thread holds its GIL, which the probe would time as the server's loop)
+    answer, times = probe_while(srv, lambda: post_raw(
         srv, "/v1/chat", {"model": "big", "prompt": "hi", "max_tokens": n}))
+    status, body = decoded(answer)
     assert status == 200 and body["usage"]["completion_tokens"] == n
     assert body["response"].startswith("Hello, AI world! Hello, AI world!")
     assert exact_count(body["response"]) == n
     assert len(times) >= 2
 
-    (status, body), times = probe_while(srv, lambda: post(srv, "/v1/chat/completions", {
+    answer, times = probe_while(srv, lambda: post_raw(srv, "/v1/chat/completions", {
         "model": "big", "messages": [{"role": "user", "content": "hi"}],
         "max_completion_tokens": n // 4}))
+    status, body = decoded(answer)
     assert status == 200 and body["usage"]["completion_tokens"] == n // 4, str(body)[:300]
     assert body["choices"][0]["finish_reason"] == "length"
 
