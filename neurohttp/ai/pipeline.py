@@ -1007,9 +1007,11 @@ class _Replay(Generation):
 
     __slots__ = ("answer",)
 
-    def __init__(self, gen_args: tuple[Any, ...], answer: Answer, ticket: Ticket,
-                 provider_name: str, key: str | None) -> None:
-        super().__init__(*gen_args, [], provider_name=provider_name, key=key)
+    def __init__(self, usage_sink: UsageSink, req: Request | None, model: str,
+                 messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
+                 answer: Answer, ticket: Ticket, provider_name: str, key: str | None) -> None:
+        super().__init__(usage_sink, req, model, None, messages, params, prompt_tokens, [],
+                         provider_name=provider_name, key=key)
         self.answer = answer
         self.cache = ticket
         self.parts.append(answer.text)
@@ -1102,11 +1104,12 @@ class Pipeline:
         assert self.cache is not None
         ck = request_key(name, key, messages, params)
         answer = self.cache.get(ck)
-        gen_args = (self.usage_sink, req, name, provider, messages, params, prompt_tokens)
         pname = self.models.provider_name(name)
         if answer is not None:
-            return _Replay(gen_args, answer, Ticket(self.cache, ck, ttl, HIT), pname, key)
-        gen = Generation(*gen_args, self.filters, provider_name=pname, key=key)
+            return _Replay(self.usage_sink, req, name, messages, params, prompt_tokens, answer,
+                           Ticket(self.cache, ck, ttl, HIT), pname, key)
+        gen = Generation(self.usage_sink, req, name, provider, messages, params, prompt_tokens,
+                         self.filters, provider_name=pname, key=key)
         gen.cache = Ticket(self.cache, ck, ttl, MISS)
         return gen
 
