@@ -276,6 +276,55 @@ def test_errors_are_never_cached(make_server, tmp_path):
     c.close()
 
 
+TOOLS = '''
+from neurohttp.ai.providers import Delta, Finish, ToolCallDelta, Usage
+
+
+class Tools:
+    """Like an upstream: a tool call in pieces, its own usage, and how many calls it got."""
+
+    def __init__(self, options):
+        self.calls = 0
+
+    async def stream(self, messages, params):
+        self.calls += 1
+        yield Delta(tool_calls=[ToolCallDelta(0, id=f"call_{self.calls}", name="lookup")])
+        yield Delta(tool_calls=[ToolCallDelta(0, arguments='{"q": "x"}')])
+        yield Usage(prompt_tokens=42, completion_tokens=7)
+        yield Finish("tool_calls")
+
+
+def setup(app, options):
+    app.add_provider("tools", Tools)
+'''
+
+
+def test_tool_calls_and_upstream_usage_are_replayed(make_server, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "tools.py").write_text(TOOLS)
+    srv = make_server(workers=1, config={
+        "plugins": {"paths": [str(plugins)], "enabled": ["tools"]},
+        "models": {"echo": {"provider": "echo"},
+                   "tools": {"provider": "tools", "cache_ttl_s": 60}}})
+    c = Client(srv)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    st, h, miss = c.chat("tools", "t", temperature=0, tools=tools)
+    assert (st, h) == (200, "miss")
+    st, h, hit = c.chat("tools", "t", temperature=0, tools=tools)
+    assert (st, h) == (200, "hit")
+    # the provider was not called again (its call number is in the id), and
+    # the answer and the provider's own usage are repeated exactly
+    call = hit["choices"][0]["message"]["tool_calls"]
+    assert call == [{"id": "call_1", "type": "function",
+                     "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]
+    assert hit["choices"] == miss["choices"] and hit["choices"][0]["finish_reason"] == "tool_calls"
+    assert hit["choices"][0]["message"]["content"] is None
+    assert hit["usage"] == miss["usage"] == {"prompt_tokens": 42, "completion_tokens": 7,
+                                             "total_tokens": 49}
+    c.close()
+
+
 def test_expiry(make_server):
     srv = make_server(workers=1, config={"models": {
         "echo": {"provider": "echo"}, "brief": {"provider": "echo", "cache_ttl_s": 2}}})
