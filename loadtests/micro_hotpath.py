@@ -13,6 +13,9 @@ gives that key rpm, tpm and daily limits too (shared memory, never reached).
 `--firewall rules` runs them through a [firewall] with allow/deny networks,
 trusted proxies, user-agent and path rules (none refusing them); `--firewall
 rate` adds rps_per_ip (never reached); `--ua` sends a User-Agent header.
+`--cache off|hit|miss` sends the chat requests with "temperature": 0 to an
+echo model without the response cache (off), with it (every request after the
+first a hit), or with a ttl so short that every request misses (and is kept).
 """
 
 from __future__ import annotations
@@ -88,8 +91,21 @@ def main() -> None:
                     help="[firewall] empty, with address/agent/path rules (none refusing "
                          "these requests), or with those and rps_per_ip (never reached)")
     ap.add_argument("--ua", action="store_true", help="send a User-Agent header")
+    ap.add_argument("--cache", choices=("", "off", "hit", "miss"), default="",
+                    help="chat requests at temperature 0 to an echo model without the "
+                         "response cache, with it (hits), or with a ttl that makes them misses")
     args = ap.parse_args()
     requests = REQUESTS
+    if args.cache:
+        requests = {
+            "GET /health": REQUESTS["GET /health"],
+            "POST /v1/chat": (b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                              b"Content-Length: 34\r\nContent-Type: application/json\r\n\r\n"
+                              b'{"prompt":"Hello","temperature":0}'),
+            "POST /v1/chat/completions": (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                b"Content-Length: 79\r\nContent-Type: application/json\r\n\r\n"
+                b'{"model":"echo","messages":[{"role":"user","content":"Hello"}],"temperature":0}')}
     if args.ua:
         requests = {name: raw.replace(b"\r\nHost:", b"\r\nUser-Agent: python-httpx/0.27.0"
                                       b"\r\nHost:", 1) for name, raw in requests.items()}
@@ -101,6 +117,9 @@ def main() -> None:
         if args.firewall == "rate":
             rules["rps_per_ip"] = 10**6
         cfg = config.from_dict({"firewall": rules})
+    elif args.cache:
+        ttl = {"off": 0, "hit": 3600, "miss": 1e-6}[args.cache]
+        cfg = config.from_dict({"models": {"echo": {"provider": "echo", "cache_ttl_s": ttl}}})
     elif args.auth == "off":
         cfg = config.load(None)
     else:

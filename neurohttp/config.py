@@ -201,6 +201,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "deny_paths": Key(list, [], _path_prefixes),
         "trusted_proxies": Key(list, [], _cidr_list),
     },
+    # The response cache (ai/cache.py, docs/CACHE.md): per worker, used by the
+    # models that set cache_ttl_s; evicts least recently used past either bound.
+    "cache": {
+        "max_entries": Key(int, 1024, _positive, range=(1, 10_000_000)),
+        "max_bytes": Key(int, 16 * MiB, _positive, range=(1024, 64 * GiB)),
+    },
     # Used by the server.tls_bind listeners; the files are read and checked by
     # tlsconfig.py (neurohttpd check, start, reload).
     "tls": {
@@ -237,12 +243,19 @@ AUTH_KEY_KEYS: dict[str, Key] = {
 # The ceiling on a request's max_tokens, a key of every model table whatever
 # its provider (a request above it is a 400).
 MAX_OUTPUT_TOKENS = Key(int, 4096, range=(1, 1_000_000_000))
+# The response cache, per model whatever its provider (docs/CACHE.md): seconds
+# an answer is kept (0: no cache), and whether answers sampled at a temperature
+# above 0 (or with none given) may be kept too.
+CACHE_TTL_S = Key(NUM, 0, _non_negative, range=(0, 7 * DAY))
+CACHE_NONDETERMINISTIC = Key(bool, False)
+CACHE_KEYS = {"cache_ttl_s": CACHE_TTL_S, "cache_nondeterministic": CACHE_NONDETERMINISTIC}
 
 # Keys every [models.<name>] table may have, by provider.
 MODEL_KEYS: dict[str, dict[str, Key]] = {
     "echo": {
         "provider": Key(str, "echo"),
         "max_output_tokens": MAX_OUTPUT_TOKENS,
+        **CACHE_KEYS,
         "token_delay_ms": Key(NUM, 0, _non_negative, range=(0, 60_000)),
         "response": Key(str, ""),
         "repeat": Key(bool, False),
@@ -358,6 +371,12 @@ class FirewallSection(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSection(Section):
+    max_entries: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class TlsSection(Section):
     cert_file: str
     key_file: str
@@ -368,7 +387,7 @@ class TlsSection(Section):
 SECTIONS: dict[str, type[Section]] = {
     "server": ServerSection, "log": LogSection, "stats": StatsSection, "auth": AuthSection,
     "state": StateSection, "plugins": PluginsSection, "firewall": FirewallSection,
-    "tls": TlsSection,
+    "cache": CacheSection, "tls": TlsSection,
 }
 
 
@@ -387,6 +406,7 @@ class Config:
     models: dict[str, dict[str, Any]]
     tls: TlsSection
     firewall: FirewallSection
+    cache: CacheSection
 
     @property
     def binds(self) -> list[tuple[str, int]]:
@@ -474,6 +494,9 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
                     _check_value(where, f"models.{name}.max_output_tokens", MAX_OUTPUT_TOKENS,
                                  table["max_output_tokens"])
                 out[name] = dict(table)
+                for k, spec in CACHE_KEYS.items():  # read by the server, not the plugin
+                    if k in table:
+                        out[name][k] = _check_value(where, f"models.{name}.{k}", spec, table[k])
                 continue
             raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "
                               f"(built in: {', '.join(sorted(MODEL_KEYS))}; plugins.enabled "
@@ -558,7 +581,8 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                   state=StateSection(**tables["state"]),
                   plugins=PluginsSection(**tables["plugins"], options=plugin_options),
                   models=models, tls=TlsSection(**tables["tls"]),
-                  firewall=FirewallSection(**tables["firewall"]))
+                  firewall=FirewallSection(**tables["firewall"]),
+                  cache=CacheSection(**tables["cache"]))
 
 
 def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:

@@ -64,6 +64,8 @@ class Settings:
 
     sse_ping_s: float = 15.0        # [server] sse_ping_s: idle SSE streams get ": ping"
     stats_allow: tuple[str, ...] = ()  # [stats] allow: who may read /stats, /metrics, /dashboard
+    cache_max_entries: int = 1024      # [cache]: the response cache's bounds, per worker
+    cache_max_bytes: int = 16 << 20
 
 
 # ---------------------------------------------------------------- the stats slot
@@ -175,6 +177,7 @@ class UsageEvent:
     finish_reason: str | None = None
     error: str | None = None     # the failure's kind (ai/providers: ProviderError.kind)
     stream: bool = False
+    cached: bool = False         # answered from the response cache (ai/cache.py)
 
     @property
     def total_tokens(self) -> int:

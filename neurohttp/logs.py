@@ -150,6 +150,8 @@ class AccessLog:
         # the API key's name (never the key), when the request was admitted with one
         key = getattr(req, "key", None)
         line["key"] = key.name if key is not None else None
+        if req is not None and usage is not None and usage.cached:
+            line["cache"] = "hit"  # answered from the response cache; tokens as charged
         buf = self.buf
         buf.append(_dumps(line))
         if len(buf) >= self.FLUSH_AT:

@@ -23,12 +23,17 @@ class ModelRegistry:
         self.providers: dict[str, str] = {}  # model -> its provider's name ("echo", a plugin's)
         # per model: the ceiling on a request's max_tokens
         self.max_output_tokens: dict[str, int] = {}
+        # per model that caches (cache_ttl_s > 0): (ttl, cache_nondeterministic)
+        self.cache: dict[str, tuple[float, bool]] = {}
         for name, options in models.items():
             provider = options.get("provider", "echo")
             self.models[name] = factories[provider](options)
             self.providers[name] = provider
             self.max_output_tokens[name] = options.get("max_output_tokens",
                                                        MAX_OUTPUT_TOKENS.default)
+            if options.get("cache_ttl_s"):
+                self.cache[name] = (float(options["cache_ttl_s"]),
+                                    bool(options.get("cache_nondeterministic")))
         self.default = "echo" if "echo" in self.models else next(iter(self.models))
 
     def get(self, name: str | None) -> tuple[str, Any]:

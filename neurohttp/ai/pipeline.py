@@ -46,6 +46,7 @@ from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent
 from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
+from .cache import HIT, MISS, Answer, ResponseCache, Ticket, deterministic, figures, request_key
 from .models import UnknownModel
 from .providers import STATUS, Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
 
@@ -69,6 +70,10 @@ SETTLE_S = 0.2
 # real ones are a few characters ("\n\n", "</s>", "User:"). A stream holds
 # back at most this much text, and matching costs O(len) per stop to set up.
 MAX_STOP_CHARS = 4096
+
+# The finish reasons of answers the response cache keeps (not "content_filter":
+# a plugin's filter cut it, maybe for this request alone).
+_KEPT = frozenset({"stop", "length", "tool_calls"})
 
 # The last event of a stream the server ends at its shutdown deadline.
 SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
@@ -434,7 +439,8 @@ class Generation:
                  "kept", "rest", "finish_reason", "completion_tokens", "tokens_before",
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
-                 "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed")
+                 "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
+                 "cache")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -489,6 +495,9 @@ class Generation:
         self.first: str | Delta | None = None
         self.exhausted = False
         self.probed = False  # the provider was asked for a ready answer (_ready)
+        # the response cache's ticket of a non-streaming request to a model that
+        # caches (Pipeline.begin); None: no cache, no x-neurohttp-cache header
+        self.cache: Ticket | None = None
 
     # ------------------------------------------------------------ one item
     def _filtered(self, tok: str) -> str | None:
@@ -947,6 +956,12 @@ class Generation:
             self.finish_reason = "tool_calls"
         self.finish_reason = settle_finish(self.finish_reason, self.completion_tokens,
                                            self.max_tokens)
+        ticket = self.cache
+        if ticket is not None and not self.reported and ticket.status is MISS \
+                and self.finish_reason in _KEPT:
+            # a whole answer that ended well is kept (once: finish reports once)
+            ticket.keep(Answer(self.text, self.finish_reason, self.message_extras() or None,
+                               self.logprobs, self.reported_prompt, self.completion_tokens))
         self._report(LENGTH if self.finish_reason == "length" else FINISHED)
         return usage(self.prompt_tokens, self.completion_tokens)
 
@@ -979,7 +994,47 @@ class Generation:
         self.usage_sink.report(UsageEvent(
             self.model, self.key, self.prompt_tokens, self.completion_tokens,
             t - self.started, self.ttft, outcome, self.finish_reason,
-            failure.kind if failure is not None else None, self.stream), self.req, self.started)
+            failure.kind if failure is not None else None, self.stream,
+            self.cache is not None and self.cache.status is HIT), self.req, self.started)
+
+
+class _Replay(Generation):
+    """A cache hit: the kept answer, as a whole generation that is done at once.
+    Its tokens are charged and reported like the answer it repeats (the
+    prompt's as this request counted them, or as the provider reported them;
+    the completion's as kept), so quotas, /stats and the access log see a hit
+    as usage, marked cached in its UsageEvent."""
+
+    __slots__ = ("answer",)
+
+    def __init__(self, usage_sink: UsageSink, req: Request | None, model: str,
+                 messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
+                 answer: Answer, ticket: Ticket, provider_name: str, key: str | None) -> None:
+        super().__init__(usage_sink, req, model, None, messages, params, prompt_tokens, [],
+                         provider_name=provider_name, key=key)
+        self.answer = answer
+        self.cache = ticket
+        self.parts.append(answer.text)
+        self.reported_prompt = answer.prompt_tokens
+        self.reported_completion = answer.completion_tokens
+        self.finish_reason = answer.finish_reason
+        self.logprobs = answer.logprobs
+        self.ttft = 0.0
+
+    def run_now(self) -> bool:
+        return True
+
+    async def run_to_end(self) -> None:
+        return None
+
+    def message_extras(self) -> dict[str, Any]:
+        extras = self.answer.extras
+        return dict(extras) if extras else {}
+
+
+def _nothing_now(messages: list[dict[str, Any]], params: dict[str, Any]) -> None:
+    """complete_now of a model that caches: its answers take Pipeline.begin."""
+    return None
 
 
 class Pipeline:
@@ -997,6 +1052,23 @@ class Pipeline:
                             tuple[str, UsageEvent]] = {}
         # each model's provider.complete_now (a bound method: looked up once)
         self._complete_now: dict[str, Callable[..., Any]] = {}
+        # The response cache (ai/cache.py): model -> (ttl, cache_nondeterministic)
+        # for the models that set cache_ttl_s; None when none does. Their
+        # complete_now is "nothing at once", so `instant` gives way to `begin`,
+        # which looks the cache up: the other models' fast path is unchanged.
+        self.cache_models: dict[str, tuple[float, bool]] = getattr(self.models, "cache", None) \
+            or {}
+        self.cache: ResponseCache | None = None
+        if self.cache_models:
+            st = services.settings
+            self.cache = ResponseCache(st.cache_max_entries, st.cache_max_bytes,
+                                       services.counters.slot)
+            for name in self.cache_models:
+                self._complete_now[name] = _nothing_now
+        if services.stats is not None:
+            ttls = {name: ttl for name, (ttl, _) in self.cache_models.items()}
+            block = services.stats.block
+            services.stats.add_section("cache", lambda: figures(block, ttls))
 
     def find_model(self, req: Request, model: str | None) -> tuple[str, Any] | Response:
         """(public name, provider) for `model` (None: the default), or the 404
@@ -1015,9 +1087,31 @@ class Pipeline:
         if key is None and req is not None and req.key is not None:
             key = req.key.name
         self.usage_sink.charge(name, key, prompt_tokens)
+        if not stream and self.cache is not None:
+            policy = self.cache_models.get(name)
+            if policy is not None and (policy[1] or deterministic(params)):
+                return self._cached(req, name, provider, messages, params, prompt_tokens, key,
+                                    policy[0])
         return Generation(self.usage_sink, req, name, provider, messages, params, prompt_tokens,
                           self.filters, provider_name=self.models.provider_name(name), key=key,
                           stream=stream)
+
+    def _cached(self, req: Request | None, name: str, provider: Any,
+                messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
+                key: str | None, ttl: float) -> Generation:
+        """A non-streaming generation of a model that caches: the kept answer
+        (a hit), or a generation that keeps its answer if it ends well (a miss)."""
+        assert self.cache is not None
+        ck = request_key(name, key, messages, params)
+        answer = self.cache.get(ck)
+        pname = self.models.provider_name(name)
+        if answer is not None:
+            return _Replay(self.usage_sink, req, name, messages, params, prompt_tokens, answer,
+                           Ticket(self.cache, ck, ttl, HIT), pname, key)
+        gen = Generation(self.usage_sink, req, name, provider, messages, params, prompt_tokens,
+                         self.filters, provider_name=pname, key=key)
+        gen.cache = Ticket(self.cache, ck, ttl, MISS)
+        return gen
 
     def instant(self, req: Request | None, name: str, provider: Any,
                 messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..ai import tokenizer
+from ..ai.cache import HEADER as CACHE_HEADER
 from ..ai.pipeline import BATCH, Failure, Generation, Pipeline, parse_stop, usage
 from ..ai.providers import Delta
 from ..ai.tokenizer import count_now, known
@@ -225,11 +226,15 @@ class SeedChat:
             return gen.failure.response(req)
         u = gen.finish()
         extras = gen.message_extras()
+        # a model that caches: hit or miss
+        headers = None if gen.cache is None else {CACHE_HEADER: gen.cache.status}
         if extras:
             return Response.json({"response": gen.text, "model": gen.model,
-                                  "timestamp": self.clock.second, "usage": u, **extras})
+                                  "timestamp": self.clock.second, "usage": u, **extras},
+                                 headers=headers)
         return Response(seed_answer(gen.text, gen.model, u["prompt_tokens"],
-                                    u["completion_tokens"], self.clock.second), 200, None, _JSON)
+                                    u["completion_tokens"], self.clock.second), 200, headers,
+                        _JSON)
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
         await gen.run_to_end()

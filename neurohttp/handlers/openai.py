@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..ai import tokenizer
+from ..ai.cache import HEADER as CACHE_HEADER
 from ..ai.pipeline import BATCH, Failure, Generation, Pipeline, parse_stop, usage
 from ..ai.providers import Delta
 from ..errors import BadInput, error_response
@@ -263,7 +264,10 @@ class OpenAIHandlers:
                 gen: Generation | None = None) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         logprobs = None
+        headers = None
         if gen is not None:
+            if gen.cache is not None:  # a model that caches: hit or miss
+                headers = {CACHE_HEADER: gen.cache.status}
             message.update(gen.message_extras())
             if not text and "tool_calls" in message:
                 message["content"] = None  # OpenAI's shape for a tool-calling answer
@@ -273,7 +277,7 @@ class OpenAIHandlers:
             "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                          "finish_reason": finish}],
-            "usage": usage, "system_fingerprint": None}), 200, None, "application/json")
+            "usage": usage, "system_fingerprint": None}), 200, headers, "application/json")
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
         await gen.run_to_end()

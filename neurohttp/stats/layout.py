@@ -68,14 +68,23 @@ S_STREAMS_CANCELLED = 21
 S_CONNECTIONS = 22     # connections accepted
 S_LATENCY_SUM_US = 23
 S_ERRORS_PARSE = 24    # requests refused as malformed (400/431/413/408 from the protocol)
+# the response cache (ai/cache.py): answers given from it, looked up and not
+# found, dropped for room (LRU), dropped because their ttl had passed
+S_CACHE_HITS = 25
+S_CACHE_MISSES = 26
+S_CACHE_EVICTIONS = 27
+S_CACHE_EXPIRED = 28
 COUNTERS = [S_REQUESTS, S_RESPONSES, *range(S_STATUS + 1, S_STATUS + 6), S_BYTES_IN,
             S_BYTES_OUT, S_TOKENS_IN, S_TOKENS_OUT, S_STREAMS, S_STREAMS_CANCELLED,
-            S_CONNECTIONS, S_LATENCY_SUM_US, S_ERRORS_PARSE]
+            S_CONNECTIONS, S_LATENCY_SUM_US, S_ERRORS_PARSE,
+            S_CACHE_HITS, S_CACHE_MISSES, S_CACHE_EVICTIONS, S_CACHE_EXPIRED]
 
 # ---- gauges (summed over live slots, reset when a worker is folded)
 S_ACTIVE_CONNECTIONS = 32
 S_STREAMS_ACTIVE = 33
-GAUGES = [S_ACTIVE_CONNECTIONS, S_STREAMS_ACTIVE]
+S_CACHE_BYTES = 34     # the response cache's size and entries (a worker's cache dies with it)
+S_CACHE_ENTRIES = 35
+GAUGES = [S_ACTIVE_CONNECTIONS, S_STREAMS_ACTIVE, S_CACHE_BYTES, S_CACHE_ENTRIES]
 
 # ---- maxima (folded by max)
 S_LATENCY_MAX_US = 40

@@ -180,6 +180,17 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     auth = doc.get("auth")
     if auth is not None:
         _auth_metrics(w, auth)
+    cache = doc.get("cache")
+    if cache is not None:  # ai/cache.py: the response cache, summed over workers
+        for k, what in (("hits", "Requests answered from the response cache."),
+                        ("misses", "Cacheable requests not found in the response cache."),
+                        ("evictions", "Answers dropped from the response cache for room (LRU)."),
+                        ("expired", "Answers dropped from the response cache past their ttl.")):
+            w.one(f"neurohttp_cache_{k}_total", "counter", what, cache[k])
+        w.one("neurohttp_cache_bytes", "gauge", "Bytes of answers in the response caches.",
+              cache["bytes"])
+        w.one("neurohttp_cache_entries", "gauge", "Answers in the response caches.",
+              cache["entries"])
     fw = doc.get("firewall")
     if fw is not None:
         w.family("neurohttp_firewall_refused_total", "counter",

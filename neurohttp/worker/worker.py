@@ -115,7 +115,9 @@ class Worker:
         counters = Counters(self.slot, self.meter)
         self.services = Services(
             settings=Settings(sse_ping_s=float(srv.sse_ping_s),
-                              stats_allow=tuple(cfg.stats.allow)),
+                              stats_allow=tuple(cfg.stats.allow),
+                              cache_max_entries=cfg.cache.max_entries,
+                              cache_max_bytes=cfg.cache.max_bytes),
             models=self.models, counters=counters, meter=self.meter,
             stats=StatsReader(block, self.app.route_names, self.meter.model_names),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
