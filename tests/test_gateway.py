@@ -351,3 +351,30 @@ def test_check_validates_the_router_keys(tmp_path):
     r = check('[models.a]\nprovider = "openai"\napi_key_env = "GW_CHECK_KEY"\n',
               {"GW_CHECK_KEY": "sk-x"})
     assert r.returncode == 0 and "warning" not in r.stderr
+
+
+# ------------------------------------------------------------ figures
+def test_per_deployment_figures_are_summed_across_workers(srv):
+    def dep(name: str) -> dict:
+        return srv.stats()["deployments"][name]
+    ok0, bad0 = dep("up#0"), dep("up-429#0")
+    n = 8  # over fresh connections: the kernel spreads them over both workers
+    for _ in range(n):
+        assert srv.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "up", "messages": ASK, "stream": True}))[0] == 200
+        assert srv.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "up-429", "messages": ASK}))[0] == 429
+    ok, bad = dep("up#0"), dep("up-429#0")
+    assert ok["requests"] - ok0["requests"] == n and ok["errors"] == ok0["errors"]
+    assert ok["tokens_in"] - ok0["tokens_in"] == 5 * n  # the upstream's counts
+    assert ok["tokens_out"] - ok0["tokens_out"] == 5 * n
+    assert ok["ttfb_ms"]["p50"] > 0 and ok["latency_ms"]["p99"] >= ok["ttfb_ms"]["p50"]
+    assert ok["origin"].startswith("http://127.0.0.1:") and "/v1" not in ok["origin"]
+    assert (ok["upstream_model"], ok["model"]) == ("fake:chat", "up")
+    assert bad["requests"] - bad0["requests"] == n and bad["errors"] - bad0["errors"] == n
+    assert bad["errors_by_kind"]["status_429"] - bad0["errors_by_kind"].get("status_429", 0) == n
+    assert "up#0" not in srv.stats()["models"]  # the public models only
+    _, _, metrics = srv.request("GET", "/metrics")
+    text = metrics.decode()
+    assert 'neurohttp_deployment_requests_total{model="up",deployment="up#0"' in text
+    assert 'kind="status_429"' in text and KEY not in text
