@@ -378,3 +378,16 @@ def test_per_deployment_figures_are_summed_across_workers(srv):
     text = metrics.decode()
     assert 'neurohttp_deployment_requests_total{model="up",deployment="up#0"' in text
     assert 'kind="status_429"' in text and KEY not in text
+
+
+def test_top_shows_the_deployments(srv):
+    from rich.console import Console
+
+    from neurohttp.top import CpuMeter, render
+    srv.request("POST", "/v1/chat/completions", json.dumps({"model": "up", "messages": ASK}))
+    console = Console(record=True, width=200)
+    console.print(render(srv.stats(), srv.url, CpuMeter()))
+    text = console.export_text()
+    assert "deployments" in text
+    line = next(x for x in text.splitlines() if x.lstrip().startswith("up#0"))
+    assert "http://127.0.0.1:" in line
