@@ -391,3 +391,48 @@ def test_top_shows_the_deployments(srv):
     assert "deployments" in text
     line = next(x for x in text.splitlines() if x.lstrip().startswith("up#0"))
     assert "http://127.0.0.1:" in line
+
+
+# ------------------------------------------------------------ https and pooling
+def test_an_https_upstream_is_checked_against_its_ca_file(tmp_path):
+    import trustme
+    ca = trustme.CA()
+    chain = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    tls = FakeUpstream(tmp_path / "tls", tls=(str(chain), str(chain))).start()
+    try:
+        base = f"https://localhost:{tls.port}/v1"
+        srv = Server(tmp_path / "srv", workers=1, config={"models": {
+            "trusted": {"provider": "openai", "base_url": base, "model": "fake:chat",
+                        "ca_file": str(tmp_path / "ca.pem")},
+            "untrusted": {"provider": "openai", "base_url": base, "model": "fake:chat",
+                          "ca_file": str(tmp_path / "other-ca.pem")},
+            "system": {"provider": "openai", "base_url": base, "model": "fake:chat"}}}).start()
+        try:
+            for model, status in (("trusted", 200), ("untrusted", 502), ("system", 502)):
+                st, _, body = srv.request("POST", "/v1/chat/completions", json.dumps(
+                    {"model": model, "messages": ASK}))
+                assert st == status, (model, body)
+            assert tls.state()["sni"] == "localhost" and tls.state()["alpn"] == "http/1.1"
+            assert srv.stats()["deployments"]["untrusted#0"]["errors_by_kind"] == {"tls": 1}
+        finally:
+            srv.stop()
+    finally:
+        tls.stop()
+
+
+def test_a_stale_pooled_connection_is_retried_once_on_a_new_one(tmp_path, up):
+    srv = Server(tmp_path / "srv", workers=1, config={"models": {"m": {
+        "provider": "openai", "base_url": up.url + "/v1", "model": "fake:close_next"}}}).start()
+    try:
+        before = up.state()["connections_total"]
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            for _ in range(3):  # each request after the first finds its pooled connection dead
+                r = c.post("/v1/chat/completions", json={"model": "m", "messages": ASK})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert up.state()["connections_total"] - before == 3
+        assert srv.stats()["deployments"]["m#0"]["errors"] == 0
+    finally:
+        srv.stop()
