@@ -79,7 +79,7 @@ class DeploymentFigures:
             c = usage.get("completion_tokens")
             tin = p if type(p) is int and p > 0 else 0
             tout = c if type(c) is int and c > 0 else 0
-        if meter is not None:
+        if meter is not None and self.total in meter.models:  # (not past the block's room)
             meter.model_request(self.total, started, tin, tout, error=fail is not None)
             if ttfb is not None:
                 meter.model_request(self.ttfb, monotonic() - ttfb)
