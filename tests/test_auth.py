@@ -5,9 +5,11 @@ across a reload and a killed worker, the key in no log or page."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -111,6 +113,63 @@ def test_protected_routes_are_configurable(make_server):
     cfg["stats"] = {"allow": ["10.0.0.0/8"]}
     srv2 = make_server(workers=1, config=cfg)
     assert srv2.request("GET", "/stats", None, bearer(KEY))[0] == 403
+
+
+
+def test_rate_headers_of_one_key_never_reach_another(make_server):
+    """/health protected: its answer is one object the handler shares between
+    requests, so a key's x-ratelimit-* headers go on a copy. team-a (rpm) then
+    team-b (no limits), alternating: team-b never sees team-a's figures, and
+    team-a's headers appear once, not once more per request."""
+    srv = make_server(workers=1, config=auth_config(rpm=1000))
+    srv.config["auth"]["protect"] = ["/"]  # /health too (readiness was polled on it)
+    srv.config["auth"]["open"] = []
+    srv.write_config()
+    old = set(srv.worker_pids())
+    srv.send_signal(signal.SIGHUP)
+    wait_for(lambda: not (set(srv.worker_pids()) & old) and srv.ready_workers() == 1, 30,
+             what="reload done")
+    assert srv.request("GET", "/health")[0] == 401
+    for _ in range(3):
+        status, h, _ = srv.request("GET", "/health", None, bearer(KEY))
+        assert status == 200 and h["x-ratelimit-limit-requests"] == "1000"
+        status, h, _ = srv.request("GET", "/health", None, bearer(OTHER))
+        assert status == 200 and not [n for n in h if n.startswith("x-ratelimit")], h
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Connection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    assert raw.lower().count(b"x-ratelimit-limit-requests:") == 1, raw
+
+
+
+def test_a_key_removed_on_hup_stops_working(make_server):
+    """The workers remember accepted keys (keys.py KeyRing): a key used many
+    times on a keep-alive connection, then removed from the file and HUP: the
+    old connection is closed with the old workers, and every new one gets 401."""
+    srv = make_server(workers=2, config=auth_config())
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    for _ in range(5):
+        conn.request("POST", "/v1/chat", CHAT, bearer(KEY))
+        r = conn.getresponse()
+        assert r.status == 200 and r.read()
+    srv.config["auth"]["keys"] = [k for k in srv.config["auth"]["keys"] if k["name"] != "team-a"]
+    srv.write_config()
+    old = set(srv.worker_pids())
+    srv.send_signal(signal.SIGHUP)
+    wait_for(lambda: not (set(srv.worker_pids()) & old) and srv.ready_workers() == 2, 30,
+             what="reload done")
+    try:  # the old worker closed its idle connection when it drained
+        conn.request("POST", "/v1/chat", CHAT, bearer(KEY))
+        assert conn.getresponse().status == 401
+    except (ConnectionError, http.client.HTTPException):
+        pass
+    conn.close()
+    for _ in range(6):  # fresh connections reach both new workers
+        assert srv.request("POST", "/v1/chat", CHAT, bearer(KEY))[0] == 401
+        assert srv.request("POST", "/v1/chat", CHAT, bearer(OTHER))[0] == 200
 
 
 def _burst(srv: Server, n: int, headers: dict[str, str]) -> list[tuple[int, dict, bytes]]:
