@@ -172,6 +172,68 @@ def test_a_key_removed_on_hup_stops_working(make_server):
         assert srv.request("POST", "/v1/chat", CHAT, bearer(OTHER))[0] == 200
 
 
+
+def test_tpm_is_charged_as_tokens_stream_across_workers(make_server):
+    """tpm = 60 (a bucket of 60 tokens, one back a second), a stream of 400
+    tokens: once the client has 200 of them, fresh connections to both workers
+    are refused 429 (tokens) with Retry-After while the stream still runs, so
+    the tokens were charged as they streamed, not at the end; the stream itself
+    finishes whole, and the key's figures count its tokens exactly."""
+    cfg = auth_config(tpm=60)
+    cfg["models"]["long"] = {"provider": "echo", "repeat": True, "split": "token",
+                             "token_delay_ms": 5}
+    srv = make_server(workers=2, config=cfg)
+    body = json.dumps({"model": "long", "stream": True, "max_tokens": 400,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": "go"}]})
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=20)
+    conn.request("POST", "/v1/chat/completions", body,
+                 {**bearer(KEY), "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("x-ratelimit-limit-tokens") == "60"
+    pieces, usage = 0, None
+
+    def read_until(n: int) -> None:
+        nonlocal pieces, usage
+        while pieces < n:
+            line = r.fp.readline()
+            assert line, "the stream ended early"
+            if not line.startswith(b"data: {"):
+                continue
+            doc = json.loads(line[6:])
+            if doc["choices"] and doc["choices"][0]["delta"].get("content"):
+                pieces += 1
+            if doc.get("usage"):
+                usage = doc["usage"]
+
+    read_until(200)
+    # at most SETTLE_S (0.2 s) of tokens, 40 at 5 ms each, are not charged yet: >= 160 are
+    before = [w["requests"] for w in srv.stats()["workers"]]
+    refused = [srv.request("POST", "/v1/chat", CHAT, bearer(KEY)) for _ in range(6)]
+    after = [w["requests"] for w in srv.stats()["workers"]]
+    assert pieces < 400 and not r.isclosed(), "the stream should still be running"
+    for status, h, resp in refused:
+        assert status == 429, (status, resp)
+        assert error_of(resp)["type"] == "tokens"
+        assert int(h["retry-after"]) >= 60  # 100+ tokens of debt, one back a second
+        assert h["x-ratelimit-remaining-tokens"] == "0"
+    # each worker answered some of them (the stats requests add at most 1 each)
+    assert all(a - b >= 2 for a, b in zip(after, before, strict=True)), (before, after)
+    read_until(400)
+    while usage is None:  # the usage chunk, then [DONE]
+        line = r.fp.readline()
+        assert line, "no usage chunk"
+        if line.startswith(b"data: {") and json.loads(line[6:]).get("usage"):
+            usage = json.loads(line[6:])["usage"]
+    assert usage["completion_tokens"] == 400
+    conn.close()
+    figs = wait_for(lambda: (f := srv.stats()["auth"]["keys"]["team-a"])["tokens_out"] == 400
+                    and f, 10, what="the stream's figures")
+    assert figs["tokens_in"] == usage["prompt_tokens"]
+    assert figs["requests"] == 1 and figs["rate_limited"] == 6
+    assert srv.request("POST", "/v1/chat", CHAT, bearer(KEY))[0] == 429  # still in debt
+
+
 def _burst(srv: Server, n: int, headers: dict[str, str]) -> list[tuple[int, dict, bytes]]:
     """n clients at once, each on its own connection, one request each."""
     results: list[tuple[int, dict, bytes]] = []
