@@ -7,7 +7,8 @@ sockets: a fake transport records writes. This isolates what our code costs
 Prints ns per request (best of 5 runs) for GET /health and POST /v1/chat.
 Used to compare hot-path changes; end-to-end numbers come from bench.py.
 
-`--auth key` runs the same requests with [auth] on and an API key sent in
+`--auth header` sends the key with [auth] off (the baseline: the same bytes
+parsed, nothing checked). `--auth key` runs the same requests with [auth] on and an API key sent in
 Authorization (no limits: the key check and the key's figures); `--auth quota`
 gives that key rpm, tpm and daily limits too (shared memory, never reached).
 `--firewall rules` runs them through a [firewall] with allow/deny networks,
@@ -85,8 +86,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
-    ap.add_argument("--auth", choices=("off", "key", "quota"), default="off",
-                    help="[auth] off, on with an unlimited key, or with rpm/tpm/daily limits")
+    ap.add_argument("--auth", choices=("off", "header", "key", "quota"), default="off",
+                    help="[auth] off, off but the Authorization header sent, on with an "
+                         "unlimited key, or with rpm/tpm/daily limits")
     ap.add_argument("--firewall", choices=("off", "rules", "rate"), default="off",
                     help="[firewall] empty, with address/agent/path rules (none refusing "
                          "these requests), or with those and rps_per_ip (never reached)")
@@ -120,13 +122,14 @@ def main() -> None:
     elif args.cache:
         ttl = {"off": 0, "hit": 3600, "miss": 1e-6}[args.cache]
         cfg = config.from_dict({"models": {"echo": {"provider": "echo", "cache_ttl_s": ttl}}})
-    elif args.auth == "off":
+    elif args.auth in ("off", "header"):
         cfg = config.load(None)
     else:
         limits = {"rpm": 10**9, "tpm": 10**12, "daily_tokens": 10**15} \
             if args.auth == "quota" else {}
         cfg = config.from_dict({"auth": {"enabled": True, "keys": [
             {"name": "bench", "sha256": hashlib.sha256(KEY).hexdigest(), **limits}]}})
+    if args.auth != "off":
         requests = {name: raw.replace(b"\r\nHost:", b"\r\nAuthorization: Bearer " + KEY
                                       + b"\r\nHost:", 1) for name, raw in requests.items()}
     block = StatsBlock.create(f"neurohttp-microbench-{os.getpid()}", geometry_for(cfg))

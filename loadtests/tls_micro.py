@@ -71,7 +71,7 @@ def main() -> None:
     ctx = tls.context if args.mode == "tls" else None
     # As the master does before forking; it also leaves glibc's malloc with a
     # raised mmap threshold, which uvloop's 256 KiB TLS read buffer depends on
-    # (docs/TLS.md, "Where the TLS microseconds go").
+    # (docs/SECURITY.md, "What TLS costs").
     from neurohttp.ai import tokenizer
     tokenizer.preload()
     block = StatsBlock.create(f"neurohttp-tlsmicro-{os.getpid()}", geometry_for(cfg))

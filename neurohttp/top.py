@@ -180,6 +180,17 @@ def render(doc: dict[str, Any] | None, url: str, cpu: CpuMeter, error: str | Non
                        _f(dw["latency_ms"]["p99"], 2), _f(d["requests"]), _f(d["errors"]),
                        _f(d["tokens_in"]), _f(d["tokens_out"]))
         parts += [Text(""), dt]
+    auth = doc.get("auth")
+    if auth:  # [auth] on: per key since start; a 401 names no key, so by reason
+        kt = Table(title="API keys (counts since start)", title_justify="left", box=None,
+                   padding=(0, 1))
+        for col in ("key", "requests", "tokens in", "tokens out", "403 model", "429 limit"):
+            kt.add_column(col, justify="left" if col == "key" else "right")
+        for name, k in auth["keys"].items():
+            kt.add_row(name, _f(k["requests"]), _f(k["tokens_in"]), _f(k["tokens_out"]),
+                       _f(k["forbidden"]), _f(k["rate_limited"]))
+        parts += [Text(""), kt, Text("401 without a good key: " + "  ".join(
+            f"{reason} {n}" for reason, n in auth["unauthorized"].items()), style="dim")]
     parts.append(Text("Ctrl-C to quit", style="dim"))
     return Group(*parts)
 

@@ -85,3 +85,48 @@ def test_dashboard_in_chromium(make_server, tmp_path):
         stop.set()
         t.join(30)
     assert sent[0] > 0
+
+
+def test_dashboard_shows_figures_per_api_key(make_server):
+    """[auth] on: the API keys table (requests, tokens, 403s, 429s per key) and
+    the 401s by reason, filled from /stats after real refusals; hidden without [auth]."""
+    import hashlib
+    key = "nh-dash-key-0123456789"
+    srv = make_server(workers=1, config={
+        "auth": {"enabled": True, "keys": [{"name": "team-a", "rpm": 2, "models": ["echo"],
+                                            "sha256": hashlib.sha256(key.encode()).hexdigest()}]},
+        "models": {"echo": {"provider": "echo"}, "big": {"provider": "echo"}}})
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        h = {"Authorization": f"Bearer {key}"}
+        codes = [c.post("/v1/chat", json={"prompt": "Hi"}, headers=h).status_code
+                 for _ in range(3)]
+        codes.append(c.post("/v1/chat", json={"prompt": "Hi", "model": "big"},
+                            headers=h).status_code)
+        codes.append(c.post("/v1/chat", json={"prompt": "Hi"}).status_code)
+        assert codes == [200, 200, 429, 403, 401]
+        figs = c.get("/stats").json()["auth"]["keys"]["team-a"]
+    browser = Chromium()
+    try:
+        browser.open(srv.url + "/dashboard", 1280, 900)
+        browser.wait_for("window.nhDashboard && window.nhDashboard.updates >= 1", timeout=60)
+        assert browser.evaluate("document.getElementById('keys-card').hidden") is False
+        rows = browser.evaluate("Array.from(document.querySelectorAll('#keys tr')).map("
+                                "r => Array.from(r.children).map(c => c.textContent))")
+        assert rows[0] == ["key", "requests", "tokens in", "tokens out", "403 model", "429 limit"]
+        name, requests, tin, tout, forbidden, limited = rows[1]
+        assert (name, requests, forbidden, limited) == ("team-a", "2", "1", "1")
+        assert int(tin.replace(",", "")) == figs["tokens_in"] > 0
+        assert int(tout.replace(",", "")) == figs["tokens_out"] > 0
+        text = browser.evaluate("document.getElementById('unauthorized').textContent")
+        assert "missing 1" in text and "invalid 0" in text
+        assert browser.errors() == []
+    finally:
+        browser.close()
+    plain = make_server(workers=1)
+    browser = Chromium()
+    try:
+        browser.open(plain.url + "/dashboard", 1280, 900)
+        browser.wait_for("window.nhDashboard && window.nhDashboard.updates >= 1", timeout=60)
+        assert browser.evaluate("document.getElementById('keys-card').hidden") is True
+    finally:
+        browser.close()

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import pytest
 from redis_server import redis_server  # noqa: F401  (fixture)
@@ -259,14 +260,47 @@ def test_what_a_request_presents():
 def test_key_ring_identifies_by_digest_only():
     key = new_key()
     ring = KeyRing([KeySpec("a", digest(key), 0, 0, 0, [])])
+    # the configured ring holds digests, not keys
+    assert key.encode() not in repr(vars(ring)).encode()
     assert ring.identify([(b"Authorization", b"Bearer " + key.encode())]).name == "a"
     assert ring.identify([]) == MISSING
     assert ring.identify([(b"Authorization", b"Bearer " + key.encode()[:-1])]) == INVALID
     assert ring.identify([(b"Authorization", b"Bearer nh-a b")]) == MALFORMED
     assert ring.identify([(b"Authorization", b"Bearer ")]) == MALFORMED
     assert ring.identify([(b"x-api-key", b"nh-\xff")]) == MALFORMED
-    # the ring holds digests, not keys
-    assert key.encode() not in repr(vars(ring)).encode()
+
+
+def test_key_ring_remembers_accepted_values_only(monkeypatch):
+    """A value accepted once skips the hash next time; a wrong or malformed one
+    is hashed every time and never remembered; the memory is bounded."""
+    from neurohttp.security import keys
+    key, other = new_key(), new_key()
+    ring = KeyRing([KeySpec("a", digest(key), 0, 0, 0, [])])
+    hashed: list[bytes] = []
+    real = keys.hashlib.sha256
+
+    class Spy:
+        @staticmethod
+        def sha256(data: bytes) -> Any:
+            hashed.append(data)
+            return real(data)
+    monkeypatch.setattr(keys, "hashlib", Spy)
+    good = [(b"Authorization", b"Bearer " + key.encode())]
+    assert [ring.identify(good).name for _ in range(3)] == ["a"] * 3
+    assert ring.identify([(b"X-API-Key", key.encode())]).name == "a"
+    assert ring.identify([(b"x-api-key", key.encode())]).name == "a"
+    assert hashed == [key.encode()] * 2  # once per distinct (field, value)
+    bad = [(b"Authorization", b"Bearer " + other.encode())]
+    assert [ring.identify(bad) for _ in range(3)] == [INVALID] * 3
+    assert hashed.count(other.encode()) == 3
+    # a good value as the other field's value, or twice: not taken from memory
+    assert ring.identify([(b"x-api-key", b"Bearer " + key.encode())]) == MALFORMED
+    assert ring.identify(good + good) == MALFORMED
+    assert ring.identify([(b"x-api-key", key.encode())] * 2) == MALFORMED
+    assert other.encode() not in repr(vars(ring)).encode()
+    for i in range(3 * keys.SEEN_MAX):
+        ring.identify([(b"Authorization", b"Bearer " + b" " * i + key.encode())])
+    assert all(len(seen) <= keys.SEEN_MAX for seen in ring._seen)
 
 
 @pytest.mark.parametrize("seconds,text", [

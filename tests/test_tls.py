@@ -237,7 +237,7 @@ def test_alpn_is_http11_and_an_h2_only_client_gets_no_h2(srv):
         assert s.selected_alpn_protocol() == "http/1.1"
         assert get(s)[0] == 200
     # A client that offers only h2 gets no protocol agreed (Python's ssl cannot
-    # send the no_application_protocol alert; see docs/TLS.md), and if it speaks
+    # send the no_application_protocol alert; see docs/SECURITY.md, TLS), and if it speaks
     # HTTP/2 anyway its preface is answered 505 and the connection closed.
     ctx = srv.pki.client_context()
     ctx.set_alpn_protocols(["h2"])

@@ -148,3 +148,44 @@ def test_top_finds_the_server_through_its_pid_file(make_server, inherited):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_top_shows_figures_per_api_key(make_server):
+    """[auth] on: a table of the keys (requests, tokens, 403s, 429s) and the
+    401s by reason, from a real server's /stats after real refusals."""
+    import hashlib
+
+    from rich.console import Console
+
+    from neurohttp.top import CpuMeter, render
+
+    def sha(k: str) -> str:
+        return hashlib.sha256(k.encode()).hexdigest()
+    srv = make_server(workers=1, config={
+        "auth": {"enabled": True, "keys": [
+            {"name": "team-a", "sha256": sha("nh-a-key-0123456789"), "rpm": 2},
+            {"name": "team-b", "sha256": sha("nh-b-key-0123456789"), "models": ["echo"]}]},
+        "models": {"echo": {"provider": "echo"}, "big": {"provider": "echo"}}})
+    a = {"Authorization": "Bearer nh-a-key-0123456789"}
+    b = {"x-api-key": "nh-b-key-0123456789"}
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        assert [c.post("/v1/chat", json={"prompt": "Hello"}, headers=a).status_code
+                for _ in range(3)] == [200, 200, 429]
+        assert c.post("/v1/chat", json={"prompt": "Hi", "model": "big"}, headers=b).status_code == 403
+        assert c.post("/v1/chat", json={"prompt": "Hi"}, headers=b).status_code == 200
+        assert c.post("/v1/chat", json={"prompt": "Hi"}).status_code == 401
+        assert c.post("/v1/chat", json={"prompt": "Hi"},
+                      headers={"x-api-key": "nh-wrong-0123456789"}).status_code == 401
+        doc = c.get("/stats").json()
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(doc, srv.url, CpuMeter()))
+    lines = console.export_text().splitlines()
+    assert any(line.startswith("API keys") for line in lines)
+    row_a = next(line for line in lines if line.strip().startswith("team-a")).split()
+    row_b = next(line for line in lines if line.strip().startswith("team-b")).split()
+    # key, requests, tokens in, tokens out, 403, 429
+    ka, kb = doc["auth"]["keys"]["team-a"], doc["auth"]["keys"]["team-b"]
+    assert row_a == ["team-a", "2", str(ka["tokens_in"]), str(ka["tokens_out"]), "0", "1"]
+    assert row_b == ["team-b", "1", str(kb["tokens_in"]), str(kb["tokens_out"]), "1", "0"]
+    assert ka["tokens_out"] > 0 and kb["tokens_out"] > 0
+    assert any("missing 1" in line and "invalid 1" in line for line in lines)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import error_response
 from ..messages import Request, Response, StreamingResponse, WebSocketUpgrade
-from ..shared.keylimits import DAILY, REQUESTS, KeyVerdict
+from ..shared.keylimits import DAILY, REQUESTS, KeyLimits, KeyVerdict
 from .keys import INVALID, MALFORMED, MISSING, REASONS, ApiKey, KeyRing
 from .quotas import (
     REDIS_ERRORS,
@@ -66,11 +66,12 @@ def duration(seconds: float) -> str:
     """A reset time as OpenAI writes it (Go's duration format, to the
     millisecond): "0s", "20ms", "6s", "17.28s", "1m0s", "2h3m4.5s"."""
     ms = int(seconds * 1000 + 0.999999)  # up to the millisecond
-    if ms < 60_000:  # the usual case
-        if ms >= 1000:
-            s, r = divmod(ms, 1000)
-            return f"{s}s" if not r else f"{s}.{r:03d}".rstrip("0") + "s"
+    if ms < 1000:  # the usual cases first: this runs for every header of every answer
         return f"{ms}ms" if ms > 0 else "0s"
+    if ms < 60_000:
+        if ms % 1000:
+            return f"{ms // 1000}.{ms % 1000:03d}".rstrip("0") + "s"
+        return f"{ms // 1000}s"
     h, rest = divmod(ms, 3_600_000)
     m, rest = divmod(rest, 60_000)
     sec = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
@@ -105,6 +106,8 @@ class Gate:
         self.default_model = default_model
         self.count = count
         self._rules: dict[bytes, Rule] = {}
+        for k in ring.keys:
+            k.rate_format = rate_format(k.limits)
 
     # ------------------------------------------------------------ routing rules
     def rule(self, req: Request) -> Rule:
@@ -133,7 +136,7 @@ class Gate:
                 return refused
             if not self.auth:  # the firewall alone: nothing more to admit
                 return dispatch(req)
-        rule = self.rule(req)
+        rule = self._rules.get(req.target) or self.rule(req)
         if not rule.protected:
             return dispatch(req)
         key = self.ring.identify(req.raw_headers)
@@ -143,22 +146,32 @@ class Gate:
         assert isinstance(key, ApiKey)
         kind = rule.kind
         if not kind or req.method != rule.method:
-            return self.finish(req, key, None, dispatch(req))
-        if kind != SOCKET:
+            return self.finish(req, key, None, dispatch(req), True)
+        if key.models is not None and kind != SOCKET:
             model = self._model(req, kind)
-            if model is not None and not key.may_use(model):
+            if model is not None and model not in key.models:
                 return self.forbidden(req, key, model)
-            if kind == MODEL:
-                return self.finish(req, key, None, dispatch(req))
+        if kind == MODEL:
+            return self.finish(req, key, None, dispatch(req), True)
         try:
             v = self.quotas.admit(key.limits)
         except RedisDown:
             return self.unavailable(req)
-        if v.__class__ is not KeyVerdict and v is not None:
+        if v.__class__ is not KeyVerdict:
+            if v is None:  # Redis down, fail_open: the figures last seen, if any
+                return self.finish(req, key, None, dispatch(req), False)
             return self._admit_later(req, key, v, dispatch)
-        if v is not None and not v.allowed:
+        if not v[0]:
             return self.too_many(req, key, v)
-        return self.finish(req, key, v, dispatch(req))
+        result = dispatch(req)
+        if key.limits.limited:
+            cls = result.__class__
+            if cls is Response or cls is StreamingResponse or cls is WebSocketUpgrade:
+                # (a model route's answer is its own object: decorated in place)
+                result.trusted_headers += rate_lines(key, v)
+                return result
+            return self.finish(req, key, v, result, False)
+        return result
 
     def _model(self, req: Request, kind: int) -> str | None:
         """The model the request names, or None when it cannot be read (the
@@ -187,33 +200,39 @@ class Gate:
         result = dispatch(req)
         if hasattr(result, "__await__"):
             result = await result
-        return self._decorate(key, v, result)
+        return self._decorate(key, v, result, False)
 
     # ------------------------------------------------------------ answers
-    def finish(self, req: Request, key: ApiKey, v: KeyVerdict | None, result: Any) -> Any:
-        """The x-ratelimit-* headers on the handler's answer (an awaitable one when it comes)."""
+    def finish(self, req: Request, key: ApiKey, v: KeyVerdict | None, result: Any,
+               shared: bool) -> Any:
+        """The x-ratelimit-* headers on the handler's answer (an awaitable one
+        when it comes). `shared`: the answer may be an object the handler
+        gives every request (e.g. /health's per-second Response): decorate a copy."""
         if not key.limits.limited:
             return result
         if v is None:
             v = self.quotas.peek(key.limits)
             if v is None:
                 return result
-        cls = result.__class__
-        if cls is Response or cls is StreamingResponse or cls is WebSocketUpgrade:
-            result.headers.update(rate_headers(key, v))
-            return result
         if hasattr(result, "__await__"):
-            return self._finish_later(key, v, result)
-        return result
+            return self._finish_later(key, v, result, shared)
+        return self._decorate(key, v, result, shared)
 
-    async def _finish_later(self, key: ApiKey, v: KeyVerdict, pending: Awaitable[Any]) -> Any:
-        return self._decorate(key, v, await pending)
+    async def _finish_later(self, key: ApiKey, v: KeyVerdict, pending: Awaitable[Any],
+                            shared: bool) -> Any:
+        return self._decorate(key, v, await pending, shared)
 
-    def _decorate(self, key: ApiKey, v: KeyVerdict | None, result: Any) -> Any:
+    def _decorate(self, key: ApiKey, v: KeyVerdict | None, result: Any, shared: bool) -> Any:
+        if v is None or not key.limits.limited:
+            return result
         cls = result.__class__
-        if v is not None and key.limits.limited and (
-                cls is Response or cls is StreamingResponse or cls is WebSocketUpgrade):
-            result.headers.update(rate_headers(key, v))
+        if cls is Response:
+            if shared:
+                result = Response(result.body, result.status, dict(result.headers),
+                                  result.content_type, result.trusted_headers)
+        elif cls is not StreamingResponse and cls is not WebSocketUpgrade:
+            return result
+        result.trusted_headers += rate_lines(key, v)
         return result
 
     def unauthorized(self, req: Request, reason: str) -> Response:
@@ -227,19 +246,20 @@ class Gate:
         resp = error_response(req, 403, f"the key '{key.name}' may not use the model "
                               f"'{model}'", type="invalid_request_error",
                               code="model_not_allowed", param="model")
-        return self.finish(req, key, None, resp)
+        return self.finish(req, key, None, resp, False)
 
     def too_many(self, req: Request, key: ApiKey, v: KeyVerdict) -> Response:
         lim = key.limits
         limit = {REQUESTS: lim.rpm, DAILY: lim.daily}.get(v.refused, lim.tpm)
         wait = duration(v.retry_after)
-        headers = rate_headers(key, v)
-        headers["Retry-After"] = str(max(1, math.ceil(v.retry_after)))
-        return error_response(
+        resp = error_response(
             req, 429, f"Rate limit reached for key '{key.name}' on {_LIMIT_NAMES[v.refused]}: "
             f"limit {limit}. Please try again in {wait}.",
             type="requests" if v.refused == REQUESTS else "tokens",
-            code="rate_limit_exceeded", headers=headers)
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(v.retry_after)))})
+        resp.trusted_headers += rate_lines(key, v)
+        return resp
 
     def unavailable(self, req: Request) -> Response:
         return error_response(req, 503, "the rate-limit store is unavailable; try again "
@@ -275,27 +295,38 @@ class Gate:
         return doc
 
 
-def rate_headers(key: ApiKey, v: KeyVerdict) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the key's limits (only those it has)."""
-    lim = key.limits
-    h: dict[str, str]
+def rate_format(lim: KeyLimits) -> str:
+    """The key's x-ratelimit-* lines with its limits filled in (made once per
+    key): what is left and the resets are filled per response (rate_lines)."""
+    text = ""
     if lim.rpm:
-        h = {"x-ratelimit-limit-requests": lim.rpm_text,
-             "x-ratelimit-remaining-requests": str(v[3]),
-             "x-ratelimit-reset-requests": duration(v[4])}
+        text += (f"x-ratelimit-limit-requests: {lim.rpm}\r\n"
+                 "x-ratelimit-remaining-requests: %d\r\nx-ratelimit-reset-requests: %s\r\n")
+    if lim.tpm:
+        text += (f"x-ratelimit-limit-tokens: {lim.tpm}\r\n"
+                 "x-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %s\r\n")
+    return text
+
+
+_DAY = ("x-ratelimit-limit-tokens-day: %d\r\nx-ratelimit-remaining-tokens-day: %d\r\n"
+        "x-ratelimit-reset-tokens-day: %s\r\n")
+
+
+def rate_lines(key: ApiKey, v: KeyVerdict) -> bytes:
+    """OpenAI's x-ratelimit-* header lines for the key's limits (only those it
+    has), as Response.trusted_headers: the values are numbers and durations
+    made here, the names fixed, so no field needs checking per response."""
+    lim = key.limits
+    if lim.rpm:
         if lim.tpm:
-            h["x-ratelimit-limit-tokens"] = lim.tpm_text
-            h["x-ratelimit-remaining-tokens"] = str(v[5])
-            h["x-ratelimit-reset-tokens"] = duration(v[6])
+            text = key.rate_format % (v[3], duration(v[4]), v[5], duration(v[6]))
+        else:
+            text = key.rate_format % (v[3], duration(v[4]))
     elif lim.tpm:
-        h = {"x-ratelimit-limit-tokens": lim.tpm_text,
-             "x-ratelimit-remaining-tokens": str(v[5]),
-             "x-ratelimit-reset-tokens": duration(v[6])}
+        text = key.rate_format % (v[5], duration(v[6]))
     else:
-        h = {}
+        text = ""
     if lim.daily and (v[1] or v[7] < lim.daily // 10):
         # beyond OpenAI's set; sent when the day is nearly spent or refused
-        h["x-ratelimit-limit-tokens-day"] = str(lim.daily)
-        h["x-ratelimit-remaining-tokens-day"] = str(v[7])
-        h["x-ratelimit-reset-tokens-day"] = duration(v[8])
-    return h
+        text += _DAY % (lim.daily, v[7], duration(v[8]))
+    return text.encode("ascii")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..shared.keylimits import KeyLimits, KeyVerdict
@@ -41,15 +41,12 @@ class ShmQuotas:
 
     def __init__(self, table: KeyTable) -> None:
         self.table = table
-
-    def admit(self, k: KeyLimits) -> KeyVerdict | Awaitable[KeyVerdict | None]:
-        return self.table.key_admit(k)
+        # the table's own methods: no call of ours around them on the request path
+        self.admit: Callable[[KeyLimits], KeyVerdict] = table.key_admit
+        self.charge: Callable[[KeyLimits, int, int], None] = table.key_charge
 
     def peek(self, k: KeyLimits) -> KeyVerdict | None:
         return self.table.key_admit(k, charge=False)
-
-    def charge(self, k: KeyLimits, tokens_in: int, tokens_out: int) -> None:
-        self.table.key_charge(k, tokens_in, tokens_out)
 
     def forbidden(self, k: KeyLimits) -> None:
         self.table.key_count(k, KF_403)

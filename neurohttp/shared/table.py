@@ -433,8 +433,12 @@ class KeyTable:
         if rc:
             self._lock_slow(rc)
         try:
-            q, f = self._key_entries(k, t)
             w = self.w
+            mask = self.mask
+            f = TABLE_HEAD + (k.fh1 & mask) * ENTRY_WORDS
+            q = TABLE_HEAD + (k.qh1 & mask) * ENTRY_WORDS
+            if w[f] != k.fh1 or w[f + 1] != k.fh2 or w[q] != k.qh1 or w[q + 1] != k.qh2:
+                q, f = self._key_entries(k, t)  # not at their home slots (or absent)
             if q >= 0:
                 if k.tpm_step:
                     tat = w[q + E_V0 + 1]

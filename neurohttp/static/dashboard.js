@@ -249,6 +249,17 @@
         fmt(w.window.rps, 1), fmt(w.window.latency_ms.p99, 2), fmt(w.active_connections),
         fmt(state.cpuPct[w.pid], 0), w.process ? fmt(w.process.rss_bytes / 1048576, 1) : "–",
         w.process ? String(w.process.open_fds) : "–"]));
+    // [auth] on: per key since start (a 401 names no key: those are counted by reason)
+    const auth = s.auth;
+    $("keys-card").hidden = !auth;
+    if (auth) {
+      table($("keys"), ["key", "requests", "tokens in", "tokens out", "403 model", "429 limit"],
+        Object.entries(auth.keys).map(([name, k]) => [name, fmt(k.requests), fmt(k.tokens_in),
+          fmt(k.tokens_out), fmt(k.forbidden), fmt(k.rate_limited)]));
+      const u = auth.unauthorized;
+      $("unauthorized").textContent = "401 without a good key: " + Object.entries(u)
+        .map(([reason, n]) => reason + " " + fmt(n)).join(" · ");
+    }
   }
 
   async function poll() {
