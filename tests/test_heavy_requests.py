@@ -20,7 +20,9 @@ from server import Server
 from streamtools import RawStream, data_events
 from websockets.sync.client import connect as ws_connect
 
-STUCK_S = 1.0  # a /health slower than this means the loop was held (generous: ~10 ms is normal)
+STUCK_S = 2.5  # a /health slower than this means the loop was held (~10 ms is normal;
+# a 2 cores machine at load 15 stalled the test process itself for up to 2.1 s;
+# the holds this file guards against lasted 2-15 s each)
 
 
 def exact_count(text: str) -> int:
