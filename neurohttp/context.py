@@ -133,7 +133,7 @@ class Counters:
 class StatsReader:
     """Reads the whole block (every worker's slot) for /stats, /metrics, /health."""
 
-    __slots__ = ("block", "route_names", "model_names", "sections")
+    __slots__ = ("block", "route_names", "model_names", "sections", "metric_texts")
 
     def __init__(self, block: StatsBlock, route_names: list[str],
                  model_names: list[str]) -> None:
@@ -143,6 +143,9 @@ class StatsReader:
         # More /stats sections from parts the handlers do not know (the security
         # gate's per-key figures, the firewall's): name -> a reader of its document.
         self.sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        # More /metrics text from those parts (the plugins' figures): each gets
+        # the /stats document and returns Prometheus lines.
+        self.metric_texts: list[Callable[[dict[str, Any]], str]] = []
 
     def add_section(self, name: str, read: Callable[[], dict[str, Any]]) -> None:
         self.sections[name] = read

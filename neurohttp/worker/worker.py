@@ -142,7 +142,11 @@ class Worker:
             raise PluginError(str(e)) from None
         self.plugins.stats_reader = self.services.stats
         if self.plugins.metrics:
-            self.services.stats.add_section("plugins", self.plugins.figures)
+            from ..stats.prometheus import plugin_metrics_text
+            plugins = self.plugins
+            self.services.stats.add_section("plugins", plugins.figures)
+            self.services.stats.metric_texts.append(
+                lambda doc: plugin_metrics_text(doc.get("plugins", {}), plugins.metric_kinds()))
         # The firewall ([firewall]; None when it sets no rule): register/forget
         # consult it at accept and close, the admission step its request rules.
         from ..security import build_firewall, build_gate
@@ -171,7 +175,7 @@ class Worker:
         master backs off and retries, as for any failed start)."""
         done = threading.Event()
         self._plugin_loading = ""
-        stage = ["loading"]
+        stage = ["setup"]
 
         def watch() -> None:
             deadline = time.monotonic() + self.setup_timeout
