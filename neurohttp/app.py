@@ -99,6 +99,8 @@ class App:
         # async hooks run on the worker's loop before it serves / after it drained
         self.startup: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
         self.shutdown: list[tuple[str, Callable[[], Awaitable[Any]]]] = []
+        # run on SIGUSR1, when the worker reopens its log files
+        self.reopen: list[tuple[str, Callable[[], Any]]] = []
         self._allow: dict[str, str] = {}
         # Route identity for the stats: each path gets a small index once, when it
         # is registered; 0 is "other" (unmatched paths, and paths past the stats

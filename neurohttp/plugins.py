@@ -132,6 +132,12 @@ class PluginApp:
         self._app.shutdown.append((self.name, fn))
         return fn
 
+    def on_reopen(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """`fn()` runs on SIGUSR1 (log rotation), when the server reopens its
+        log files: reopen the plugin's own files there."""
+        self._app.reopen.append((self.name, fn))
+        return fn
+
     # ------------------------------------------------------------ timers
     def every(self, seconds: float, fn: Callable[[], Any] | None = None, *,
               once_per_server: bool = False) -> Any:

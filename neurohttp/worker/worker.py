@@ -357,6 +357,12 @@ class Worker:
         logs.reopen()
         if self.access_log is not None:
             self.access_log.reopen()
+        for owner, fn in self.app.reopen:
+            try:
+                fn()
+            except Exception as e:
+                log.error("plugin %r: on_reopen hook %s failed: %s: %s", owner,
+                          getattr(fn, "__qualname__", fn), type(e).__name__, e, exc_info=e)
 
     def quick_exit(self) -> None:
         if self.access_log is not None:
