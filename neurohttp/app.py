@@ -23,6 +23,7 @@ from .errors import error_response
 from .messages import Request, Response, StreamingResponse, WebSocketUpgrade
 
 log = logging.getLogger("neurohttp")
+_new = object.__new__
 
 Result = Response | StreamingResponse | Awaitable[Response | StreamingResponse]
 Handler = Callable[[Request], Result]
@@ -227,15 +228,16 @@ class App:
         return error_response(req, 500, "internal server error")
 
     def _handle_hooked(self, req: Request) -> Result:
-        hooks = self.before_hooks
-        for i, hook in enumerate(hooks):
+        for hook in self.before_hooks:
             try:
                 early = hook(req)
             except Exception as e:
+                i = self.before_hooks.index(hook)
                 return self._after(req, self._hook_failed(req, self.before_owners[i],
                                                           "before_request", hook, e))
             if early is not None:
-                if inspect.isawaitable(early):
+                i = self.before_hooks.index(hook)
+                if type(early) is not Response and inspect.isawaitable(early):
                     # the rest of the hooks run after it, in order: none is skipped
                     return self._async_from(req, early, i)
                 return self._after(req, self._early(req, early, i))
@@ -250,9 +252,11 @@ class App:
         return early
 
     def _route(self, req: Request) -> Result:
-        methods = self.routes.get(req.path)
+        methods = self.raw_routes.get(req.target)
         if methods is None:
-            return self._after(req, error_response(req, 404, f"no route for {req.path}"))
+            methods = self.routes.get(req.path)
+            if methods is None:
+                return self._after(req, error_response(req, 404, f"no route for {req.path}"))
         handler = methods.get(req.method)
         if handler is None:
             return self._after(req, self.method_not_allowed(req))
@@ -261,7 +265,9 @@ class App:
         except Exception:
             log.exception("handler for %s %s failed", req.method, req.path)
             return self._after(req, error_response(req, 500, "internal server error"))
-        if inspect.isawaitable(result):
+        if not self.after_hooks:
+            return result  # (the connection awaits an awaitable itself)
+        if type(result) is not Response and inspect.isawaitable(result):
             return self._finish_async(req, result)
         return self._after(req, result)
 
@@ -311,28 +317,35 @@ class App:
         if type(resp) is Response:
             # handlers may share one Response between requests (e.g. /health's
             # per-second cache): hooks change a copy, never the shared object
-            resp = Response(resp.body, resp.status, dict(resp.headers), resp.content_type,
-                            resp.trusted_headers)
-        elif type(resp) is StreamingResponse:
+            r = _new(Response)
+            r.body = resp.body
+            r.status = resp.status
+            r.headers = dict(resp.headers)
+            r.content_type = resp.content_type
+            r.trusted_headers = resp.trusted_headers
+            for hook in hooks:
+                try:
+                    hook(req, r)
+                except Exception as e:
+                    i = hooks.index(hook)
+                    self._hook_failed(req, self.after_owners[i], "after_response", hook, e)
+                    return error_response(req, 500, "internal server error")
+                if type(r.status) is not int or type(r.body) is not bytes:
+                    problem = response_problem(r)
+                    if problem is not None:
+                        return self._hook_failed(req, self.after_owners[hooks.index(hook)],
+                                                 "after_response", hook, problem=problem)
+            return r
+        if type(resp) is StreamingResponse:
             # a stream's hooks run when it ends, with its usage on the request
             self._after_stream(req, resp)
             return resp
-        return self._run_after(req, resp)
-
-    def _run_after(self, req: Request, resp: Any) -> Any:
-        for i, hook in enumerate(self.after_hooks):
+        for hook in hooks:  # a WebSocket upgrade
             try:
                 hook(req, resp)
             except Exception as e:
-                self._hook_failed(req, self.after_owners[i], "after_response", hook, e)
-                return error_response(req, 500, "internal server error") \
-                    if type(resp) is Response else resp
-            if type(resp) is Response and (type(resp.status) is not int
-                                            or type(resp.body) is not bytes):
-                problem = response_problem(resp)
-                if problem is not None:
-                    return self._hook_failed(req, self.after_owners[i], "after_response", hook,
-                                             problem=problem)
+                self._hook_failed(req, self.after_owners[hooks.index(hook)], "after_response",
+                                  hook, e)
         return resp
 
     def _after_stream(self, req: Request, resp: StreamingResponse) -> None:

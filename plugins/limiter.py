@@ -71,12 +71,13 @@ def validate(options: dict[str, Any]) -> None:
 class Limits:
     """One bucket: its rate, and the header values that go with it, made once."""
 
-    __slots__ = ("rate", "rpm", "burst", "limit_text", "tag")
+    __slots__ = ("rate", "admit", "rpm", "burst", "limit_text", "tag")
 
     def __init__(self, app: Any, name: str, rpm: int, burst: int, tag: str) -> None:
         self.rpm = rpm
         self.burst = burst or rpm
         self.rate = app.rate(name, per_minute=rpm, burst=self.burst)
+        self.admit = self.rate.admit
         self.limit_text = str(rpm)
         self.tag = tag  # prefixed to the key: a route's own bucket per key
 
@@ -95,6 +96,10 @@ class Limiter:
                 self.exact[route] = lim
         self.prefixes.sort(key=lambda p: -len(p[0]))  # the longest prefix wins
         self.exclude = tuple(options.get("exclude", EXCLUDE))
+        # the same prefixes as bytes, checked on the raw target (a %-escaped
+        # target is checked again on its decoded path below, when by_route)
+        self.exclude_raw = tuple(p.encode() for p in self.exclude if p.isascii())
+        self.by_route = bool(self.exact or self.prefixes)
         key = options.get("key", "ip")
         self.header = key[7:].lower() if key.startswith("header:") else None
         self.key = "header" if self.header else key
@@ -108,20 +113,29 @@ class Limiter:
 
     # ------------------------------------------------------------ the hook
     def __call__(self, request: Any) -> Any:
-        path = request.path
-        if path.startswith(self.exclude):
+        # the raw target first: the common request is limited without decoding its path
+        if request.target.startswith(self.exclude_raw):
             return None
-        lim = self.exact.get(path)
-        if lim is None:
+        if self.by_route:
+            path = request.path
+            if path.startswith(self.exclude):
+                return None
+            lim = self.exact.get(path)
+            if lim is None:
+                lim = self.default
+                for prefix, pl in self.prefixes:
+                    if path.startswith(prefix):
+                        lim = pl
+                        break
+        else:
             lim = self.default
-            for prefix, pl in self.prefixes:
-                if path.startswith(prefix):
-                    lim = pl
-                    break
-        key = self._key(request, path)
-        if key is None:
-            return None
-        verdict = lim.rate.admit(lim.tag + key)
+        if self.key == "ip" and not self.allow_nets:
+            key = request.client  # the common case, inline
+        else:
+            key = self._key(request)
+            if key is None:
+                return None
+        verdict = lim.admit(lim.tag + key if lim.tag else key)
         if self.async_state:
             return self._later(request, lim, verdict)
         if verdict[0]:
@@ -132,7 +146,7 @@ class Limiter:
         verdict = await pending
         return None if verdict[0] else self._refuse(request, lim, verdict)
 
-    def _key(self, request: Any, path: str) -> str | None:
+    def _key(self, request: Any) -> str | None:
         """The request's key (None: on the allow list)."""
         k = self.key
         if k == "ip":
@@ -145,7 +159,7 @@ class Limiter:
         elif k == "api_key":
             v = request.key.name if request.key is not None else None
         else:
-            v = path
+            v = request.path
         if v is None:
             return "ip:" + request.client  # no value: the client's address is its key
         if v in self.allow_values:

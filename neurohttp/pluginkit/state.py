@@ -179,17 +179,18 @@ class Rate:
         self.burst = burst
         self.prefix = f"p:{plugin}:{name}:"
         self._rt = rt
-        self._table: KeyTable | None = None
+        # shared memory in a worker: the table itself, so admit is one call away
+        self._table: KeyTable | None = rt.open if rt.redis is None else None
 
     def admit(self, key: str = "", cost: int = 1) -> Admission | Awaitable[Admission]:
+        t = self._table
+        if t is not None:
+            return t.admit(self.prefix + key, cost, self.per_s, self.burst)
         rt = self._rt
         if rt.redis is not None:
             return rt.redis_call(rt.redis.admit(self.prefix + key, cost, self.per_s, self.burst),
                                  _ALLOWED)
-        t = self._table
-        if t is None:
-            t = self._table = rt.table("open")
-        return t.admit(self.prefix + key, cost, self.per_s, self.burst)
+        return rt.table("open").admit(self.prefix + key, cost, self.per_s, self.burst)
 
     def peek(self, key: str = "") -> Admission | Awaitable[Admission]:
         """What admit(key, cost=0) says: the bucket's state, nothing charged."""
