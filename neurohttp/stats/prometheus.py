@@ -249,3 +249,16 @@ def _deployment_metrics(w: _Writer, deps: dict[str, Any]) -> None:
                  f"{what} quantiles since start, by deployment.",
                  [({**lab(n, d), "quantile": q}, d[key][k] / 1000)
                   for n, d in deps.items() for q, k in _QUANTILES])
+
+
+def plugin_metrics_text(figures: dict[str, dict[str, int]],
+                        kinds: dict[tuple[str, str], tuple[str, str]]) -> str:
+    """The plugins' figures (app.metric): neurohttp_plugin_<plugin>_<name>, with
+    `_total` for counters (plugin and metric names are [a-z0-9_] already)."""
+    w = _Writer()
+    for plugin, values in figures.items():
+        for name, value in values.items():
+            kind, help_text = kinds.get((plugin, name), ("gauge", name))
+            metric = f"neurohttp_plugin_{plugin}_{name}" + ("_total" if kind == "counter" else "")
+            w.one(metric, kind, help_text.replace("\n", " "), value)
+    return w.text() if w.lines else ""
