@@ -1,0 +1,1 @@
+"""The AI gateway: upstream providers, the model router and its shared state."""
