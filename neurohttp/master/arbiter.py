@@ -171,9 +171,12 @@ class Master:
                  ", ".join(lst.label for lst in self.listeners), self.target)
 
     def _log_tls(self) -> None:
+        """The config's warnings (TLS certificates, unset api_key_env variables)."""
         if self.tls is not None:
             for warning in self.tls.warnings:
                 log.warning("%s", warning)
+        for warning in config_mod.warnings(self.cfg):
+            log.warning("%s", warning)
 
     def _publish_info(self) -> None:
         """Facts `neurohttpd status` shows that the counters do not hold."""

@@ -108,16 +108,26 @@ class Worker:
         self.app = App(block.geometry.routes)
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
-        self.models = ModelRegistry(cfg.models, self.app.providers)
+        # openai models: one upstream client per worker (made here, after the fork;
+        # closed at the end of the drain); their deployments' figures follow the models'
+        from ..gateway import GatewayFigures, stat_names
+        from ..upstream import UpstreamClient
+        self.upstream = UpstreamClient()
+        gw_figures = GatewayFigures(None, block.state.named)
+        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures)
         # windowed + per-model figures, for the routes the App numbers
-        self.meter = Meter(self.slot, self.models.names(), block.geometry, self.app.route_names)
+        public = self.models.names()
+        self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
+                           block.geometry, self.app.route_names)
+        gw_figures.meter = self.meter
         # What handlers and the pipeline get instead of this Worker (context.py).
         counters = Counters(self.slot, self.meter)
         self.services = Services(
             settings=Settings(sse_ping_s=float(srv.sse_ping_s),
                               stats_allow=tuple(cfg.stats.allow)),
             models=self.models, counters=counters, meter=self.meter,
-            stats=StatsReader(block, self.app.route_names, self.meter.model_names),
+            stats=StatsReader(block, self.app.route_names,
+                              self.meter.model_names[:1 + len(public)]),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
         self.pipeline = handlers.register(self.app, self.services)
         # The firewall ([firewall]; None when it sets no rule): register/forget
@@ -238,6 +248,7 @@ class Worker:
                 await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        self.upstream.close()
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ connections' host
