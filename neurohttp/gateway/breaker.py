@@ -92,6 +92,11 @@ class DeploymentState:
     def retry_after_status(self) -> int:
         return self.w[self.b + D.R_RA_STATUS]
 
+    def limited_status(self, now: int) -> int:
+        """The status (429, 503) of the Retry-After it is inside of now, else 0."""
+        w = self.w
+        return w[self.b + D.R_RA_STATUS] if w[self.b + D.R_RA_UNTIL] > now else 0
+
     # ------------------------------------------------------------ the breaker
     def claim_probe(self, now: int) -> bool:
         """Take the half-open probe if nobody holds it: True if this request is it."""

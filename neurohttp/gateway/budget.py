@@ -75,6 +75,18 @@ class RetryBudget:
         w[self.c_hedge if hedge else self.c_retry] += 1
         return True
 
+    def refund(self, hedge: bool = False) -> None:
+        """Give back what `spend` allowed when the attempt could not be made
+        after all (no deployment to send it to)."""
+        t = self.table
+        t.lock()
+        try:
+            if self.w[self.b + D.R_BUD_RETRIES] > 0:
+                self.w[self.b + D.R_BUD_RETRIES] -= 1
+        finally:
+            t.unlock()
+        self.w[self.c_hedge if hedge else self.c_retry] -= 1
+
     def fallback(self) -> None:
         self.w[self.c_fallback] += 1
 

@@ -114,7 +114,8 @@ class Worker:
         from ..upstream import UpstreamClient
         self.upstream = UpstreamClient()
         gw_figures = GatewayFigures(None, block.state.named)
-        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures)
+        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures,
+                                    block.router, slot_index)
         # windowed + per-model figures, for the routes the App numbers
         public = self.models.names()
         self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
@@ -138,6 +139,8 @@ class Worker:
         self.firewall: Any = fw if fw is not None and fw.at_accept else None
         named = block.state.named
         self.services.stats.add_section("firewall", lambda: firewall_figures(named.get))
+        if self.models.routes is not None:  # per deployment: breaker, outstanding, retries, ...
+            self.services.stats.add_section("router", self.models.routes.figures)
         if cfg.auth.enabled or (fw is not None and fw.at_request):
             # the admission step: firewall rules, keys, models, quotas (security/)
             gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
