@@ -263,6 +263,8 @@ ROUTER_KEYS: dict[str, Key] = {
     "fallbacks": Key(list, [], _str_list),
     "hedge_after_ms": Key(int, 0, _non_negative, range=(0, 600_000)),
     "retries": Key(int, 0, _non_negative, range=(0, 16)),
+    # retries and hedges per request over the last 10 s, across workers (gateway/budget.py)
+    "retry_budget": Key(NUM, 0.2, _positive, range=(0, 100)),
     "cache_ttl_s": Key(NUM, 0.0, _non_negative, range=(0, 30 * DAY)),
 }
 
