@@ -22,7 +22,7 @@ import pytest
 from fake_upstream import FakeUpstream
 from server import Server, wait_for
 
-from neurohttp.gateway.budget import FLOOR
+FLOOR = 3  # the retry budget's least retries per window (gateway/budget.py)
 
 ASK = [{"role": "user", "content": "hello"}]
 
@@ -72,6 +72,10 @@ def test_a_retry_goes_to_another_deployment_before_the_first_byte(make_server, u
     assert (d0["requests"], d0["errors"], d0["retries"]) == (2, 2, 0)
     assert (d1["requests"], d1["errors"], d1["retries"]) == (4, 0, 2)
     assert d0["outstanding"] == d1["outstanding"] == 0
+    assert d0["origin"] == up.url
+    metrics = srv.request("GET", "/metrics")[2].decode()
+    assert 'neurohttp_router_retries_total{model="r"} 2' in metrics
+    assert 'neurohttp_deployment_attempt_errors_total{model="r",deployment="0"} 2' in metrics
 
 
 def test_no_retry_once_a_byte_went_to_the_client(make_server, up):
@@ -161,24 +165,28 @@ def test_breaker_opens_probes_half_open_and_closes(make_server, up):
     up.set_behaviour("status;code=500")
     srv = make_server(workers=2, config={"models": {"b": {"deployments": [{
         "base_url": up.url + "/v1", "model": "plain",
-        "breaker_failures": 3, "breaker_cooldown_s": 1.0}]}}})
+        # (a cool-down far longer than the few requests made inside it)
+        "breaker_failures": 3, "breaker_cooldown_s": 4.0}]}}})
     for _ in range(3):
         assert chat(srv, "b").status_code == 502
     assert deps(srv, "b")[0]["breaker"] == "open"
+    metrics = srv.request("GET", "/metrics")[2].decode()
+    assert 'neurohttp_deployment_breaker_state{model="b",deployment="0",state="open"} 1' \
+        in metrics
     n = up.state()["requests"]
     for _ in range(5):  # open: answered 503 at once, whichever worker, the upstream not asked
         r = chat(srv, "b")
-        assert r.status_code == 503 and 1 <= int(r.headers["retry-after"]) <= 1
+        assert r.status_code == 503 and 1 <= int(r.headers["retry-after"]) <= 4
     assert up.state()["requests"] == n == 3
     # after the cool-down one request is the probe; it fails: open again
-    wait_for(lambda: chat(srv, "b").status_code == 502, 10, interval=0.1,
+    wait_for(lambda: chat(srv, "b").status_code == 502, 20, interval=0.1,
              what="the half-open probe")
     d = deps(srv, "b")[0]
     assert (d["breaker"], d["breaker_probes"], d["breaker_opened"]) == ("open", 1, 2)
     assert up.state()["requests"] == 4
     # the upstream recovers: the next probe closes it
     up.set_behaviour("chat")
-    wait_for(lambda: chat(srv, "b").status_code == 200, 10, interval=0.1,
+    wait_for(lambda: chat(srv, "b").status_code == 200, 20, interval=0.1,
              what="the probe that closes")
     d = deps(srv, "b")[0]
     assert (d["breaker"], d["breaker_probes"], d["breaker_closed"]) == ("closed", 2, 1)

@@ -398,6 +398,7 @@ class Routes:
                 dh, dc = t.figures(s.index)
                 deps.append({
                     "deployment": r.names[i],
+                    "origin": getattr(r.deployments[i], "origin", ""),
                     "outstanding": dc[D.C_OUTSTANDING], "requests": dc[D.C_REQUESTS],
                     "errors": dc[D.C_ERRORS], "retries": dc[D.C_RETRIES],
                     "hedges": dc[D.C_HEDGES],
