@@ -351,3 +351,88 @@ def test_check_validates_the_router_keys(tmp_path):
     r = check('[models.a]\nprovider = "openai"\napi_key_env = "GW_CHECK_KEY"\n',
               {"GW_CHECK_KEY": "sk-x"})
     assert r.returncode == 0 and "warning" not in r.stderr
+
+
+# ------------------------------------------------------------ figures
+def test_per_deployment_figures_are_summed_across_workers(srv):
+    def dep(name: str) -> dict:
+        return srv.stats()["deployments"][name]
+    ok0, bad0 = dep("up#0"), dep("up-429#0")
+    n = 8  # over fresh connections: the kernel spreads them over both workers
+    for _ in range(n):
+        assert srv.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "up", "messages": ASK, "stream": True}))[0] == 200
+        assert srv.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "up-429", "messages": ASK}))[0] == 429
+    ok, bad = dep("up#0"), dep("up-429#0")
+    assert ok["requests"] - ok0["requests"] == n and ok["errors"] == ok0["errors"]
+    assert ok["tokens_in"] - ok0["tokens_in"] == 5 * n  # the upstream's counts
+    assert ok["tokens_out"] - ok0["tokens_out"] == 5 * n
+    assert ok["ttfb_ms"]["p50"] > 0 and ok["latency_ms"]["p99"] >= ok["ttfb_ms"]["p50"]
+    assert ok["origin"].startswith("http://127.0.0.1:") and "/v1" not in ok["origin"]
+    assert (ok["upstream_model"], ok["model"]) == ("fake:chat", "up")
+    assert bad["requests"] - bad0["requests"] == n and bad["errors"] - bad0["errors"] == n
+    assert bad["errors_by_kind"]["status_429"] - bad0["errors_by_kind"].get("status_429", 0) == n
+    assert "up#0" not in srv.stats()["models"]  # the public models only
+    _, _, metrics = srv.request("GET", "/metrics")
+    text = metrics.decode()
+    assert 'neurohttp_deployment_requests_total{model="up",deployment="up#0"' in text
+    assert 'kind="status_429"' in text and KEY not in text
+
+
+def test_top_shows_the_deployments(srv):
+    from rich.console import Console
+
+    from neurohttp.top import CpuMeter, render
+    srv.request("POST", "/v1/chat/completions", json.dumps({"model": "up", "messages": ASK}))
+    console = Console(record=True, width=200)
+    console.print(render(srv.stats(), srv.url, CpuMeter()))
+    text = console.export_text()
+    assert "deployments" in text
+    line = next(x for x in text.splitlines() if x.lstrip().startswith("up#0"))
+    assert "http://127.0.0.1:" in line
+
+
+# ------------------------------------------------------------ https and pooling
+def test_an_https_upstream_is_checked_against_its_ca_file(tmp_path):
+    import trustme
+    ca = trustme.CA()
+    chain = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    tls = FakeUpstream(tmp_path / "tls", tls=(str(chain), str(chain))).start()
+    try:
+        base = f"https://localhost:{tls.port}/v1"
+        srv = Server(tmp_path / "srv", workers=1, config={"models": {
+            "trusted": {"provider": "openai", "base_url": base, "model": "fake:chat",
+                        "ca_file": str(tmp_path / "ca.pem")},
+            "untrusted": {"provider": "openai", "base_url": base, "model": "fake:chat",
+                          "ca_file": str(tmp_path / "other-ca.pem")},
+            "system": {"provider": "openai", "base_url": base, "model": "fake:chat"}}}).start()
+        try:
+            for model, status in (("trusted", 200), ("untrusted", 502), ("system", 502)):
+                st, _, body = srv.request("POST", "/v1/chat/completions", json.dumps(
+                    {"model": model, "messages": ASK}))
+                assert st == status, (model, body)
+            assert tls.state()["sni"] == "localhost" and tls.state()["alpn"] == "http/1.1"
+            assert srv.stats()["deployments"]["untrusted#0"]["errors_by_kind"] == {"tls": 1}
+        finally:
+            srv.stop()
+    finally:
+        tls.stop()
+
+
+def test_a_stale_pooled_connection_is_retried_once_on_a_new_one(tmp_path, up):
+    srv = Server(tmp_path / "srv", workers=1, config={"models": {"m": {
+        "provider": "openai", "base_url": up.url + "/v1", "model": "fake:close_next"}}}).start()
+    try:
+        before = up.state()["connections_total"]
+        with httpx.Client(base_url=srv.url, timeout=10) as c:
+            for _ in range(3):  # each request after the first finds its pooled connection dead
+                r = c.post("/v1/chat/completions", json={"model": "m", "messages": ASK})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert up.state()["connections_total"] - before == 3
+        assert srv.stats()["deployments"]["m#0"]["errors"] == 0
+    finally:
+        srv.stop()

@@ -16,6 +16,7 @@ indexes per deployment).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
@@ -78,7 +79,7 @@ class DeploymentFigures:
             c = usage.get("completion_tokens")
             tin = p if type(p) is int and p > 0 else 0
             tout = c if type(c) is int and c > 0 else 0
-        if meter is not None:
+        if meter is not None and self.total in meter.models:  # (not past the block's room)
             meter.model_request(self.total, started, tin, tout, error=fail is not None)
             if ttfb is not None:
                 meter.model_request(self.ttfb, monotonic() - ttfb)
@@ -87,3 +88,49 @@ class DeploymentFigures:
                 sink.named.add(error_key(self.label, _reason_slot(fail.reason)))
             except Exception:  # a full table must not fail the request
                 pass
+
+
+def _blk_doc(blk: list[int], ttfb: list[int]) -> dict[str, Any]:
+    from ..stats import layout as L
+    from ..stats.window import Figures
+    total = Figures(blk[:L.N_CBUCKETS])
+    first = Figures(ttfb[:L.N_CBUCKETS])
+    return {"requests": total.count, "errors": blk[L.MB_ERRORS],
+            "tokens_in": blk[L.MB_TOKENS_IN], "tokens_out": blk[L.MB_TOKENS_OUT],
+            "ttfb_ms": first.latency_ms(), "latency_ms": total.latency_ms()}
+
+
+def deployments_section(block: Any, model_names: list[str], deployments: list[Any],
+                        named: Any) -> Callable[[], dict[str, Any]]:
+    """The reader of /stats "deployments" (StatsReader.add_section): per
+    deployment, since start and over the last minute, attempts, errors (and
+    by kind, since start), prompt and completion tokens the upstream reported,
+    time to first event and total latency percentiles. `model_names`: the
+    Meter's whole list (public models, then the deployments' entries)."""
+    from ..stats import layout as L
+    from ..stats.snapshot import Snapshot
+    index = {name: i for i, name in enumerate(model_names)}
+
+    def read() -> dict[str, Any]:
+        snap = Snapshot(block, ["other"], model_names)
+        span = snap.span(int(block.words[L.H_STARTED]))
+        out: dict[str, Any] = {}
+        for dep in deployments:
+            m, t = index.get(dep.label), index.get(dep.label + " ttfb")
+            if m is None or t is None:
+                continue  # past the block's room (logged by the Meter)
+            doc = _blk_doc(snap.model(m, False), snap.model(t, False))
+            by_kind = {}
+            if named is not None:
+                for reason in ERROR_REASONS:
+                    n = named.get(error_key(dep.label, reason))
+                    if n:
+                        by_kind[reason] = n
+            window = _blk_doc(snap.model(m, True), snap.model(t, True))
+            window["rps"] = round(window["requests"] / span, 3)
+            out[dep.label] = {"model": dep.model, "index": dep.index, "origin": dep.origin,
+                              "upstream_model": dep.upstream, **doc, "errors_by_kind": by_kind,
+                              "window": window}
+        return out
+
+    return read

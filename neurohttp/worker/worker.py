@@ -131,6 +131,11 @@ class Worker:
                               self.meter.model_names[:1 + len(public)]),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
         self.pipeline = handlers.register(self.app, self.services)
+        deps = [d for p in self.models.models.values() for d in getattr(p, "deployments", ())]
+        if deps:  # /stats "deployments" (gateway/figures.py)
+            from ..gateway.figures import deployments_section
+            self.services.stats.add_section("deployments", deployments_section(
+                block, self.meter.model_names, deps, block.state.named))
         # The firewall ([firewall]; None when it sets no rule): register/forget
         # consult it at accept and close, the admission step its request rules.
         from ..security import build_firewall, build_gate
