@@ -135,12 +135,12 @@ class ModelRoute:
 
 class _Running:
     """One attempt in flight: its deployment, iterator and the task waiting
-    for its first event."""
+    for its first event (None when awaited inline: no hedging)."""
 
     __slots__ = ("index", "state", "it", "task", "t0")
 
     def __init__(self, index: int, state: DeploymentState, it: AsyncIterator[Any],
-                 task: asyncio.Task[Any], t0: int) -> None:
+                 task: asyncio.Task[Any] | None, t0: int) -> None:
         self.index = index
         self.state = state
         self.it = it
@@ -214,6 +214,12 @@ class Routes:
         table as stats slot `slot`; without a table (tests, tools), on a
         private one, so the state is this process's alone."""
         model_fps, dep_fps = D.config_fingerprints(dict(models))  # type: ignore[arg-type]
+        if table is not None and any(table.find(fp) < 0 for fp in
+                                     (*model_fps.values(), *dep_fps.values())):
+            # a block no master assigned (a benchmark's, a tool's): this process's own state
+            log.warning("the router's shared records are not assigned for this config: "
+                        "its state is this worker's alone")
+            table = None
         if table is None:
             table = private_table(model_fps, dep_fps)
         lease_default = float(DEFAULTS["connect_timeout_s"]) + float(DEFAULTS["first_byte_timeout_s"])
@@ -256,7 +262,10 @@ class Routes:
                 log.info("model %s: falling back to %s", route.name, r.name)
             r.budget.request()
             try:
-                first, run = await self._first(r, attempt)
+                if r.hedge_s:
+                    first, run = await self._first(r, attempt)
+                else:
+                    first, run = await self._first_serial(r, attempt)
             except ProviderError as e:
                 error = e
                 if not retryable(e):
@@ -285,6 +294,62 @@ class Routes:
         route.budget.failed()
         assert error is not None
         raise error
+
+    async def _first_serial(self, route: ModelRoute, attempt: Attempt) -> tuple[Any, _Running]:
+        """`_first` without hedging: one attempt at a time, its first event
+        awaited inline (no task: this is every request's path)."""
+        tried: set[int] = set()
+        started = 0
+        last: ProviderError | None = None
+        while True:
+            now = D.now_us()
+            if started > route.retries or (last is not None and not retryable(last)):
+                break
+            if started and not route.budget.spend(now):
+                break  # the budget says no more retries now
+            i = route.pick(tried, now)
+            if i < 0:
+                if started:
+                    route.budget.refund()
+                if last is None:
+                    last = route.unavailable(now)
+                break
+            s = route.states[i]
+            s.begin(started > 0, False)
+            tried.add(i)
+            started += 1
+            try:
+                it = aiter(attempt(route.deployments[i]))
+            except BaseException:
+                s.end()
+                raise
+            try:
+                first = await _first_event(it)
+            except ProviderError as e:
+                s.end()
+                self._failed(route, i, s, e)
+                last = e
+                continue
+            except BaseException:  # cancelled (the client left), or a provider's bug
+                s.end()
+                self._close_later(it)
+                raise
+            t = D.now_us()
+            s.success(t - now, t)
+            return first, _Running(i, s, it, None, now)
+        assert last is not None
+        raise last
+
+    def _failed(self, route: ModelRoute, i: int, state: DeploymentState,
+                e: ProviderError) -> None:
+        """An attempt failed before its first event: its Retry-After, its breaker."""
+        now = D.now_us()
+        if e.retry_after and e.kind in ("rate_limited", "upstream_unavailable"):
+            state.retry_after(e.retry_after, e.status or 429, now)
+        if counts_against(e):
+            state.failure(now)
+        log.info("model %s deployment %d failed before its answer: %s (%s)",
+                 route.name, i, e.message, e.kind)
 
     async def _first(self, route: ModelRoute, attempt: Attempt) -> tuple[Any, _Running]:
         """Attempts on `route`'s deployments until one yields its first event:
@@ -356,15 +421,10 @@ class Routes:
                     if not isinstance(exc, ProviderError):
                         raise exc
                     last = exc
-                    now = D.now_us()
-                    if exc.retry_after and exc.kind in ("rate_limited", "upstream_unavailable"):
-                        run.state.retry_after(exc.retry_after, exc.status or 429, now)
-                    if counts_against(exc):
-                        run.state.failure(now)
-                    log.info("model %s deployment %d failed before its answer: %s (%s)",
-                             route.name, run.index, exc.message, exc.kind)
+                    self._failed(route, run.index, run.state, exc)
         finally:
             for run in live.values():  # losers, or the request went away
+                assert run.task is not None
                 run.task.cancel()
                 run.state.end()
                 self._close_later(run.it, run.task)
