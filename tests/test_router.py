@@ -145,6 +145,7 @@ def test_fallbacks_to_another_upstream_model_and_to_echo(make_server, up):
     r = chat(srv, "c")
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == \
         "Hello, AI world!"
+    assert r.json()["model"] == "c"  # the public name the client asked for
     assert sent(up, "status;code=500;id=a") == 2 and sent(up, "chat") == 2
     assert router(srv, "a")["fallbacks"] == 2
     assert router(srv, "c")["fallbacks"] == 1

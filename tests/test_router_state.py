@@ -310,3 +310,17 @@ def test_lowest_latency_measures_first_then_prefers_the_fastest():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="least_outstanding"):
         make_strategy("fastest", [1])
+
+
+def test_a_process_killed_holding_the_lock_is_recovered():
+    t, _m = area()
+    assigned(t, 61)
+    d = dep(t, 61, failures=1)
+    pid = os.fork()
+    if pid == 0:
+        t.lock()
+        os._exit(0)  # dies holding it
+    os.waitpid(pid, 0)
+    d.failure(0)  # takes the lock: recovered, not blocked for good
+    assert t.w[D.RH_RECOVERED] == 1 and t.w[d.b + D.R_BR_STATE] == D.OPEN
+    assert t.area_figures()["recovered"] == 1
