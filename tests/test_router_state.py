@@ -129,7 +129,7 @@ def test_breaker_opens_after_consecutive_failures_only():
     d = dep(t, 41, failures=3, cooldown=10.0)
     d.failure(0)
     d.failure(0)
-    d.success(1000, 1)  # a success in between: the count starts again
+    d.success()  # a success in between: the count starts again
     d.failure(2)
     d.failure(3)
     assert d.state(4) == B.READY
@@ -149,7 +149,7 @@ def test_breaker_half_open_single_probe_then_closes():
     assert b.claim_probe(10 * S)           # one worker takes the probe ...
     assert not a.claim_probe(10 * S + 1)   # ... and no other may
     assert a.state(11 * S) == B.BLOCKED
-    b.success(5000, 12 * S)
+    b.success()
     assert a.state(12 * S) == B.READY
     w = t.w
     assert (w[a.b + D.R_BR_STATE], w[a.b + D.R_BR_PROBES], w[a.b + D.R_BR_CLOSED]) == (D.CLOSED, 1, 1)
@@ -201,9 +201,9 @@ def test_ttfb_ewma():
     t, _m = area()
     assigned(t, 47)
     d = dep(t, 47)
-    d.success(4000, 1)
+    d.measured(4000, 1)
     assert d.ttfb_us() == 4000
-    d.success(8000, 2)
+    d.measured(8000, 2)
     assert d.ttfb_us() == 5000 and d.ttfb_at() == 2
 
 
@@ -298,12 +298,12 @@ def test_lowest_latency_measures_first_then_prefers_the_fastest():
     ll = LowestLatency()
     now = 100 * S
     first = ll.pick(deps, [0, 1], now)
-    deps[first].success(50_000, now)
+    deps[first].measured(50_000, now)
     assert ll.pick(deps, [0, 1], now) == 1 - first  # the unmeasured one next
-    deps[1 - first].success(5_000, now)
+    deps[1 - first].measured(5_000, now)
     assert {ll.pick(deps, [0, 1], now + 1) for _ in range(5)} == {1 - first}
     # the fast one keeps being measured; the slow one's figure goes stale: measured again
-    deps[1 - first].success(5_000, now + STALE_US)
+    deps[1 - first].measured(5_000, now + STALE_US)
     assert {ll.pick(deps, [0, 1], now + STALE_US + 1) for _ in range(2)} == {first}
 
 

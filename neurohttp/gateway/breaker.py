@@ -39,7 +39,7 @@ class DeploymentState:
     stats slot (its words of each column)."""
 
     __slots__ = ("table", "w", "index", "b", "slot", "failures", "cooldown_us", "lease_us",
-                 "c_out", "c_req", "c_err", "c_retry", "c_hedge")
+                 "c_out", "c_req", "c_err", "c_retry", "c_hedge", "o_state", "o_fails", "o_ra")
 
     def __init__(self, table: D.DeploymentTable, index: int, slot: int,
                  breaker_failures: int, breaker_cooldown_s: float, probe_lease_s: float) -> None:
@@ -57,17 +57,19 @@ class DeploymentState:
         self.c_err = table.column(index, D.C_ERRORS) + slot
         self.c_retry = table.column(index, D.C_RETRIES) + slot
         self.c_hedge = table.column(index, D.C_HEDGES) + slot
+        # the words every request reads, as offsets (no module lookups on the request path)
+        self.o_state = self.b + D.R_BR_STATE
+        self.o_fails = self.b + D.R_BR_FAILS
+        self.o_ra = self.b + D.R_RA_UNTIL
 
     # ------------------------------------------------------------ reading (no lock)
     def state(self, now: int) -> int:
         w = self.w
-        b = self.b
-        if w[b + D.R_RA_UNTIL] > now:
+        if w[self.o_ra] > now:
             return BLOCKED
-        st = w[b + D.R_BR_STATE]
-        if st == D.CLOSED:
+        if w[self.o_state] == 0:  # CLOSED
             return READY
-        return PROBE if now >= w[b + D.R_BR_UNTIL] else BLOCKED
+        return PROBE if now >= w[self.b + D.R_BR_UNTIL] else BLOCKED
 
     def outstanding(self) -> int:
         """Requests in flight to it, from every worker."""
@@ -115,15 +117,22 @@ class DeploymentState:
         finally:
             t.unlock()
 
-    def success(self, ttfb_us: int, now: int) -> None:
-        """The first byte of an answer came, `ttfb_us` after the attempt began."""
+    def measured(self, ttfb_us: int, now: int) -> None:
+        """A first byte came `ttfb_us` after the attempt began (the EWMA that
+        lowest_latency reads; only models with that strategy measure it)."""
         w = self.w
         b = self.b
         old = w[b + D.R_TTFB_US]
         # a lost update between two workers costs one sample: no lock for it
         w[b + D.R_TTFB_US] = ttfb_us if old == 0 else old + ((ttfb_us - old) >> EWMA_SHIFT)
         w[b + D.R_TTFB_AT] = now
-        if w[b + D.R_BR_FAILS] or w[b + D.R_BR_STATE] == D.HALF_OPEN:
+
+    def success(self) -> None:
+        """The first byte of an answer came: the breaker's failures start again
+        (a half-open probe's success closes it)."""
+        w = self.w
+        if w[self.o_fails] or w[self.o_state] == D.HALF_OPEN:
+            b = self.b
             t = self.table
             t.lock()
             try:

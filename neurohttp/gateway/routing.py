@@ -29,6 +29,7 @@ import asyncio
 import logging
 import math
 import mmap
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from .budget import RetryBudget
 from .policy import Strategy, make_strategy
 
 log = logging.getLogger("neurohttp")
+_mono_ns = time.monotonic_ns  # (µs of it: shared/deployments.py now_us, inlined)
 
 Attempt = Callable[[Any], AsyncIterator[Any]]
 # the attempt of the same request to another public model (None: not served here)
@@ -87,7 +89,7 @@ class ModelRoute:
     shared states, its strategy and its retry budget."""
 
     __slots__ = ("name", "deployments", "states", "strategy", "retries", "fallbacks",
-                 "hedge_s", "budget", "names")
+                 "hedge_s", "budget", "names", "measure")
 
     def __init__(self, name: str, table: Mapping[str, Any], deployments: Sequence[Any],
                  states: list[DeploymentState], budget: RetryBudget) -> None:
@@ -95,8 +97,9 @@ class ModelRoute:
         self.deployments = list(deployments)
         self.states = states
         tables = table.get("deployments") or [table]
-        self.strategy: Strategy = make_strategy(str(_opt(table, "strategy")),
-                                                [int(_opt(t, "weight")) for t in tables])
+        strategy = str(_opt(table, "strategy"))
+        self.strategy: Strategy = make_strategy(strategy, [int(_opt(t, "weight")) for t in tables])
+        self.measure = strategy == "lowest_latency"  # the TTFB EWMA: only its reader pays for it
         self.retries = int(_opt(table, "retries"))
         self.fallbacks: list[str] = list(_opt(table, "fallbacks"))
         self.hedge_s = float(_opt(table, "hedge_after_ms")) / 1000.0
@@ -109,6 +112,9 @@ class ModelRoute:
         then the strategy chooses among the ready ones not tried yet, or, with
         none left, among the ready ones tried (unless `others_only`)."""
         states = self.states
+        if len(states) == 1 and not tried:  # one deployment (most models): no strategy
+            st = states[0].state(now)
+            return 0 if st == READY or (st == PROBE and states[0].claim_probe(now)) else -1
         ready: list[int] = []
         for i, s in enumerate(states):
             st = s.state(now)
@@ -161,6 +167,90 @@ async def _first_event(it: AsyncIterator[Any]) -> Any:
     return item
 
 
+class _Routed:
+    """The events of one routed request (Routes.stream): the first from
+    `Routes.begin` (retries, hedges, fallbacks), then the winning attempt's
+    events passed through, nothing retried. A class, not an async generator:
+    no per-request registration with the loop's async-generator hooks, one
+    frame per event. Closing it (or losing it) closes the attempt and ends
+    the deployment's outstanding request once. A consumer must close it if
+    it stops before the end (the pipeline does, as for any provider): a
+    `__del__` safety net would cost every request ~4k instructions."""
+
+    __slots__ = ("routes", "model", "attempt", "fallback", "it", "state", "ended")
+
+    def __init__(self, routes: Routes, model: str, attempt: Attempt,
+                 fallback: Fallback | None) -> None:
+        self.routes = routes
+        self.model = model
+        self.attempt: Attempt | None = attempt
+        self.fallback = fallback
+        self.it: AsyncIterator[Any] | None = None
+        self.state: DeploymentState | None = None
+        self.ended = False
+
+    def __aiter__(self) -> _Routed:
+        return self
+
+    async def __anext__(self) -> Any:
+        it = self.it
+        if it is None:
+            if self.ended:
+                raise StopAsyncIteration
+            attempt = self.attempt
+            assert attempt is not None
+            self.attempt = None
+            routes = self.routes
+            alone = routes.alone.get(self.model)
+            try:
+                if alone is not None:  # no fallback, no hedge: one coroutine less
+                    try:
+                        first, self.state, self.it = await routes._first_serial(alone, attempt)
+                    except ProviderError:
+                        alone.budget.failed()
+                        raise
+                else:
+                    first, self.state, self.it = await routes.begin(
+                        self.model, attempt, self.fallback)
+            except BaseException:
+                self.ended = True
+                raise
+            if first is EMPTY:
+                self._end()
+                raise StopAsyncIteration
+            return first
+        try:
+            item = await it.__anext__()
+        except StopAsyncIteration:
+            self._end()
+            raise
+        except ProviderError as e:
+            if counts_against(e):  # cut mid-answer: the deployment's fault
+                self.state.failure(_mono_ns() // 1000)  # type: ignore[union-attr]
+            self._end()
+            raise
+        except BaseException:
+            self._end()
+            raise
+        if isinstance(item, ProviderError) and counts_against(item):
+            self.state.failure(_mono_ns() // 1000)  # type: ignore[union-attr]
+        return item
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.state is not None:
+                self.state.end()
+
+    async def aclose(self) -> None:
+        it = self.it
+        self._end()
+        if it is not None:
+            self.it = None
+            await _aclose(it)
+
+
+
 class Routes:
     """Every model's route in one worker, and the engine."""
 
@@ -173,6 +263,8 @@ class Routes:
         # per model: the models a request tries in order (itself, then its
         # fallbacks, depth first, each once)
         self.chains: dict[str, list[ModelRoute]] = {m: self._chain(m) for m in routes}
+        # models whose requests take the serial path alone (no fallback, no hedge)
+        self.alone = {m: c[0] for m, c in self.chains.items() if len(c) == 1 and not c[0].hedge_s}
 
     def _chain(self, model: str) -> list[ModelRoute]:
         out: list[ModelRoute] = []
@@ -246,9 +338,16 @@ class Routes:
         return cls(routes, table)
 
     # ------------------------------------------------------------ the engine
-    async def stream(self, model: str, attempt: Attempt,
-                     fallback: Fallback | None = None) -> AsyncIterator[Any]:
+    def stream(self, model: str, attempt: Attempt,
+               fallback: Fallback | None = None) -> AsyncIterator[Any]:
         """The events of one request to public model `model` (see the module's doc)."""
+        return _Routed(self, model, attempt, fallback)
+
+    async def begin(self, model: str, attempt: Attempt, fallback: Fallback | None
+                    ) -> tuple[Any, DeploymentState, AsyncIterator[Any]]:
+        """The first event of a request: the model's deployments, then its
+        fallbacks, until one answers: (the event, its deployment's state, the
+        attempt's iterator). Raises the last ProviderError when all fail."""
         chain = self.chains[model]
         route = chain[0]
         error: ProviderError | None = None
@@ -260,49 +359,28 @@ class Routes:
                 attempt = a
                 route.budget.fallback()
                 log.info("model %s: falling back to %s", route.name, r.name)
-            r.budget.request()
             try:
                 if r.hedge_s:
-                    first, run = await self._first(r, attempt)
-                else:
-                    first, run = await self._first_serial(r, attempt)
+                    return await self._first(r, attempt)
+                return await self._first_serial(r, attempt)
             except ProviderError as e:
                 error = e
                 if not retryable(e):
                     break  # the request itself is at fault: no fallback does better
-                continue
-            state = run.state
-            try:
-                if first is EMPTY:
-                    return
-                yield first
-                while True:
-                    try:
-                        item = await run.it.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    except ProviderError as e:
-                        if counts_against(e):  # cut mid-answer: the deployment's fault
-                            state.failure(D.now_us())
-                        raise
-                    if isinstance(item, ProviderError) and counts_against(item):
-                        state.failure(D.now_us())
-                    yield item
-            finally:
-                state.end()
-                await _aclose(run.it)
         route.budget.failed()
         assert error is not None
         raise error
 
-    async def _first_serial(self, route: ModelRoute, attempt: Attempt) -> tuple[Any, _Running]:
+    async def _first_serial(self, route: ModelRoute, attempt: Attempt
+                            ) -> tuple[Any, DeploymentState, AsyncIterator[Any]]:
         """`_first` without hedging: one attempt at a time, its first event
         awaited inline (no task: this is every request's path)."""
+        route.budget.request()
         tried: set[int] = set()
         started = 0
         last: ProviderError | None = None
         while True:
-            now = D.now_us()
+            now = _mono_ns() // 1000
             if started > route.retries or (last is not None and not retryable(last)):
                 break
             if started and not route.budget.spend(now):
@@ -324,7 +402,11 @@ class Routes:
                 s.end()
                 raise
             try:
-                first = await _first_event(it)
+                first = await it.__anext__()
+                if isinstance(first, ProviderError):
+                    raise first  # an error yielded before the answer began: a failed attempt
+            except StopAsyncIteration:
+                first = EMPTY
             except ProviderError as e:
                 s.end()
                 self._failed(route, i, s, e)
@@ -334,9 +416,11 @@ class Routes:
                 s.end()
                 self._close_later(it)
                 raise
-            t = D.now_us()
-            s.success(t - now, t)
-            return first, _Running(i, s, it, None, now)
+            if route.measure:
+                t = _mono_ns() // 1000
+                s.measured(t - now, t)
+            s.success()
+            return first, s, it
         assert last is not None
         raise last
 
@@ -351,10 +435,12 @@ class Routes:
         log.info("model %s deployment %d failed before its answer: %s (%s)",
                  route.name, i, e.message, e.kind)
 
-    async def _first(self, route: ModelRoute, attempt: Attempt) -> tuple[Any, _Running]:
+    async def _first(self, route: ModelRoute, attempt: Attempt
+                     ) -> tuple[Any, DeploymentState, AsyncIterator[Any]]:
         """Attempts on `route`'s deployments until one yields its first event:
         (that event, its attempt). Raises the last ProviderError when the
         retries, the budget or the deployments run out."""
+        route.budget.request()
         loop = asyncio.get_running_loop()
         live: dict[asyncio.Task[Any], _Running] = {}
         tried: set[int] = set()
@@ -414,8 +500,10 @@ class Routes:
                     exc = task.exception()
                     if exc is None:
                         now = D.now_us()
-                        run.state.success(now - run.t0, now)
-                        return task.result(), run
+                        if route.measure:
+                            run.state.measured(now - run.t0, now)
+                        run.state.success()
+                        return task.result(), run.state, run.it
                     run.state.end()
                     self._close_later(run.it)
                     if not isinstance(exc, ProviderError):
