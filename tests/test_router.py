@@ -269,6 +269,28 @@ def test_a_dead_upstream_is_not_hammered(make_server, up):
     assert sent(up, "status;code=500;id=3") == 3
 
 
+# ------------------------------------------------------------ strategies
+def test_lowest_latency_measures_each_once_then_sends_to_the_fastest(make_server, up):
+    srv = make_server(workers=2, config={"models": {"ll": {
+        "strategy": "lowest_latency",
+        "deployments": [dep(up, "delay;ms=300"), dep(up, "chat")]}}})
+    for _ in range(10):  # fresh connections: both workers serve some
+        assert chat(srv, "ll").status_code == 200
+    # the slow one was measured once, by whichever worker: the figure is shared
+    assert sent(up, "delay;ms=300") == 1 and sent(up, "chat") == 9
+    slow, fast = deps(srv, "ll")
+    assert slow["ttfb_ms"] >= 300 > fast["ttfb_ms"] > 0
+
+
+def test_weighted_shares_requests_by_weight(make_server, up):
+    srv = make_server(workers=1, config={"models": {"w": {
+        "strategy": "weighted",
+        "deployments": [dep(up, "chat", weight=3), dep(up, "chat;id=2", weight=1)]}}})
+    for _ in range(8):
+        assert chat(srv, "w").status_code == 200
+    assert (sent(up, "chat"), sent(up, "chat;id=2")) == (6, 2)
+
+
 # ------------------------------------------------------------ least_outstanding
 def _holder(srv: Server, s: socket.socket) -> int:
     me = s.getsockname()
