@@ -171,6 +171,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_workers": Key(int, 0, _non_negative, range=(0, 1024)),
         "max_routes": Key(int, 0, _non_negative, range=(0, 4096)),
         "max_models": Key(int, 0, _non_negative, range=(0, 4096)),
+        "max_deployments": Key(int, 0, _non_negative, range=(0, 65536)),
     },
     # Besides these keys, [[auth.keys]] tables (AUTH_KEY_KEYS) hold the API keys.
     "auth": {
@@ -279,6 +280,8 @@ ROUTER_KEYS: dict[str, Key] = {
     "fallbacks": Key(list, [], _str_list),
     "hedge_after_ms": Key(int, 0, _non_negative, range=(0, 600_000)),
     "retries": Key(int, 0, _non_negative, range=(0, 16)),
+    # retries and hedges per request over the last 10 s, across workers (gateway/budget.py)
+    "retry_budget": Key(NUM, 0.2, _positive, range=(0, 100)),
     **CACHE_KEYS,
 }
 
@@ -383,6 +386,7 @@ class StatsSection(Section):
     max_workers: int
     max_routes: int
     max_models: int
+    max_deployments: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,6 +721,7 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
     _check_listeners(where, tables["server"], tables["tls"])
+    _check_router_room(where, tables["stats"]["max_deployments"], models)
     key_specs = _check_keys(where, auth_keys, models)
     if tables["auth"]["enabled"] and not key_specs:
         raise ConfigError(f"{where}: auth.enabled is true but there is no [[auth.keys]] table "
@@ -729,6 +734,16 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                   models=models, tls=TlsSection(**tables["tls"]),
                   firewall=FirewallSection(**tables["firewall"]),
                   cache=CacheSection(**tables["cache"]))
+
+
+def _check_router_room(where: str, room: int, models: dict[str, dict[str, Any]]) -> None:
+    """[stats] max_deployments, when set, holds every deployment and model."""
+    from .shared.deployments import records_needed
+    need = records_needed(models)
+    if room and room < need:
+        raise ConfigError(f"{where}: stats.max_deployments = {room} is below the {need} "
+                          f"records the [models.*] tables need (one per deployment and per "
+                          f"model; 0 computes it)")
 
 
 def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:

@@ -132,7 +132,8 @@ class Worker:
         # their deployments' figures follow the models'
         from ..gateway import GatewayFigures, stat_names
         gw_figures = GatewayFigures(None, block.state.named)
-        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures)
+        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures,
+                                    block.router, slot_index)
         # windowed + per-model figures, for the routes the App numbers
         public = self.models.names()
         self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
@@ -173,6 +174,8 @@ class Worker:
         self.firewall = fw if fw is not None and fw.at_accept else None
         named = block.state.named
         self.services.stats.add_section("firewall", lambda: firewall_figures(named.get))
+        if self.models.routes is not None:  # per deployment: breaker, outstanding, retries, ...
+            self.services.stats.add_section("router", self.models.routes.figures)
         if cfg.auth.enabled or (fw is not None and fw.at_request):
             # the admission step: firewall rules, keys, models, quotas (security/)
             gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
