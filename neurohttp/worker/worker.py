@@ -37,6 +37,7 @@ from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
+from ..upstream import UpstreamClient
 from .acceptor import Gate
 from .connection import HttpConnection, busy_response, count_refusal
 from .host import Connection
@@ -106,6 +107,9 @@ class Worker:
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
             if cfg.log.access_log else None
         self.app = App(block.geometry.routes)
+        self.app.max_upload_bytes = srv.max_upload_bytes
+        # the upstream client plugins share (pools per origin, this process's loop)
+        self.app.upstream = UpstreamClient()
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
         self.models = ModelRegistry(cfg.models, self.app.providers)
@@ -132,6 +136,7 @@ class Worker:
             # the admission step: firewall rules, keys, models, quotas (security/)
             gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
                                               fw if fw is not None and fw.at_request else None)
+            gate.metered = self.app.mounted  # mounts' requests count against a key's rpm
             if cfg.auth.enabled:
                 self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
                 self.services.stats.add_section(
@@ -238,6 +243,7 @@ class Worker:
                 await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        self.app.upstream.close()  # (after its users: their exchanges are done or cut)
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ connections' host
