@@ -23,11 +23,16 @@ from types import ModuleType
 from typing import Any
 
 from .ai.providers import Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
-from .messages import Request, Response, StreamingResponse
+from .messages import BodyError, Request, Response, StreamingResponse
+from .upstream import ErrorKind, HeaderBlock, PoolLimits, Timeouts, UpstreamError
 
 __all__ = ["Request", "Response", "StreamingResponse", "PluginError", "load_plugins",
            # what a provider (app.add_provider) may yield besides text
-           "Chunk", "Delta", "Finish", "ProviderError", "ToolCallDelta", "Usage"]
+           "Chunk", "Delta", "Finish", "ProviderError", "ToolCallDelta", "Usage",
+           # a streamed body that cannot be read to its end (request.stream())
+           "BodyError",
+           # app.upstream, the worker's shared upstream client: its settings and errors
+           "ErrorKind", "HeaderBlock", "PoolLimits", "Timeouts", "UpstreamError"]
 
 log = logging.getLogger("neurohttp")
 
