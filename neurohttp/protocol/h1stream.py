@@ -24,7 +24,8 @@ module does not touch.
   handler's request_timeout runs from the body's last progress), the 100
   Continue sent when the handler first asks for the body, and a failed body
   (bad framing, over its limit, the client's EOF) reported to the handler
-  through its reader instead of as a second answer.
+  through its reader instead of as a second answer. A client that closes
+  mid-body has gone (its handler is cancelled with the connection).
 
 No clock is read here and no asyncio is used: callbacks (`wake`, `pulled`)
 are what the I/O side hooks in.
@@ -296,7 +297,12 @@ class StreamingConnection(H1Connection[SR]):
         return super().should_read()
 
     def eof_received(self) -> bool:
-        self.parser.fail_stream(400, "the client closed its side before the end of the body")
+        if self.parser.reader is not None:
+            # the body cannot end now: the client has gone, as nginx sees it (499);
+            # False: close now, and the handler is cancelled with the connection
+            # (lost() then fails the body for anything else still reading it)
+            super().eof_received()
+            return False
         return super().eof_received()
 
     def lost(self) -> None:
