@@ -191,6 +191,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "plugins": {
         "paths": Key(list, ["plugins"], _str_list),
         "enabled": Key(list, [], _str_list),
+        # seconds a worker's plugins may take to load (setup() and on_startup hooks)
+        "setup_timeout": Key(NUM, 60.0, _positive, range=(1, HOUR)),
+        # shared counters and figures the plugins may declare (app.counter, app.metric)
+        "max_state_keys": Key(int, 1024, _positive, range=(16, 1_048_576)),
     },
     # The firewall (security/firewall.py, docs/SECURITY.md "Firewall"): address
     # rules at accept, per-client limits exact across workers, request rules.
@@ -345,6 +349,8 @@ class StateSection(Section):
 class PluginsSection(Section):
     paths: list[str]
     enabled: list[str]
+    setup_timeout: float
+    max_state_keys: int
     # Not a schema key: each plugin's own [plugins.<name>] table, checked by the plugin.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 

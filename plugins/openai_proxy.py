@@ -43,6 +43,7 @@ from urllib.parse import quote, urlsplit
 from neurohttp.plugins import (
     ErrorKind,
     HeaderBlock,
+    OptionError,
     PoolLimits,
     Request,
     Response,
@@ -57,10 +58,11 @@ DEFAULT_PATHS = ["/v1/embeddings", "/v1/completions", "/v1/moderations", "/v1/au
                  "/v1/images", "/v1/files", "/v1/uploads", "/v1/batches", "/v1/fine_tuning",
                  "/v1/responses", "/v1/vector_stores", "/v1/assistants", "/v1/threads"]
 
-OPTIONS: dict[str, type | tuple[type, ...]] = {
+# the option schema (checked by the loader, and by `neurohttpd check`)
+OPTIONS: dict[str, type] = {
     "base_url": str, "api_key_env": str, "paths": list, "max_upload_bytes": int,
-    "connect_timeout_s": (int, float), "first_byte_timeout_s": (int, float),
-    "idle_timeout_s": (int, float), "max_connections": int}
+    "connect_timeout_s": float, "first_byte_timeout_s": float, "idle_timeout_s": float,
+    "max_connections": int}
 
 # Never passed upstream: per-hop fields (RFC 9110 7.6.1; the upstream client
 # sets framing and Host itself), the client's credentials (replaced by the
@@ -85,52 +87,48 @@ def _error(status: int, message: str, type_: str, code: str,
                                     "code": code}}, status, headers)
 
 
-def _option_error(key: str, message: str) -> ValueError:
-    return ValueError(f"[plugins.openai_proxy] {key}: {message}")
+def validate(options: dict[str, Any]) -> None:
+    """The values' checks (the loader has checked their types)."""
+    base_url = options.get("base_url")
+    if not base_url:
+        raise OptionError("base_url", "required (e.g. \"https://api.openai.com/v1\")")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise OptionError("base_url", "must be an http:// or https:// URL without a query")
+    for p in options.get("paths", DEFAULT_PATHS):
+        if not isinstance(p, str) or not (p == "/v1" or p.startswith("/v1/")):
+            raise OptionError("paths", f"{p!r} is not a path under /v1/")
+    if options.get("max_upload_bytes", 0) < 0:
+        raise OptionError("max_upload_bytes", "must be >= 0 (0: [server] max_upload_bytes)")
+    if options.get("max_connections", 64) < 1:
+        raise OptionError("max_connections", "must be >= 1")
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "idle_timeout_s"):
+        if key in options and not options[key] > 0:
+            raise OptionError(key, "must be > 0")
 
 
 class Proxy:
     def __init__(self, app: Any, options: dict[str, Any]) -> None:
-        for key, value in options.items():
-            want = OPTIONS.get(key)
-            if want is None:
-                raise _option_error(key, f"unknown option (known: {', '.join(sorted(OPTIONS))})")
-            if not isinstance(value, want) or isinstance(value, bool):
-                raise _option_error(key, f"wrong type {type(value).__name__}")
-        base_url = options.get("base_url")
-        if not base_url:
-            raise _option_error("base_url", "required (e.g. \"https://api.openai.com/v1\")")
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-            raise _option_error("base_url", "must be an http:// or https:// URL without a query")
-        self.base_url = base_url
-        self.base_path = parts.path.rstrip("/").encode()
+        validate(options)  # (the loader did too; setup() may be called directly)
+        self.base_url = base_url = options["base_url"]
+        self.base_path = urlsplit(base_url).path.rstrip("/").encode()
         env = options.get("api_key_env", "OPENAI_API_KEY")
         auth: dict[str, str] = {}
         if env:
             key = os.environ.get(env)
             if not key:
-                raise _option_error("api_key_env", f"the environment variable {env} is not set "
-                                    "(set api_key_env = \"\" to send no key)")
+                raise OptionError("api_key_env", f"the environment variable {env} is not set "
+                                  "(api_key_env = \"\" sends no key)")
             auth["Authorization"] = f"Bearer {key}"
         self.auth = HeaderBlock(auth)  # checked once; its repr shows no value
-        paths = options.get("paths", DEFAULT_PATHS)
-        for p in paths:
-            if not isinstance(p, str) or not (p == "/v1" or p.startswith("/v1/")):
-                raise _option_error("paths", f"{p!r} is not a path under /v1/")
-        self.paths = [p.rstrip("/") or p for p in paths]
-        limit = options.get("max_upload_bytes", 0)
-        if limit < 0:
-            raise _option_error("max_upload_bytes", "must be >= 0 (0: [server] max_upload_bytes)")
-        try:
-            self.timeouts = Timeouts(connect=float(options.get("connect_timeout_s", 3.0)),
-                                     first_byte=float(options.get("first_byte_timeout_s", 600.0)),
-                                     idle=float(options.get("idle_timeout_s", 300.0)))
-            self.limits = PoolLimits(max_connections=options.get("max_connections", 64))
-        except ValueError as e:
-            raise _option_error("timeouts", str(e)) from None
+        self.paths = [p.rstrip("/") or p for p in options.get("paths", DEFAULT_PATHS)]
+        self.timeouts = Timeouts(connect=float(options.get("connect_timeout_s", 3.0)),
+                                 first_byte=float(options.get("first_byte_timeout_s", 600.0)),
+                                 idle=float(options.get("idle_timeout_s", 300.0)))
+        self.limits = PoolLimits(max_connections=options.get("max_connections", 64))
         self.app = app
         self._pool: Any = None
+        limit = options.get("max_upload_bytes", 0)
         for prefix in self.paths:
             app.add_mount(prefix, self.handle, stream_body=True, max_upload_bytes=limit)
 

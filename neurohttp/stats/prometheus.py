@@ -213,3 +213,16 @@ def _auth_metrics(w: _Writer, auth: dict[str, Any]) -> None:
                  "Redis ([state] backend) calls that failed or timed out, and the requests "
                  "then admitted unchecked (fail_open) or refused 503 (fail_closed).",
                  [({"outcome": k}, v) for k, v in redis.items()])
+
+
+def plugin_metrics_text(figures: dict[str, dict[str, int]],
+                        kinds: dict[tuple[str, str], tuple[str, str]]) -> str:
+    """The plugins' figures (app.metric): neurohttp_plugin_<plugin>_<name>, with
+    `_total` for counters (plugin and metric names are [a-z0-9_] already)."""
+    w = _Writer()
+    for plugin, values in figures.items():
+        for name, value in values.items():
+            kind, help_text = kinds.get((plugin, name), ("gauge", name))
+            metric = f"neurohttp_plugin_{plugin}_{name}" + ("_total" if kind == "counter" else "")
+            w.one(metric, kind, help_text.replace("\n", " "), value)
+    return w.text() if w.lines else ""

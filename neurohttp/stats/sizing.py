@@ -35,8 +35,15 @@ def geometry_for(cfg: Any) -> Geometry:
     routes = stats.max_routes or 1 + CORE_ROUTES + models + PLUGIN_ROUTES
     max_workers = stats.max_workers or _room(cfg.worker_count, 8)
     return Geometry(routes=routes, models=models, max_workers=max_workers,
-                    named_keys=table_capacity(NAMED_KEYS_ROOM + 4 * _known_keys(cfg)),
+                    named_keys=table_capacity(NAMED_KEYS_ROOM + _plugin_keys(cfg)
+                                              + 4 * _known_keys(cfg)),
                     open_keys=table_capacity(cfg.state.max_keys))
+
+
+def _plugin_keys(cfg: Any) -> int:
+    """Room for the plugins' shared counters and figures ([plugins] max_state_keys)."""
+    plugins = getattr(cfg, "plugins", None)
+    return int(getattr(plugins, "max_state_keys", 0) or 0)
 
 
 def _known_keys(cfg: Any) -> int:
