@@ -171,9 +171,11 @@ VERSIONED = '''
 from neurohttp.plugins import Response
 
 def setup(app, options):
+    served = app.counter("served")   # shared state outlives the reload
+
     @app.route("GET", "/version")
     def version(request):
-        return Response("{v}")
+        return Response("{v} %d" % served.add(1))
 '''
 
 
@@ -181,6 +183,7 @@ def test_a_hup_picks_up_changed_plugin_code_with_no_request_lost(make_server, tm
     pdir = plugin_dir(tmp_path, ver=VERSIONED.replace("{v}", "v1"))
     srv = make_server(workers=2, config=config(pdir, "ver"))
     seen: dict[str, int] = {}
+    numbers: list[int] = []
     lock = threading.Lock()
     stop = threading.Event()
 
@@ -189,6 +192,11 @@ def test_a_hup_picks_up_changed_plugin_code_with_no_request_lost(make_server, tm
             try:
                 status, _, body = srv.request("GET", "/version", timeout=10)
                 outcome = body.decode() if status == 200 else f"status {status}"
+                if status == 200:
+                    version, n = outcome.split()
+                    outcome = version
+                    with lock:
+                        numbers.append(int(n))
             except Exception as e:  # a lost request
                 outcome = f"failed: {type(e).__name__}"
             with lock:
@@ -208,4 +216,6 @@ def test_a_hup_picks_up_changed_plugin_code_with_no_request_lost(make_server, tm
         for t in threads:
             t.join(15)
     assert set(seen) == {"v1", "v2"}, seen
+    # the counter went on across the reload: every add returned a new value, none lost
+    assert sorted(numbers) == list(range(1, len(numbers) + 1))
     wait_for(lambda: srv.stats()["master"]["reloads"] == 1, 10, what="the reload counted")

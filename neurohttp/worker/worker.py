@@ -113,15 +113,15 @@ class Worker:
         # the upstream client plugins share (pools per origin, this process's loop)
         self.app.upstream = UpstreamClient()
         # The plugins' shared state, timers and figures (plugins.py); the plugins
-        # themselves load in _start, once the signal handlers and heartbeat run.
+        # themselves load in build(), once the signal handlers and heartbeat run.
         self.plugins = PluginRuntime(plugin_state(cfg, block))
         self.setup_timeout = float(cfg.plugins.setup_timeout)
-        self.models: ModelRegistry = None  # type: ignore[assignment]  # _start
+        self.models: ModelRegistry = None  # type: ignore[assignment]  # build()
         self.meter: Meter = None  # type: ignore[assignment]
         self.services: Services = None  # type: ignore[assignment]
         self.firewall: Any = None
 
-    def _start(self) -> None:
+    def build(self) -> None:
         """Load the plugins, then build what serves requests: the models (with
         the providers plugins add), the services, the core routes (a plugin
         route colliding with one is an error naming the plugin), the security."""
@@ -173,7 +173,7 @@ class Worker:
         self._plugin_loading = plugin
 
     async def _start_watched(self) -> None:
-        """_start and the plugins' on_startup hooks, with the heartbeat stamped
+        """build() and the plugins' on_startup hooks, with the heartbeat stamped
         from a thread meanwhile (a plugin's setup() may block the loop for a
         while: that is not a hung worker), bounded by [plugins] setup_timeout:
         past it the worker logs the plugin it was loading and exits (the
@@ -200,7 +200,7 @@ class Worker:
         watcher = threading.Thread(target=watch, name="plugin-setup-watch", daemon=True)
         watcher.start()
         try:
-            self._start()
+            self.build()
             stage[0] = "on_startup"
             for owner, fn in self.app.startup:
                 self._plugin_loading = owner
