@@ -4,6 +4,12 @@ Handlers take a Request and return a Response, a StreamingResponse, or an
 awaitable of one of those (an `async def` handler). The connection calls
 `App.handle` and never looks at routes itself.
 
+Routes are exact paths; `mount(prefix)` routes every path under a prefix that
+no exact route takes (the longest prefix first). A route or mount made with
+`stream_body=True` gets its request as soon as the head has arrived and reads
+the body with `request.stream()` (protocol/h1stream.py), up to its
+`max_upload_bytes` (0: [server] max_upload_bytes) instead of max_body_bytes.
+
 Plugins register through their own facade (neurohttp/plugins.py PluginApp),
 which passes its name as the `owner` of what it adds: a route that collides
 with another owner's is an error at load (RouteConflict), a hook or a plugin
@@ -20,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .errors import error_response
-from .messages import Request, Response, StreamingResponse, WebSocketUpgrade
+from .messages import BodyError, Request, Response, StreamingResponse, WebSocketUpgrade
 
 log = logging.getLogger("neurohttp")
 _new = object.__new__
@@ -79,6 +85,27 @@ def tag_owner(fn: Any, owner: str) -> None:
     except (AttributeError, TypeError):
         pass  # a builtin or a callable object with __slots__: the module names it
 
+DEFAULT_MAX_UPLOAD = 1 << 30  # [server] max_upload_bytes
+
+
+class Mount:
+    """Every path under `prefix` ("/v1/files" takes /v1/files and /v1/files/...;
+    "/v1/audio/" what starts with it), for `methods` (None: any)."""
+
+    __slots__ = ("prefix", "under", "handler", "methods", "upload", "owner")
+
+    def __init__(self, prefix: str, handler: Handler, methods: frozenset[str] | None,
+                 upload: int, owner: str = "") -> None:
+        self.owner = owner
+        self.prefix = prefix
+        self.under = prefix if prefix.endswith("/") else prefix + "/"
+        self.handler = handler
+        self.methods = methods
+        self.upload = upload  # -1: collected body; 0: the server's upload limit; else bytes
+
+    def takes(self, path: str) -> bool:
+        return path.startswith(self.under) or path == self.prefix
+
 
 class App:
     """Routing table and hooks shared by core routes and plugins."""
@@ -114,9 +141,23 @@ class App:
         self.gate: Any = None
         self.stats_routes = stats_routes
         self._routes_full = False  # logged once
+        # Streamed-body routes: path -> method -> upload limit (0: the server's);
+        # prefix mounts, longest first. max_upload > 0 makes the connections
+        # parse for streamed bodies (none when no route streams: no cost).
+        self.uploads: dict[str, dict[str, int]] = {}
+        self.mounts: list[Mount] = []
+        self.max_upload_bytes = DEFAULT_MAX_UPLOAD  # the worker sets [server] max_upload_bytes
+        self._max_upload: tuple[int, int] | None = None  # (max_upload_bytes, max_upload)
+        # The worker's shared upstream HTTP client (upstream.UpstreamClient), made
+        # after the fork and closed at drain by the worker; plugins take pools
+        # from it (app.upstream.pool(url, ...)) and never open their own.
+        self.upstream: Any = None
 
     # ------------------------------------------------------------ registration
-    def add_route(self, method: str, path: str, handler: Handler, owner: str = CORE) -> None:
+    def add_route(self, method: str, path: str, handler: Handler, owner: str = CORE, *,
+                  stream_body: bool = False, max_upload_bytes: int = 0) -> None:
+        if max_upload_bytes < 0:
+            raise ValueError("max_upload_bytes must be >= 0")
         method = method.upper()
         prev = self.route_owner.get((method, path))
         if prev is not None and prev != owner:
@@ -127,6 +168,11 @@ class App:
                                 f"{'a core route' if not prev else f'a route of plugin {prev!r}'}")
         if owner:
             handler = PluginRoute(owner, method, path, handler)
+        self._max_upload = None
+        if stream_body:
+            self.uploads.setdefault(path, {})[method] = max_upload_bytes
+        else:
+            self.uploads.get(path, {}).pop(method, None)
         if path not in self.routes:
             if len(self.route_names) < self.stats_routes:
                 self.route_index[path] = len(self.route_names)
@@ -149,11 +195,77 @@ class App:
             self.route_owner[("HEAD", path)] = self.route_owner[("GET", path)]
         self._allow[path] = ", ".join(sorted(methods))
 
-    def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
+    def route(self, method: str, path: str, *, stream_body: bool = False,
+              max_upload_bytes: int = 0) -> Callable[[Handler], Handler]:
         def deco(fn: Handler) -> Handler:
-            self.add_route(method, path, fn)
+            self.add_route(method, path, fn, stream_body=stream_body,
+                           max_upload_bytes=max_upload_bytes)
             return fn
         return deco
+
+    def add_mount(self, prefix: str, handler: Handler, owner: str = CORE, *,
+                  methods: list[str] | None = None, stream_body: bool = False,
+                  max_upload_bytes: int = 0) -> None:
+        """Route every path under `prefix` that no exact route takes to `handler`."""
+        if not prefix.startswith("/"):
+            raise ValueError(f"mount prefix {prefix!r} must start with /")
+        if max_upload_bytes < 0:
+            raise ValueError("max_upload_bytes must be >= 0")
+        prev = next((m for m in self.mounts if m.prefix == prefix), None)
+        if prev is not None and prev.owner != owner:
+            raise RouteConflict(f"{owner_text(owner)}: mount {prefix} collides with one of "
+                                f"{owner_text(prev.owner)}")
+        if owner:
+            handler = PluginRoute(owner, "*", prefix + "*", handler)
+        self._max_upload = None
+        m = Mount(prefix, handler, frozenset(x.upper() for x in methods) if methods else None,
+                  max_upload_bytes if stream_body else -1, owner)
+        self.mounts = sorted([x for x in self.mounts if x.prefix != prefix] + [m],
+                             key=lambda x: -len(x.prefix))
+
+    def mount(self, prefix: str, *, methods: list[str] | None = None, stream_body: bool = False,
+              max_upload_bytes: int = 0) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            self.add_mount(prefix, fn, methods=methods, stream_body=stream_body,
+                           max_upload_bytes=max_upload_bytes)
+            return fn
+        return deco
+
+    def mounted(self, path: str) -> Mount | None:
+        """The mount that takes `path` (no exact route does), or None."""
+        if path in self.routes:
+            return None
+        for m in self.mounts:
+            if m.takes(path):
+                return m
+        return None
+
+    # ------------------------------------------------------------ streamed bodies
+    @property
+    def max_upload(self) -> int:
+        """The largest upload limit of a streamed route; 0 when none streams
+        (read for each connection: computed once routes are registered)."""
+        cached = self._max_upload
+        if cached is not None and cached[0] == self.max_upload_bytes:
+            return cached[1]
+        limits = [lim for methods in self.uploads.values() for lim in methods.values()]
+        limits += [m.upload for m in self.mounts if m.upload >= 0]
+        value = max((lim or self.max_upload_bytes for lim in limits), default=0)
+        self._max_upload = (self.max_upload_bytes, value)
+        return value
+
+    def upload_limit(self, req: Request) -> int:
+        """The upload limit of `req`'s route if it streams its body, else 0 (the
+        parser asks at each head with a body, on servers with streamed routes)."""
+        path = req.path
+        methods = self.uploads.get(path)
+        if methods is not None:
+            lim = methods.get(req.method)
+            return 0 if lim is None else lim or self.max_upload_bytes
+        m = self.mounted(path)
+        if m is None or m.upload < 0 or (m.methods is not None and req.method not in m.methods):
+            return 0
+        return m.upload or self.max_upload_bytes
 
     def before_request(self, fn: Hook, owner: str = CORE) -> Hook:
         tag_owner(fn, owner)
@@ -200,12 +312,32 @@ class App:
         if methods is None:
             methods = self.routes.get(req.path)
             if methods is None:
-                return error_response(req, 404, f"no route for {req.path}")
+                return self._dispatch_mounted(req)
         handler = methods.get(req.method)
         if handler is None:
             return self.method_not_allowed(req)
         try:
             return handler(req)
+        except Exception:
+            log.exception("handler for %s %s failed", req.method, req.path)
+            return error_response(req, 500, "internal server error")
+
+    def _mounted_handler(self, req: Request) -> Handler | Response:
+        """The handler of a path no exact route takes, or the 404/405 answer."""
+        m = self.mounted(req.path)
+        if m is None:
+            return error_response(req, 404, f"no route for {req.path}")
+        if m.methods is not None and req.method not in m.methods:
+            return error_response(req, 405, f"method {req.method} not allowed on {req.path}",
+                                  headers={"Allow": ", ".join(sorted(m.methods))})
+        return m.handler
+
+    def _dispatch_mounted(self, req: Request) -> Result:
+        handler = self._mounted_handler(req)
+        if type(handler) is Response:
+            return handler
+        try:
+            return handler(req)  # type: ignore[operator]
         except Exception:
             log.exception("handler for %s %s failed", req.method, req.path)
             return error_response(req, 500, "internal server error")
@@ -255,11 +387,16 @@ class App:
         methods = self.raw_routes.get(req.target)
         if methods is None:
             methods = self.routes.get(req.path)
-            if methods is None:
-                return self._after(req, error_response(req, 404, f"no route for {req.path}"))
-        handler = methods.get(req.method)
-        if handler is None:
-            return self._after(req, self.method_not_allowed(req))
+        found: Handler | Response | None
+        if methods is None:
+            found = self._mounted_handler(req)
+        else:
+            found = methods.get(req.method)
+            if found is None:
+                found = self.method_not_allowed(req)
+        if type(found) is Response:
+            return self._after(req, found)
+        handler: Handler = found  # type: ignore[assignment]
         try:
             result = handler(req)
         except Exception:
@@ -305,6 +442,8 @@ class App:
     async def _finish_async(self, req: Request, pending: Awaitable[Any]) -> Any:
         try:
             result = await pending
+        except BodyError:
+            raise  # its streamed body failed: the connection answers its status
         except Exception:
             log.exception("handler for %s %s failed", req.method, req.path)
             result = error_response(req, 500, "internal server error")
@@ -389,6 +528,8 @@ class PluginRoute:
     async def _await(self, req: Request, pending: Awaitable[Any]) -> Any:
         try:
             r = await pending
+        except BodyError:
+            raise  # its streamed body failed: the connection answers its status
         except Exception as e:
             return self._failed(req, e)
         return self._checked(req, r)

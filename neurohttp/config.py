@@ -142,6 +142,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_connections": Key(int, 10000, _positive, range=(1, 1_000_000)),
         "max_header_bytes": Key(int, 16384, _positive, range=(1, MiB)),
         "max_body_bytes": Key(int, 8 * 1024 * 1024, _non_negative, range=(0, GiB)),
+        # the body limit of routes that stream their body (a plugin's stream_body=True)
+        "max_upload_bytes": Key(int, GiB, _positive, range=(1, 1024 * GiB)),
         "header_timeout": Key(NUM, 10.0, _positive, range=(0, HOUR)),
         "body_timeout": Key(NUM, 30.0, _positive, range=(0, HOUR)),
         "keepalive_timeout": Key(NUM, 5.0, _non_negative, range=(0, HOUR)),
@@ -354,6 +356,7 @@ class ServerSection(Section):
     max_connections: int
     max_header_bytes: int
     max_body_bytes: int
+    max_upload_bytes: int
     header_timeout: float
     body_timeout: float
     keepalive_timeout: float

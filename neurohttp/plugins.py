@@ -37,17 +37,22 @@ from .ai.providers import Chunk, Delta, Finish, ProviderError, ToolCallDelta, Us
 from .app import App, Handler, Hook, RouteConflict
 from .context import PLUGIN_MODULE_PREFIX, StatsReader, UsageEvent
 from .errors import error_response
-from .messages import Request, Response, StreamingResponse
+from .messages import BodyError, Request, Response, StreamingResponse
 from .pluginkit.options import OptionError, check_options
 from .pluginkit.state import Counter, Metric, Rate, StateRuntime, StateUnavailable, settle
 from .pluginkit.timers import Timers
 from .shared.store import Admission
+from .upstream import ErrorKind, HeaderBlock, PoolLimits, Timeouts, UpstreamError
 
 __all__ = ["Request", "Response", "StreamingResponse", "PluginError", "PluginApp",
            "load_plugins", "error_response", "OptionError", "Counter", "Rate", "Metric",
            "Admission", "StateUnavailable", "settle", "UsageEvent",
            # what a provider (app.add_provider) may yield besides text
-           "Chunk", "Delta", "Finish", "ProviderError", "ToolCallDelta", "Usage"]
+           "Chunk", "Delta", "Finish", "ProviderError", "ToolCallDelta", "Usage",
+           # a streamed body that cannot be read to its end (request.stream())
+           "BodyError",
+           # app.upstream, the worker's shared upstream client: its settings and errors
+           "ErrorKind", "HeaderBlock", "PoolLimits", "Timeouts", "UpstreamError"]
 
 log = logging.getLogger("neurohttp")
 
@@ -93,15 +98,49 @@ class PluginApp:
         self.log = logging.getLogger(f"neurohttp.plugin.{name}")
 
     # ------------------------------------------------------------ routes and hooks
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        self._app.add_route(method, path, handler, owner=self.name)
+    def add_route(self, method: str, path: str, handler: Handler, *,
+                  stream_body: bool = False, max_upload_bytes: int = 0) -> None:
+        self._app.add_route(method, path, handler, owner=self.name, stream_body=stream_body,
+                            max_upload_bytes=max_upload_bytes)
 
-    def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
-        """Decorator: `handler(request)` (def or async def) answers `method path`."""
+    def route(self, method: str, path: str, *, stream_body: bool = False,
+              max_upload_bytes: int = 0) -> Callable[[Handler], Handler]:
+        """Decorator: `handler(request)` (def or async def) answers `method path`.
+        stream_body: the handler gets the request once its head has arrived and
+        reads the body with `async for piece in request.stream()` as the client
+        sends it (an async handler), up to `max_upload_bytes` (0: [server]
+        max_upload_bytes) instead of max_body_bytes."""
         def deco(fn: Handler) -> Handler:
-            self.add_route(method, path, fn)
+            self.add_route(method, path, fn, stream_body=stream_body,
+                           max_upload_bytes=max_upload_bytes)
             return fn
         return deco
+
+    def add_mount(self, prefix: str, handler: Handler, *, methods: list[str] | None = None,
+                  stream_body: bool = False, max_upload_bytes: int = 0) -> None:
+        self._app.add_mount(prefix, handler, self.name, methods=methods,
+                            stream_body=stream_body, max_upload_bytes=max_upload_bytes)
+
+    def mount(self, prefix: str, *, methods: list[str] | None = None, stream_body: bool = False,
+              max_upload_bytes: int = 0) -> Callable[[Handler], Handler]:
+        """Decorator: `handler(request)` answers every path under `prefix` that
+        no exact route takes ("/v1/files": /v1/files and /v1/files/...), for
+        `methods` (None: all); stream_body and max_upload_bytes as for route()."""
+        def deco(fn: Handler) -> Handler:
+            self.add_mount(prefix, fn, methods=methods, stream_body=stream_body,
+                           max_upload_bytes=max_upload_bytes)
+            return fn
+        return deco
+
+    @property
+    def upstream(self) -> Any:
+        """The worker's shared upstream HTTP client (neurohttp.upstream
+        UpstreamClient): `app.upstream.pool(base_url, limits=PoolLimits(...),
+        timeouts=Timeouts(...))` gives a pooled, keep-alive client for an
+        origin, shared by every plugin and provider of the worker, made after
+        the fork and closed when the worker drains. None in `neurohttpd check`
+        (take the pool when serving, not in setup)."""
+        return self._app.upstream
 
     def before_request(self, fn: Hook) -> Hook:
         """`fn(request)` (def or async def) runs before routing, every hook in

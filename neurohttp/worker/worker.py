@@ -39,6 +39,7 @@ from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
+from ..upstream import UpstreamClient
 from .acceptor import Gate
 from .connection import HttpConnection, busy_response, count_refusal
 from .host import Connection
@@ -108,6 +109,11 @@ class Worker:
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
             if cfg.log.access_log else None
         self.app = App(block.geometry.routes)
+        self.app.max_upload_bytes = srv.max_upload_bytes
+        # The upstream client (pools per origin, this process's loop, made after
+        # the fork): one per worker, shared by the openai models and the plugins
+        # (app.upstream); closed after the drain and the on_shutdown hooks.
+        self.upstream = self.app.upstream = UpstreamClient()
         # The plugins' shared state, timers and figures (plugins.py); the plugins
         # themselves load in build(), once the signal handlers and heartbeat run.
         self.plugins = PluginRuntime(plugin_state(cfg, block))
@@ -116,10 +122,6 @@ class Worker:
         self.meter: Meter = None  # type: ignore[assignment]
         self.services: Services = None  # type: ignore[assignment]
         self.firewall: Any = None
-        # openai models: one upstream client per worker (made here, after the fork;
-        # closed at the end of the drain)
-        from ..upstream import UpstreamClient
-        self.upstream = UpstreamClient()
 
     def build(self) -> None:
         """Load the plugins, then build what serves requests: the models (with
@@ -180,6 +182,7 @@ class Worker:
             # the admission step: firewall rules, keys, models, quotas (security/)
             gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
                                               fw if fw is not None and fw.at_request else None)
+            gate.metered = self.app.mounted  # mounts' requests count against a key's rpm
             if cfg.auth.enabled:
                 self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
                 self.services.stats.add_section(
@@ -268,6 +271,7 @@ class Worker:
         drain_start = time.monotonic()
         await self._drain()
         await self._shutdown_hooks(drain_start + self.graceful_timeout + CUT_FLUSH)
+        self.upstream.close()  # after its users: requests drained, on_shutdown hooks run
         if self.access_log is not None:
             self.access_log.flush()
         return 0
@@ -350,7 +354,6 @@ class Worker:
                 await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
-        self.upstream.close()
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ connections' host
