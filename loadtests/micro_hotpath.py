@@ -10,6 +10,9 @@ Used to compare hot-path changes; end-to-end numbers come from bench.py.
 `--auth key` runs the same requests with [auth] on and an API key sent in
 Authorization (no limits: the key check and the key's figures); `--auth quota`
 gives that key rpm, tpm and daily limits too (shared memory, never reached).
+`--firewall rules` runs them through a [firewall] with allow/deny networks,
+trusted proxies, user-agent and path rules (none refusing them); `--firewall
+rate` adds rps_per_ip (never reached); `--ua` sends a User-Agent header.
 """
 
 from __future__ import annotations
@@ -81,9 +84,24 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run one request kind, e.g. 'GET /health'")
     ap.add_argument("--auth", choices=("off", "key", "quota"), default="off",
                     help="[auth] off, on with an unlimited key, or with rpm/tpm/daily limits")
+    ap.add_argument("--firewall", choices=("off", "rules", "rate"), default="off",
+                    help="[firewall] empty, with address/agent/path rules (none refusing "
+                         "these requests), or with those and rps_per_ip (never reached)")
+    ap.add_argument("--ua", action="store_true", help="send a User-Agent header")
     args = ap.parse_args()
     requests = REQUESTS
-    if args.auth == "off":
+    if args.ua:
+        requests = {name: raw.replace(b"\r\nHost:", b"\r\nUser-Agent: python-httpx/0.27.0"
+                                      b"\r\nHost:", 1) for name, raw in requests.items()}
+    if args.firewall != "off":
+        rules = {"allow": ["127.0.0.0/8"], "deny": ["10.0.0.0/8", "192.0.2.0/24"],
+                 "max_connections_per_ip": 100, "trusted_proxies": ["10.0.0.0/8"],
+                 "deny_user_agents": ["nmap", "sqlmap", "nikto"],
+                 "deny_paths": ["/.env", "/admin", "/wp-login.php"]}
+        if args.firewall == "rate":
+            rules["rps_per_ip"] = 10**6
+        cfg = config.from_dict({"firewall": rules})
+    elif args.auth == "off":
         cfg = config.load(None)
     else:
         limits = {"rpm": 10**9, "tpm": 10**12, "daily_tokens": 10**15} \
@@ -91,7 +109,7 @@ def main() -> None:
         cfg = config.from_dict({"auth": {"enabled": True, "keys": [
             {"name": "bench", "sha256": hashlib.sha256(KEY).hexdigest(), **limits}]}})
         requests = {name: raw.replace(b"\r\nHost:", b"\r\nAuthorization: Bearer " + KEY
-                                      + b"\r\nHost:", 1) for name, raw in REQUESTS.items()}
+                                      + b"\r\nHost:", 1) for name, raw in requests.items()}
     block = StatsBlock.create(f"neurohttp-microbench-{os.getpid()}", geometry_for(cfg))
     try:
         idx = block.reserve_slot(1, 1)
@@ -102,7 +120,7 @@ def main() -> None:
         for name, raw in requests.items():
             if args.only and name != args.only:
                 continue
-            conn = HttpConnection(w)
+            conn = HttpConnection(w.conn_settings, w)
             t = FakeTransport()
             conn.connection_made(t)
             best = float("inf")

@@ -84,7 +84,7 @@ def main() -> None:
         port = sock.getsockname()[1]
 
         async def serve() -> None:
-            server = await loop.create_server(lambda: HttpConnection(w), sock=sock,
+            server = await loop.create_server(lambda: HttpConnection(w.conn_settings, w), sock=sock,
                                               **tlsconfig.server_kwargs(ctx, 10.0))
             client = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", CLIENT, str(port), str(ca_file) if ctx else "",

@@ -165,7 +165,8 @@ class App:
         if self.after_hooks and type(resp) is Response:
             # handlers may share one Response between requests (e.g. /health's
             # per-second cache): hooks change a copy, never the shared object
-            resp = Response(resp.body, resp.status, dict(resp.headers), resp.content_type)
+            resp = Response(resp.body, resp.status, dict(resp.headers), resp.content_type,
+                            resp.trusted_headers)
         for hook in self.after_hooks:
             try:
                 hook(req, resp)

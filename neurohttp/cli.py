@@ -304,6 +304,8 @@ def check(config_path: str | None) -> None:
             click.echo(f"neurohttpd: {e}", err=True)
             sys.exit(1)
     _check_tls(cfg)
+    for warning in config_mod.warnings(cfg):
+        click.echo(f"neurohttpd: warning: {warning}", err=True)
     where = cfg.path or "the embedded defaults"
     listens = cfg.server.bind + [f"{a} (tls)" for a in cfg.server.tls_bind]
     click.echo(f"neurohttpd: configuration {where} is valid "

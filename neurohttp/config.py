@@ -113,6 +113,10 @@ def _str_list(v: Any) -> str | None:
     return None if all(isinstance(x, str) and x for x in v) else "must be a list of names"
 
 
+def _substrings(v: Any) -> str | None:
+    return None if all(isinstance(x, str) and x for x in v) else "must be a list of non-empty strings"
+
+
 def _path_prefixes(v: Any) -> str | None:
     if all(isinstance(x, str) and x.startswith("/") for x in v):
         return None
@@ -142,6 +146,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "body_timeout": Key(NUM, 30.0, _positive, range=(0, HOUR)),
         "keepalive_timeout": Key(NUM, 5.0, _non_negative, range=(0, HOUR)),
         "send_timeout": Key(NUM, 60.0, _positive, range=(0, HOUR)),
+        "request_timeout": Key(NUM, 600.0, _positive, range=(1, DAY)),
         "graceful_timeout": Key(NUM, 30.0, _non_negative, range=(0, HOUR)),
         "worker_timeout": Key(NUM, 30.0, _positive, range=(1, HOUR)),
         "max_requests": Key(int, 0, _non_negative, range=(0, 10**9)),
@@ -184,6 +189,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "plugins": {
         "paths": Key(list, ["plugins"], _str_list),
         "enabled": Key(list, [], _str_list),
+    },
+    # The firewall (security/firewall.py, docs/SECURITY.md "Firewall"): address
+    # rules at accept, per-client limits exact across workers, request rules.
+    "firewall": {
+        "allow": Key(list, [], _cidr_list),
+        "deny": Key(list, [], _cidr_list),
+        "max_connections_per_ip": Key(int, 0, _non_negative, range=(0, 1_000_000)),
+        "rps_per_ip": Key(int, 0, _non_negative, range=(0, 1_000_000)),
+        "deny_user_agents": Key(list, [], _substrings),
+        "deny_paths": Key(list, [], _path_prefixes),
+        "trusted_proxies": Key(list, [], _cidr_list),
     },
     # Used by the server.tls_bind listeners; the files are read and checked by
     # tlsconfig.py (neurohttpd check, start, reload).
@@ -234,6 +250,66 @@ MODEL_KEYS: dict[str, dict[str, Key]] = {
     },
 }
 
+# An OpenAI-compatible upstream (the `openai` provider, neurohttp/gateway/,
+# docs/ROUTING.md): a model's own keys (how its deployments are chosen), then
+# the keys of one deployment. A model with one deployment may put those in its
+# own table; several go in [[models.<name>.deployments]] tables.
+STRATEGIES = ("round_robin", "weighted", "least_outstanding", "lowest_latency")
+ROUTER_KEYS: dict[str, Key] = {
+    "provider": Key(str, "openai"),
+    "max_output_tokens": MAX_OUTPUT_TOKENS,
+    "strategy": Key(str, "round_robin", _one_of(*STRATEGIES)),
+    "fallbacks": Key(list, [], _str_list),
+    "hedge_after_ms": Key(int, 0, _non_negative, range=(0, 600_000)),
+    "retries": Key(int, 0, _non_negative, range=(0, 16)),
+    "cache_ttl_s": Key(NUM, 0.0, _non_negative, range=(0, 30 * DAY)),
+}
+
+
+def _upstream_url(v: Any) -> str | None:
+    from .upstream.origin import split_url  # (a leaf module: no import cycle)
+    try:
+        split_url(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _headers_table(v: Any) -> str | None:
+    from .upstream.h1_client import HeaderBlock
+    if not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        return "must be a table of header names to string values"
+    try:
+        HeaderBlock(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _env_name(v: Any) -> str | None:
+    if not v or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        return None
+    return "must be an environment variable's name"
+
+
+DEPLOYMENT_KEYS: dict[str, Key] = {
+    "provider": Key(str, "openai", _one_of("openai")),
+    "base_url": Key(str, "https://api.openai.com/v1", _upstream_url),
+    "model": Key(str, ""),              # the upstream's own name ("": the public name)
+    "api_key_env": Key(str, "", _env_name),
+    "headers": Key(dict, {}, _headers_table),
+    "weight": Key(int, 1, _positive, range=(1, 1_000_000)),
+    "max_connections": Key(int, 64, _positive, range=(1, 100_000)),
+    "connect_timeout_s": Key(NUM, 3.0, _positive, range=(0, HOUR)),
+    "first_byte_timeout_s": Key(NUM, 60.0, _positive, range=(0, HOUR)),
+    "idle_timeout_s": Key(NUM, 30.0, _positive, range=(0, HOUR)),
+    "total_timeout_s": Key(NUM, 0.0, _non_negative, range=(0, DAY)),
+    "breaker_failures": Key(int, 5, _non_negative, range=(0, 1_000_000)),
+    "breaker_cooldown_s": Key(NUM, 10.0, _non_negative, range=(0, HOUR)),
+    "ca_file": Key(str, ""),
+}
+MODEL_KEYS["openai"] = {**ROUTER_KEYS, **DEPLOYMENT_KEYS}
+
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {"echo": {"provider": "echo", "token_delay_ms": 0}}
 
 
@@ -262,6 +338,7 @@ class ServerSection(Section):
     body_timeout: float
     keepalive_timeout: float
     send_timeout: float
+    request_timeout: float
     graceful_timeout: float
     worker_timeout: float
     max_requests: int
@@ -330,6 +407,17 @@ class PluginsSection(Section):
 
 
 @dataclass(frozen=True, slots=True)
+class FirewallSection(Section):
+    allow: list[str]
+    deny: list[str]
+    max_connections_per_ip: int
+    rps_per_ip: int
+    deny_user_agents: list[str]
+    deny_paths: list[str]
+    trusted_proxies: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class TlsSection(Section):
     cert_file: str
     key_file: str
@@ -339,7 +427,8 @@ class TlsSection(Section):
 # The dataclass of each SCHEMA table, in the schema's order.
 SECTIONS: dict[str, type[Section]] = {
     "server": ServerSection, "log": LogSection, "stats": StatsSection, "auth": AuthSection,
-    "state": StateSection, "plugins": PluginsSection, "tls": TlsSection,
+    "state": StateSection, "plugins": PluginsSection, "firewall": FirewallSection,
+    "tls": TlsSection,
 }
 
 
@@ -357,6 +446,7 @@ class Config:
     plugins: PluginsSection
     models: dict[str, dict[str, Any]]
     tls: TlsSection
+    firewall: FirewallSection
 
     @property
     def binds(self) -> list[tuple[str, int]]:
@@ -418,7 +508,8 @@ def _check_table(where: str, prefix: str, keys: dict[str, Key], table: Any) -> d
         if k in table:
             out[k] = _check_value(where, f"{prefix}.{k}", spec, table[k])
         else:
-            out[k] = list(spec.default) if isinstance(spec.default, list) else spec.default
+            d = spec.default
+            out[k] = list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d
     return out
 
 
@@ -433,7 +524,7 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
     for name, table in models.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: models.{name} must be a table")
-        provider = table.get("provider", "echo")
+        provider = table.get("provider", "openai" if "deployments" in table else "echo")
         if not isinstance(provider, str):
             raise ConfigError(f"{where}: models.{name}.provider: expected a string, "
                               f"got {type(provider).__name__}")
@@ -448,7 +539,86 @@ def _check_models(where: str, models: Any, plugins: bool = False) -> dict[str, d
             raise ConfigError(f"{where}: models.{name}.provider: unknown provider {provider!r} "
                               f"(built in: {', '.join(sorted(MODEL_KEYS))}; plugins.enabled "
                               f"is empty, so no plugin adds one)")
-        out[name] = _check_table(where, f"models.{name}", keys, table)
+        if provider == "openai":
+            out[name] = _check_openai(where, name, table)
+        else:
+            out[name] = _check_table(where, f"models.{name}", keys, table)
+    _check_fallbacks(where, out)
+    return out
+
+
+def _check_openai(where: str, name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """An `openai` model: its router keys, and its deployments (inline: one, from
+    the model's own table) checked with DEPLOYMENT_KEYS, each with its `model`
+    defaulting to the public name and its `ca_file` readable. The result has
+    the router keys and `deployments`, a list of deployment tables."""
+    prefix = f"models.{name}"
+    if "deployments" in table:
+        deps = table["deployments"]
+        inline = [k for k in table if k not in ROUTER_KEYS and k != "deployments"]
+        if inline:
+            raise ConfigError(f"{where}: {prefix}.{inline[0]}: a deployment's key goes in its "
+                              f"[[{prefix}.deployments]] table when the model has those")
+        if not isinstance(deps, list) or not deps or not all(isinstance(d, dict) for d in deps):
+            raise ConfigError(f"{where}: {prefix}.deployments must be a non-empty array of "
+                              f"tables ([[{prefix}.deployments]])")
+        out = _check_table(where, prefix, ROUTER_KEYS, {k: v for k, v in table.items()
+                                                        if k != "deployments"})
+        tables = [(f"{prefix}.deployments[{i}]", d) for i, d in enumerate(deps)]
+    else:
+        both = _check_table(where, prefix, MODEL_KEYS["openai"], table)
+        out = {k: both[k] for k in ROUTER_KEYS}
+        tables = [(prefix, {k: v for k, v in table.items() if k not in ROUTER_KEYS})]
+    out["deployments"] = []
+    for p, d in tables:
+        dep = _check_table(where, p, DEPLOYMENT_KEYS, d)
+        dep["model"] = dep["model"] or name
+        if dep["ca_file"] and not os.access(dep["ca_file"], os.R_OK):
+            raise ConfigError(f"{where}: {p}.ca_file: cannot read {dep['ca_file']!r}")
+        out["deployments"].append(dep)
+    return out
+
+
+def _check_fallbacks(where: str, models: dict[str, dict[str, Any]]) -> None:
+    """Every fallback names a configured model other than its own, and following
+    fallbacks never comes back to a model (a cycle would bounce a request
+    between failing models)."""
+    for name, table in models.items():
+        for fb in table.get("fallbacks", ()):
+            if fb == name:
+                raise ConfigError(f"{where}: models.{name}.fallbacks: a model cannot fall "
+                                  f"back to itself")
+            if fb not in models:
+                raise ConfigError(f"{where}: models.{name}.fallbacks: unknown model {fb!r} "
+                                  f"(configured: {', '.join(sorted(models))})")
+
+    def visit(name: str, path: list[str]) -> None:
+        for fb in models[name].get("fallbacks", ()):
+            if fb in path:
+                cycle = " -> ".join([*path[path.index(fb):], fb])
+                raise ConfigError(f"{where}: models.{path[0]}.fallbacks: a cycle of "
+                                  f"fallbacks ({cycle})")
+            visit(fb, [*path, fb])
+
+    for name in models:
+        visit(name, [name])
+
+
+def warnings(cfg: Config, environ: dict[str, str] | None = None) -> list[str]:
+    """What `neurohttpd check` and the master's start warn about without
+    refusing the config: an api_key_env variable that is not set (requests to
+    that deployment get a 500 naming the model until it is)."""
+    env = os.environ if environ is None else environ
+    out = []
+    for name, table in cfg.models.items():
+        for i, dep in enumerate(table.get("deployments", ())):
+            var = dep["api_key_env"]
+            if var and not env.get(var):
+                where = f"models.{name}" + (f".deployments[{i}]"
+                                            if len(table["deployments"]) > 1 else "")
+                out.append(f"{cfg.path or '<defaults>'}: {where}.api_key_env: the "
+                           f"environment variable {var} is not set (requests to model "
+                           f"{name!r} will fail with 500 until it is)")
     return out
 
 
@@ -527,7 +697,8 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                   auth=AuthSection(**tables["auth"], keys=key_specs),
                   state=StateSection(**tables["state"]),
                   plugins=PluginsSection(**tables["plugins"], options=plugin_options),
-                  models=models, tls=TlsSection(**tables["tls"]))
+                  models=models, tls=TlsSection(**tables["tls"]),
+                  firewall=FirewallSection(**tables["firewall"]))
 
 
 def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:

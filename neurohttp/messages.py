@@ -163,17 +163,24 @@ _UNSET = object()
 
 class Response:
     """A complete response. `headers` is a plain mutable dict; Content-Length,
-    Transfer-Encoding and Connection are the server's to set."""
+    Transfer-Encoding and Connection are the server's to set.
 
-    __slots__ = ("body", "status", "headers", "content_type")
+    `trusted_headers` are header lines (b"name: value\\r\\n" each) sent as they
+    are, for code that builds them itself: numbers, durations, names it
+    chose, or a fixed set checked once with protocol.serialize.extra_headers.
+    Unlike `headers`, they are not checked for CR/LF on every response, so
+    they must never carry a client's input."""
+
+    __slots__ = ("body", "status", "headers", "content_type", "trusted_headers")
 
     def __init__(self, body: bytes | str = b"", status: int = 200,
                  headers: dict[str, str] | None = None,
-                 content_type: str = "text/plain") -> None:
+                 content_type: str = "text/plain", trusted_headers: bytes = b"") -> None:
         self.body = body.encode() if isinstance(body, str) else body
         self.status = status
         self.headers = {} if headers is None else headers
         self.content_type = content_type
+        self.trusted_headers = trusted_headers
 
     @classmethod
     def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -197,18 +204,19 @@ class StreamingResponse:
     """
 
     __slots__ = ("chunks", "status", "headers", "content_type", "on_close", "idle_ping",
-                 "idle_after", "abort_chunk")
+                 "idle_after", "abort_chunk", "trusted_headers")
 
     def __init__(self, chunks: AsyncIterator[bytes], status: int = 200,
                  headers: dict[str, str] | None = None,
                  content_type: str = "application/octet-stream",
                  on_close: Callable[[bool], None] | None = None,
                  idle_ping: bytes | None = None, idle_after: float = 0.0,
-                 abort_chunk: bytes | None = None) -> None:
+                 abort_chunk: bytes | None = None, trusted_headers: bytes = b"") -> None:
         self.chunks = chunks
         self.status = status
         self.headers = {} if headers is None else headers
         self.content_type = content_type
+        self.trusted_headers = trusted_headers  # as Response.trusted_headers
         self.on_close = on_close
         # bytes to send when the stream has been idle for idle_after seconds (SSE ": ping")
         self.idle_ping = idle_ping
@@ -223,10 +231,11 @@ class WebSocketUpgrade:
     that receives the text messages (see worker/websocket.py).
     """
 
-    __slots__ = ("accept", "session", "headers")
+    __slots__ = ("accept", "session", "headers", "trusted_headers")
 
     def __init__(self, accept: str, session: Callable[[], Any],
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, trusted_headers: bytes = b"") -> None:
         self.accept = accept
         self.session = session
         self.headers = {} if headers is None else headers
+        self.trusted_headers = trusted_headers  # as Response.trusted_headers

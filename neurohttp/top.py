@@ -167,6 +167,19 @@ def render(doc: dict[str, Any] | None, url: str, cpu: CpuMeter, error: str | Non
                        _f(md["requests"]), _f(md["tokens_in"]), _f(md["tokens_out"]),
                        _f(md["errors"]))
         parts += [Text(""), mt]
+    deps = doc.get("deployments", {})
+    if deps:  # the gateway's upstreams (docs/ROUTING.md)
+        dt = Table(title="deployments (last 60 s; counts since start)", title_justify="left",
+                   box=None, padding=(0, 1))
+        for col in ("deployment", "origin", "req/s", "ttfb p50", "p99 ms", "requests",
+                    "errors", "tokens in", "tokens out"):
+            dt.add_column(col, justify="left" if col in ("deployment", "origin") else "right")
+        for name, d in deps.items():
+            dw = d["window"]
+            dt.add_row(name, d["origin"], _f(dw["rps"], 2), _f(dw["ttfb_ms"]["p50"], 2),
+                       _f(dw["latency_ms"]["p99"], 2), _f(d["requests"]), _f(d["errors"]),
+                       _f(d["tokens_in"]), _f(d["tokens_out"]))
+        parts += [Text(""), dt]
     parts.append(Text("Ctrl-C to quit", style="dim"))
     return Group(*parts)
 

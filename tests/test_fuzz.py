@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server import Server, read_all
 
+from neurohttp.messages import Request
 from neurohttp.protocol.h1 import H1Parser, HttpError
 
 MAX_HEAD = 16384   # the server's default
@@ -127,7 +128,7 @@ inputs = st.one_of(
 def run_parser(data: bytes, cuts: list[int], max_head: int = MAX_HEAD,
                max_body: int = MAX_BODY) -> tuple:
     """Feed `data` split at `cuts`; return what came out, comparable across splits."""
-    p = H1Parser("127.0.0.1", max_head, max_body)
+    p = H1Parser("127.0.0.1", max_head, max_body, Request)
     reqs, status = [], None
     bounds = [0, *sorted(set(cuts)), len(data)]
     for a, b in zip(bounds, bounds[1:], strict=False):
@@ -226,7 +227,7 @@ def live(tmp_path_factory):
 
 def oracle(data: bytes) -> tuple[list[str], int | None]:
     """The methods the server must answer, in order, then the refusal it must send."""
-    p = H1Parser("127.0.0.1", MAX_HEAD, MAX_BODY)
+    p = H1Parser("127.0.0.1", MAX_HEAD, MAX_BODY, Request)
     status = None
     try:
         reqs = p.feed(data, 0.0)

@@ -9,6 +9,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from neurohttp import SERVER_NAME
+from neurohttp.messages import Request
 from neurohttp.protocol import serialize as ser
 from neurohttp.protocol.h1 import (
     PHASE_BODY,
@@ -24,7 +25,7 @@ MAX_BODY = 4096
 
 
 def parser(max_head: int = MAX_HEAD, max_body: int = MAX_BODY) -> H1Parser:
-    return H1Parser("10.0.0.1", max_head, max_body)
+    return H1Parser("10.0.0.1", max_head, max_body, Request)
 
 
 def feed_all(data: bytes, sizes: int | None = None, p: H1Parser | None = None):
@@ -540,6 +541,31 @@ def test_handler_cannot_override_framing_or_split_the_response():
             ser.response_head(200, "text/plain", bad, 0, True, False)
     with pytest.raises(ValueError):
         ser.response_head(200, "text/plain\r\nX: y", None, 0, True, False)
+
+
+def test_header_checks_hold_once_the_names_are_known():
+    """Names are checked once and values on every call (extra_headers' fast
+    path): a known name with a CR or LF in its value is still refused."""
+    ok = {"X-Rate": "59", "X-Reset": "1s"}
+    assert ser.extra_headers(ok) == b"X-Rate: 59\r\nX-Reset: 1s\r\n"
+    assert ser.extra_headers(ok) == b"X-Rate: 59\r\nX-Reset: 1s\r\n"  # (now by the fast path)
+    for value in ("1\r\nSet-Cookie: x", "1\n", "\r"):
+        with pytest.raises(ValueError, match="X-Rate"):
+            ser.extra_headers({"X-Reset": "1s", "X-Rate": value})
+    assert ser.extra_headers({"X-Rate": 59, "X-Reset": 1.5}) == b"X-Rate: 59\r\nX-Reset: 1.5\r\n"
+    assert ser.extra_headers({"X-Rate": "1", "content-length": "9"}) == b"X-Rate: 1\r\n"
+    assert ser.extra_headers({"X-Tab": "a\tb"}) == b"X-Tab: a\tb\r\n"  # (HTAB is allowed)
+
+
+def test_bodyless_and_switching_heads():
+    _, f, _ = parse_head(ser.bodyless_head(304, {"ETag": '"x"'}, True, False, b"X-T: 1\r\n"))
+    assert f == {b"Server": SERVER_NAME.encode(), b"Date": f[b"Date"], b"ETag": b'"x"',
+                 b"X-T": b"1"}
+    _, f, _ = parse_head(ser.bodyless_head(204, None, False, False))
+    assert f[b"Connection"] == b"close" and b"Content-Length" not in f
+    line, f, _ = parse_head(ser.switch_head("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", {"X-A": "1"}))
+    assert line == b"HTTP/1.1 101 Switching Protocols" and f[b"Upgrade"] == b"websocket"
+    assert f[b"Sec-WebSocket-Accept"] == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" and f[b"X-A"] == b"1"
 
 
 def test_stream_head_chunked_or_close_delimited():

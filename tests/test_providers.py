@@ -395,7 +395,8 @@ def test_fields_the_server_does_not_act_on_reach_the_provider(srv, client):
     assert params == {"tools": tools, "tool_choice": "auto",
                       "response_format": {"type": "json_object"}, "seed": 7, "logprobs": True,
                       "top_logprobs": 2, "user": "u-1", "n": 1, "parallel_tool_calls": False,
-                      "max_tokens": 300, "temperature": 0.5, "vendor_option": {"x": 1}}
+                      "max_tokens": 300, "max_completion_tokens": 300, "temperature": 0.5,
+                      "vendor_option": {"x": 1}}
     # the checks on the fields the server acts on stay
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="k", messages=ask("params"), n=2)

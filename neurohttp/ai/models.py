@@ -16,16 +16,29 @@ class UnknownModel(KeyError):
 
 
 class ModelRegistry:
+    """`upstream`: the worker's upstream client, which `openai` models send
+    through (made here when not given); `figures`: where their deployments
+    count (gateway.GatewayFigures; None: not counted)."""
+
     def __init__(self, models: dict[str, dict[str, Any]],
-                 extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None) -> None:
+                 extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+                 upstream: Any = None, figures: Any = None) -> None:
         factories = {**BUILTIN_PROVIDERS, **(extra_providers or {})}
         self.models: dict[str, Any] = {}
         self.providers: dict[str, str] = {}  # model -> its provider's name ("echo", a plugin's)
         # per model: the ceiling on a request's max_tokens
         self.max_output_tokens: dict[str, int] = {}
+        self.upstream = upstream
         for name, options in models.items():
             provider = options.get("provider", "echo")
-            self.models[name] = factories[provider](options)
+            if provider == "openai" and "openai" not in (extra_providers or {}):
+                from ..gateway import OpenAIProvider
+                from ..upstream import UpstreamClient
+                if self.upstream is None:
+                    self.upstream = UpstreamClient()
+                self.models[name] = OpenAIProvider(name, options, self.upstream, figures)
+            else:
+                self.models[name] = factories[provider](options)
             self.providers[name] = provider
             self.max_output_tokens[name] = options.get("max_output_tokens",
                                                        MAX_OUTPUT_TOKENS.default)
@@ -41,6 +54,11 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         return list(self.models)
+
+    def deployments(self) -> list[tuple[str, int]]:
+        """(model, index) of every upstream deployment, in config order."""
+        return [(name, d.index) for name, p in self.models.items()
+                for d in getattr(p, "deployments", ())]
 
     def provider_name(self, model: str) -> str:
         """The provider `model` is served by, as [models.<name>] provider names it."""

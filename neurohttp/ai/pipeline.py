@@ -434,7 +434,8 @@ class Generation:
                  "kept", "rest", "finish_reason", "completion_tokens", "tokens_before",
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
-                 "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed")
+                 "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
+                 "prompt_deferred")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -451,11 +452,15 @@ class Generation:
         self.key = key  # the API key's name (None until [auth] keys exist)
         self.stream = stream
         self.prompt_tokens = prompt_tokens  # charged by Pipeline.begin
+        # a provider whose Usage is the truth: the prompt is charged at the end (_count)
+        self.prompt_deferred: bool = getattr(provider, "reports_usage", False)
         self.filters = filters
         mt = params.get("max_tokens")
         self.max_tokens: int | None = mt if type(mt) is int else None
         stop = params.get("stop")
-        self.stops: list[str] | None = [s for s in stop if s] or None if stop else None
+        self.stops: list[str] | None = ([s for s in stop if s] or None if stop
+                                        and not getattr(provider, "applies_stop", False)
+                                        else None)
         guard = self.max_tokens is not None and not getattr(provider, "cuts_at_max_tokens", False)
         self.rules: _Rules | None = (_Rules(self, guard) if self.stops or filters or guard
                                      else None)
@@ -523,7 +528,7 @@ class Generation:
         if isinstance(item, Delta):
             return self._delta(item)
         if isinstance(item, Chunk):
-            return self._chunk(item.data)
+            return self._chunk(item.data, item.tokens)
         if isinstance(item, Finish):
             self.finish_reason = item.reason
             return None
@@ -614,7 +619,7 @@ class Generation:
                 if type(v) is list:
                     self.logprobs.setdefault(k, []).extend(v)
 
-    def _chunk(self, data: Any) -> str | Delta | None:
+    def _chunk(self, data: Any, tokens: int | None = None) -> str | Delta | None:
         """A whole OpenAI chunk: choice 0's delta (every field kept), its finish
         reason, the chunk's usage and its other fields."""
         if type(data) is not dict:
@@ -646,7 +651,7 @@ class Generation:
         if (content or calls or refusal is not None or choice.get("logprobs") or extra):
             out = self._delta(Delta(content if type(content) is str else None, calls,
                                     refusal if type(refusal) is str else None,
-                                    choice.get("logprobs") or None, extra, top))
+                                    choice.get("logprobs") or None, extra, top, tokens))
         reason = choice.get("finish_reason")
         if type(reason) is str:
             self.finish_reason = reason
@@ -726,7 +731,11 @@ class Generation:
                 return
 
     def _open(self) -> AsyncIterator[Any]:
-        it = self.provider.stream(self.messages, self.params)
+        complete = None if self.stream else getattr(self.provider, "complete", None)
+        if complete is not None:  # a whole answer from a provider that has one
+            it = complete(self.messages, self.params)
+        else:
+            it = self.provider.stream(self.messages, self.params)
         aiter = getattr(it, "__aiter__", None)
         if aiter is None:
             raise BadOutput(f"provider {self.provider_name!r}: stream() returned "
@@ -935,7 +944,11 @@ class Generation:
             self._settle(everything=True)
             completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
-        if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
+        if self.prompt_deferred:  # charged now, with the provider's own count if it gave one
+            if self.reported_prompt is not None:
+                self.prompt_tokens = self.reported_prompt
+            self.usage_sink.charge(self.model, self.key, self.prompt_tokens)
+        elif self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
             self.prompt_tokens = self.reported_prompt
 
@@ -1014,7 +1027,8 @@ class Pipeline:
         (to the request's API key, when it was admitted with one)."""
         if key is None and req is not None and req.key is not None:
             key = req.key.name
-        self.usage_sink.charge(name, key, prompt_tokens)
+        if not getattr(provider, "reports_usage", False):  # (else charged when it ends)
+            self.usage_sink.charge(name, key, prompt_tokens)
         return Generation(self.usage_sink, req, name, provider, messages, params, prompt_tokens,
                           self.filters, provider_name=self.models.provider_name(name), key=key,
                           stream=stream)

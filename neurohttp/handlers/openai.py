@@ -84,6 +84,8 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
             if type(v) is not int or v < 1:
                 raise BadInput(f"'{key}' must be a positive integer", key)
             params.setdefault("max_tokens", v)
+    if body.get("max_completion_tokens") is not None:  # an upstream gets it under this name
+        params["max_completion_tokens"] = params["max_tokens"]
     n = params.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise BadInput("'n' must be a positive integer", "n")

@@ -169,9 +169,12 @@ class Master:
                  ", ".join(lst.label for lst in self.listeners), self.target)
 
     def _log_tls(self) -> None:
+        """The config's warnings (TLS certificates, unset api_key_env variables)."""
         if self.tls is not None:
             for warning in self.tls.warnings:
                 log.warning("%s", warning)
+        for warning in config_mod.warnings(self.cfg):
+            log.warning("%s", warning)
 
     def _publish_info(self) -> None:
         """Facts `neurohttpd status` shows that the counters do not hold."""
@@ -408,6 +411,12 @@ class Master:
         assert self.block is not None
         text = self.block.read_text(w.slot)
         never_ready = self.block.slot(w.slot)[L.S_STATE] == L.STATE_STARTING
+        # the per-IP connections it still counted (killed, or gone with them open),
+        # before its slot can be taken again ([firewall] max_connections_per_ip)
+        held = self.block.state.open.fold_conns(w.slot)
+        if held:
+            log.info("worker %d (pid %d) left %d per-IP connection counts; released",
+                     w.worker_id, w.pid, held)
         self.block.fold(w.slot)
         self.system.forget(w.pid)
         for lst in self.listeners + self.removed:

@@ -10,16 +10,38 @@ the HTTP version and Host rules, Expect: 100-continue and Upgrade.
 No socket calls here: `feed()` returns the requests completed by the bytes it
 was given and raises HttpError for input that must be refused (the caller
 answers it with `error.status` and closes the connection).
+
+The request objects are made by the class the caller passes (`make_request`:
+messages.Request in the server), so this layer imports nothing above it and
+the parser builds the very object handlers see, with no copy per request.
+`RequestLike` is what the protocol layer itself reads and writes on them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
+from typing import Any, Generic, Protocol, TypeVar
 
 import httptools
 
-from ..messages import Request
 from . import method as _method
+
+
+class RequestLike(Protocol):
+    """The fields of a request the protocol layer sets and reads."""
+
+    method: str
+    target: bytes
+    version: str
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: bool
+
+
+R = TypeVar("R", bound=RequestLike)
+# (method, target, version, raw headers, client address, keep-alive) -> request
+RequestFactory = Callable[[str, bytes, str, list[tuple[bytes, bytes]], str, bool], R]
 
 # Interned method names: avoid a decode per request for the common ones.
 _METHODS = {m.encode(): m for m in
@@ -38,7 +60,7 @@ _FIELD_LENGTHS = frozenset(map(len, _FIELD_KIND))
 _FIELD_KIND.update({name.title(): kind for name, kind in list(_FIELD_KIND.items())})
 
 
-class HttpError(Exception):
+class HttpError(Exception, Generic[R]):
     """Input the server must refuse: answer `status` and close the connection.
 
     `requests` holds the requests completed earlier in the same feed: the caller
@@ -51,8 +73,8 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.requests: list[Request] = []
-        self.request: Request | None = None
+        self.requests: list[R] = []
+        self.request: R | None = None
 
 
 def _check_codings(te: bytes) -> bool:
@@ -81,7 +103,7 @@ _VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade",
                              "Expected HTTP/2 Connection Preface"})
 
 
-class H1Parser:
+class H1Parser(Generic[R]):
     """Parses a stream of HTTP/1.x requests from one connection.
 
     Attributes the I/O layer reads between feeds:
@@ -93,8 +115,10 @@ class H1Parser:
                     switch protocols; the parser accepts no more input then
     """
 
-    def __init__(self, client: str, max_header_bytes: int, max_body_bytes: int) -> None:
+    def __init__(self, client: str, max_header_bytes: int, max_body_bytes: int,
+                 make_request: RequestFactory[R]) -> None:
         self.client = client
+        self._make = make_request
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         # a Content-Length with fewer characters than this is under the limit unparsed
@@ -106,8 +130,8 @@ class H1Parser:
         self.phase = PHASE_IDLE
         self.body_started = 0.0
         self.continue_pending = False
-        self.upgrade: tuple[Request, bytes] | None = None
-        self._done: list[Request] = []
+        self.upgrade: tuple[R, bytes] | None = None
+        self._done: list[R] = []
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0           # bytes of the request target seen through callbacks
@@ -120,7 +144,7 @@ class H1Parser:
         # the chunks (a list of millions of 2-byte pieces took ~70x the body).
         self._body: bytes | BytesIO | None = None
         self._body_len = 0
-        self._pending: Request | None = None  # head parsed, body in progress
+        self._pending: R | None = None  # head parsed, body in progress
         self._upgrade_remaining = 0
         # Bytes that bring a fresh llhttp parser to this one's state, to find a refused
         # method's request line (protocol/method.py); None after a chunked request.
@@ -128,7 +152,7 @@ class H1Parser:
         self._line = b""              # PHASE_METHOD: the refused request line so far
 
     # ------------------------------------------------------------ input
-    def feed(self, data: bytes, now: float) -> list[Request]:
+    def feed(self, data: bytes, now: float) -> list[R]:
         """Parse `data`; return the requests it completed, oldest first.
 
         After an HttpError the parser takes no more input (feed returns []).
@@ -231,7 +255,7 @@ class H1Parser:
                 return _method.body_prefix(int(value) - self._body_len)
         return None
 
-    def _refused_method(self, data: bytes) -> list[Request]:
+    def _refused_method(self, data: bytes) -> list[R]:
         """llhttp refused a method: 501 if the request line starts with a token and a
         space (an unknown method), else 400; wait for more bytes while undecided."""
         resume = self._resume  # (as before this feed, or None after a chunked head in it)
@@ -249,7 +273,7 @@ class H1Parser:
         self._done = []
         return reqs
 
-    def _feed_method(self, data: bytes) -> list[Request]:
+    def _feed_method(self, data: bytes) -> list[R]:
         self._line += data
         self._judge_method()
         return []
@@ -261,7 +285,7 @@ class H1Parser:
         if status is not None:
             raise self._fail(HttpError(400, "invalid request method"))
 
-    def _fail(self, err: HttpError) -> HttpError:
+    def _fail(self, err: HttpError[Any]) -> HttpError[R]:
         """Attach the requests completed before `err`; take no more input."""
         err.requests = self._done
         self._done = []
@@ -274,15 +298,15 @@ class H1Parser:
         self._line = b""
         return err
 
-    def partial_request(self) -> Request | None:
+    def partial_request(self) -> R | None:
         """The request in progress as far as it was parsed (its target and fields,
         for the shape of a refusal or a timeout: JSON under /v1/), or None."""
         if self._pending is not None:
             return self._pending
         if self.phase == PHASE_HEAD and self._url:
             m = self._p.get_method()
-            return Request(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
-                           self._headers, self.client, False)
+            return self._make(_METHODS.get(m) or m.decode("latin-1"), self._url, "1.1",
+                              self._headers, self.client, False)
         return None
 
     # ------------------------------------------------------------ httptools callbacks
@@ -365,8 +389,8 @@ class H1Parser:
         if url == b"*" and method != b"OPTIONS":
             raise HttpError(400, "the target '*' is only for OPTIONS")  # RFC 9112 3.2.4
         self._headers = []  # after the checks: a refusal still sees them (HttpError.request)
-        self._pending = Request(_METHODS.get(method) or method.decode("latin-1"), url,
-                                version, headers, self.client, keep_alive)
+        self._pending = self._make(_METHODS.get(method) or method.decode("latin-1"), url,
+                                   version, headers, self.client, keep_alive)
         self.phase = PHASE_BODY
         if expect and (chunked or (length is not None and int(length) > 0)):
             self.continue_pending = True
@@ -409,7 +433,7 @@ class H1Parser:
         self._done.append(req)
 
     # ------------------------------------------------------------ Upgrade
-    def _on_upgrade(self, rest: bytes) -> list[Request]:
+    def _on_upgrade(self, rest: bytes) -> list[R]:
         """llhttp stops at a request that asks to switch protocols (or CONNECT)."""
         done = self._done
         self._done = []
@@ -441,7 +465,7 @@ class H1Parser:
             return done + [req]
         return done + self._feed_after_upgrade(rest)
 
-    def take_upgrade(self) -> tuple[Request, bytes] | None:
+    def take_upgrade(self) -> tuple[R, bytes] | None:
         """The caller switches protocols: hand over the request and the bytes after it."""
         up = self.upgrade
         self.upgrade = None
@@ -449,7 +473,7 @@ class H1Parser:
         self.phase = PHASE_DONE
         return up
 
-    def _feed_after_upgrade(self, data: bytes) -> list[Request]:
+    def _feed_after_upgrade(self, data: bytes) -> list[R]:
         if self.phase != PHASE_UPGRADE_BODY or self._pending is None:
             return []  # the connection closes after this request: ignore the rest
         self.upgrade = None  # a request with a body is never switched

@@ -1,6 +1,9 @@
 """The admission step: the one place a request is admitted, before it is routed
-to a model (the App calls it first when `[auth] enabled`).
+to a model (the App calls it first when `[auth] enabled` or the firewall has
+request rules).
 
+    firewall (firewall.py): client behind trusted proxies, deny/allow, paths,
+      user agents, per-client rate                                   -> 403 / 429
     path protected ([auth] protect / open)?  no -> routed as is
     key: Authorization: Bearer KEY or x-api-key   missing/malformed/wrong -> 401
     model (routes that name one) in the key's `models`?                   no -> 403
@@ -90,7 +93,11 @@ class Gate:
     counter of the named table (401s by reason)."""
 
     def __init__(self, ring: KeyRing, quotas: Any, protect: list[str], open_: list[str],
-                 default_model: str, count: Callable[[str], Any]) -> None:
+                 default_model: str, count: Callable[[str], Any], firewall: Any = None,
+                 auth: bool = True) -> None:
+        # the firewall's request rules (firewall.py Firewall.check), run first
+        self.firewall = firewall
+        self.auth = auth  # [auth] enabled: keys are asked for (else no path is protected)
         self.ring = ring
         self.quotas = quotas
         self.protect = tuple(protect)
@@ -119,6 +126,13 @@ class Gate:
     # ------------------------------------------------------------ the step
     def handle(self, req: Request, dispatch: Callable[[Request], Any]) -> Any:
         """Admit `req` and route it with `dispatch`, or refuse it."""
+        fw = self.firewall
+        if fw is not None:
+            refused = fw.check(req)
+            if refused is not None:
+                return refused
+            if not self.auth:  # the firewall alone: nothing more to admit
+                return dispatch(req)
         rule = self.rule(req)
         if not rule.protected:
             return dispatch(req)

@@ -488,6 +488,131 @@ class KeyTable:
             unlock(self.addr)
         return dict(zip(KF_NAMES, vals, strict=True))
 
+    # ------------------------------------------------------------ connections per client
+    # The firewall's max_connections_per_ip (security/firewall.py), exact across
+    # the workers: an entry per client address "c:IP" holds its open connections
+    # (E_V0) and is marked CONN_TOTAL (E_V4); an entry per (address, worker slot)
+    # holds that worker's share (E_V0), its slot (E_V1), the total's fingerprints
+    # (E_V2, E_V3) and CONN_SHARE (E_V4). Live entries never lapse (E_EXP "never");
+    # an entry back at 0 is droppable (E_EXP 0), as a counter's is. When a worker
+    # dies however it dies (SIGKILL, os._exit), the master calls fold_conns with
+    # its slot before the slot is used again: the totals are recomputed from the
+    # other workers' shares, so nothing it held, or was half-way through writing,
+    # stays counted.
+    def conn_open(self, ip: str, slot: int, limit: int) -> int:
+        """A worker in `slot` accepted a connection from `ip`: count it if the
+        address holds fewer than `limit`. 1: counted; 0: at the limit (not
+        counted); -1: the table is full (not counted)."""
+        tk = "c:" + ip
+        th1 = hash(tk) or 1
+        th2 = hash(tk + "\0")
+        sk = f"{tk}#{slot}"
+        sh1 = hash(sk) or 1
+        sh2 = hash(sk + "\0")
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            t = int(_time() * 1_000_000)
+            e = self._entry(th1, th2, t)
+            if e < 0:
+                self._full()
+                return -1
+            if w[e + E_V0] >= limit:
+                return 0
+            w[e + E_EXP] = NEVER  # kept from here (it may be new)
+            w[e + CONN_MARK] = CONN_TOTAL
+            s = self._entry(sh1, sh2, t)
+            if s < 0:
+                self._full()
+                e = self._find(th1, th2)
+                if e >= 0 and w[e + E_V0] == 0:
+                    w[e + E_EXP] = 0  # a new total left at 0: droppable again
+                return -1
+            w[s + E_EXP] = NEVER
+            w[s + E_V0 + 1] = slot
+            w[s + E_V0 + 2] = th1
+            w[s + E_V0 + 3] = th2
+            w[s + CONN_MARK] = CONN_SHARE
+            w[s + E_V0] += 1
+            e = self._find(th1, th2)  # creating the share may have shifted it
+            w[e + E_V0] += 1
+        finally:
+            unlock(a)
+        return 1
+
+    def conn_close(self, ip: str, slot: int) -> None:
+        """A connection conn_open counted for `ip` in `slot` ended."""
+        tk = "c:" + ip
+        sk = f"{tk}#{slot}"
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            for h1, h2 in ((hash(sk) or 1, hash(sk + "\0")), (hash(tk) or 1, hash(tk + "\0"))):
+                e = self._find(h1, h2)
+                if e >= 0:
+                    n = w[e + E_V0] - 1
+                    if n > 0:
+                        w[e + E_V0] = n
+                    else:
+                        w[e + E_V0] = 0
+                        w[e + E_EXP] = 0  # droppable
+        finally:
+            unlock(a)
+
+    def conn_count(self, ip: str) -> int:
+        """Connections open from `ip` across the workers."""
+        return self.get("c:" + ip)
+
+    def fold_conns(self, slot: int) -> int:
+        """Master, after the worker in `slot` exited (before the slot is reused):
+        drop its shares and recompute every total from the others' shares.
+        Returns how many connections it still held. One pass over the table:
+        its words are copied out (a memcpy) and the marks found with bytes.find,
+        so the lock is held for well under a millisecond at 16384 entries
+        unless many addresses hold connections."""
+        a = self.addr
+        rc = trylock(a)
+        if rc:
+            self._lock_slow(rc)
+        try:
+            w = self.w
+            raw = w[TABLE_HEAD:TABLE_HEAD + self.cap * ENTRY_WORDS].tobytes()
+            sums: dict[tuple[int, int], int] = {}
+            totals: list[int] = []
+            held = 0
+            for mark in (_SHARE_BYTES, _TOTAL_BYTES):
+                p = raw.find(mark)
+                while p >= 0:
+                    if p % _ENTRY_BYTES == _MARK_OFFSET:
+                        e = TABLE_HEAD + p // 8 - CONN_MARK
+                        if w[e] and w[e + CONN_MARK] == CONN_SHARE:
+                            n = w[e + E_V0]
+                            if w[e + E_V0 + 1] == slot:
+                                held += n
+                                w[e + E_V0] = 0
+                                w[e + E_EXP] = 0
+                            elif n:
+                                k = (w[e + E_V0 + 2], w[e + E_V0 + 3])
+                                sums[k] = sums.get(k, 0) + n
+                        elif w[e] and w[e + CONN_MARK] == CONN_TOTAL:
+                            totals.append(e)
+                    p = raw.find(mark, p + 1)
+            for e in totals:
+                n = sums.get((w[e], w[e + E_H2]), 0)
+                if w[e + E_V0] != n:
+                    w[e + E_V0] = n
+                if n == 0:
+                    w[e + E_EXP] = 0
+        finally:
+            unlock(a)
+        return held
+
     # ------------------------------------------------------------ figures
     def figures(self) -> dict[str, int]:
         """For /stats and /metrics: read without the lock (each word alone is exact)."""
@@ -501,6 +626,16 @@ class TableFull(Exception):
 
 
 _ZERO = memoryview(bytes(ENTRY_WORDS * 8)).cast("q")
+
+# the marks of the per-client connection entries (in E_V4, a word no other
+# entry of the open table uses): "NHCONNT" / "NHCONNS" as little-endian words
+CONN_MARK = E_V0 + 4
+CONN_TOTAL = int.from_bytes(b"NHCONNT\0", "little")
+CONN_SHARE = int.from_bytes(b"NHCONNS\0", "little")
+_TOTAL_BYTES = CONN_TOTAL.to_bytes(8, "little", signed=True)
+_SHARE_BYTES = CONN_SHARE.to_bytes(8, "little", signed=True)
+_ENTRY_BYTES = ENTRY_WORDS * 8
+_MARK_OFFSET = CONN_MARK * 8
 
 # an API key's figures entry: its words and their names in /stats
 KF_REQUESTS = E_V0      # requests admitted

@@ -240,6 +240,10 @@
       Object.entries(s.models).map(([name, m]) => [name, fmt(m.window.rps, 2),
         fmt(m.window.tokens_out_per_s, 1), fmt(m.tokens_in), fmt(m.tokens_out),
         fmt(m.window.latency_ms.p50, 2), fmt(m.window.latency_ms.p99, 2), fmt(m.errors)]));
+    table($("deployments"), ["deployment", "origin", "req/s", "ttfb p50 ms", "p99 ms", "requests", "errors", "tokens in", "tokens out"],
+      Object.entries(s.deployments || {}).map(([name, d]) => [name, d.origin, fmt(d.window.rps, 2),
+        fmt(d.window.ttfb_ms.p50, 2), fmt(d.window.latency_ms.p99, 2), fmt(d.requests),
+        fmt(d.errors), fmt(d.tokens_in), fmt(d.tokens_out)]));
     table($("workers"), ["worker", "pid", "state", "req/s", "req/s 60 s", "p99 ms", "conns", "CPU %", "RSS MiB", "fds"],
       s.workers.map((w) => [String(w.id), String(w.pid), w.state, fmt(w.window.rps_last),
         fmt(w.window.rps, 1), fmt(w.window.latency_ms.p99, 2), fmt(w.active_connections),

@@ -180,6 +180,15 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
     auth = doc.get("auth")
     if auth is not None:
         _auth_metrics(w, auth)
+    deps = doc.get("deployments")
+    if deps:
+        _deployment_metrics(w, deps)
+    fw = doc.get("firewall")
+    if fw is not None:
+        w.family("neurohttp_firewall_refused_total", "counter",
+                 "Connections and requests the firewall refused, by rule (allow, deny: "
+                 "403; conn_per_ip, rps_per_ip: 429; ua, path: 403).",
+                 [({"rule": r}, n) for r, n in fw["refused"].items()])
     return w.text()
 
 
@@ -207,3 +216,25 @@ def _auth_metrics(w: _Writer, auth: dict[str, Any]) -> None:
                  "Redis ([state] backend) calls that failed or timed out, and the requests "
                  "then admitted unchecked (fail_open) or refused 503 (fail_closed).",
                  [({"outcome": k}, v) for k, v in redis.items()])
+
+
+def _deployment_metrics(w: _Writer, deps: dict[str, Any]) -> None:
+    """Per upstream deployment of the gateway (gateway/figures.py)."""
+    def lab(name: str, d: dict[str, Any]) -> dict[str, Any]:
+        return {"model": d["model"], "deployment": name, "origin": d["origin"]}
+    w.family("neurohttp_deployment_requests_total", "counter",
+             "Upstream attempts, by deployment.",
+             [(lab(n, d), d["requests"]) for n, d in deps.items()])
+    w.family("neurohttp_deployment_errors_total", "counter",
+             "Failed upstream attempts, by deployment and kind.",
+             [({**lab(n, d), "kind": k}, v) for n, d in deps.items()
+              for k, v in d["errors_by_kind"].items()])
+    w.family("neurohttp_deployment_tokens_total", "counter",
+             "Tokens the upstream reported, by deployment and direction.",
+             [({**lab(n, d), "direction": x}, d[f"tokens_{x}"])
+              for n, d in deps.items() for x in ("in", "out")])
+    for key, what in (("ttfb_ms", "Time to the first event"), ("latency_ms", "Attempt latency")):
+        w.family(f"neurohttp_deployment_{key[:-3]}_seconds", "gauge",
+                 f"{what} quantiles since start, by deployment.",
+                 [({**lab(n, d), "quantile": q}, d[key][k] / 1000)
+                  for n, d in deps.items() for q, k in _QUANTILES])

@@ -29,7 +29,8 @@ def _room(n: int, least: int) -> int:
 
 def geometry_for(cfg: Any) -> Geometry:
     stats = cfg.stats
-    nmodels = len(cfg.models)
+    # each upstream deployment counts as two models (its figures: gateway/figures.py)
+    nmodels = len(cfg.models) + 2 * sum(len(m.get("deployments", ())) for m in cfg.models.values())
     # index 0 is "other"; a reload may add models, each with its /v1/models/<name> route
     models = stats.max_models or 1 + _room(nmodels, 8)
     routes = stats.max_routes or 1 + CORE_ROUTES + models + PLUGIN_ROUTES

@@ -25,14 +25,11 @@ import resource
 import socket
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..logs import Every
 from ..protocol import serialize as ser
-from .connection import HttpConnection, busy_response
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .connection import busy_response
 
 log = logging.getLogger("neurohttp")
 
@@ -103,7 +100,7 @@ class Acceptor:
         self.gate = gate
         # the loop's TLS arguments for a TLS listener (tlsconfig.server_kwargs)
         self.server_kwargs = server_kwargs or {}
-        self.loop = gate.w.loop
+        self.loop = gate.loop
         self.sock = sock
         self.factory = factory
         self.backlog = backlog
@@ -181,7 +178,7 @@ class Acceptor:
                         return
                     conn = spared
                 else:
-                    log.error("worker %d: accept failed: %s", gate.w.worker_id, e)
+                    log.error("worker %d: accept failed: %s", gate.worker_id, e)
                     self._pause()
                     return
             if self.server_kwargs:
@@ -203,10 +200,18 @@ class Acceptor:
 
 
 class Gate:
-    """Whether the worker takes new connections, for all its acceptors."""
+    """Whether the worker takes new connections, for all its acceptors.
 
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
+    `open_count()` is how many connections the worker holds; `refused(nbytes,
+    t0)` counts a connection answered 503 here (connection.count_refusal)."""
+
+    def __init__(self, worker_id: int, max_connections: int, open_count: Callable[[], int],
+                 refused: Callable[[int, float], None]) -> None:
+        self.worker_id = worker_id
+        self.max_connections = max_connections
+        self.open_count = open_count
+        self.refused = refused
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # (listen sets it)
         self.acceptors: list[Acceptor] = []
         self.spare = Spare()
         self.full = False
@@ -214,8 +219,10 @@ class Gate:
         self._said_full = Every()
         self._said_emfile = Every()
 
-    async def listen(self, sockets: list[socket.socket], factory: Callable[[], Any],
-                     backlog: int, server_kwargs: list[dict[str, Any]] | None = None) -> None:
+    async def listen(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket],
+                     factory: Callable[[], Any], backlog: int,
+                     server_kwargs: list[dict[str, Any]] | None = None) -> None:
+        self.loop = loop
         kwargs = server_kwargs or [{}] * len(sockets)
         for sock, kw in zip(sockets, kwargs, strict=True):
             acc = Acceptor(self, sock, factory, backlog, kw)
@@ -230,12 +237,12 @@ class Gate:
     # ------------------------------------------------------------ state
     def opened(self, count: int) -> None:
         """A connection was accepted; `count` are open now."""
-        if count >= self.w.max_connections and not self.full:
-            self._set_full(f"{count} connections (max_connections {self.w.max_connections})")
+        if count >= self.max_connections and not self.full:
+            self._set_full(f"{count} connections (max_connections {self.max_connections})")
 
     def released(self, count: int) -> None:
         """A connection ended; `count` are open now."""
-        if self.full and not self.short and count <= self.w.max_connections * 15 // 16:
+        if self.full and not self.short and count <= self.max_connections * 15 // 16:
             self._set_open()
 
     def tick(self) -> None:
@@ -251,14 +258,14 @@ class Gate:
             self.short = False
         if self.full:
             self.spare.restore()
-            self.released(len(self.w.connections))
+            self.released(self.open_count())
 
     def _set_full(self, why: str) -> None:
         self.full = True
         held = self._said_full.due()
         if held is not None:
             log.warning("worker %d is full (%s): new connections get 503%s",
-                        self.w.worker_id, why, f" ({held} more times)" if held else "")
+                        self.worker_id, why, f" ({held} more times)" if held else "")
         for acc in self.acceptors:
             acc.refuse()
 
@@ -272,7 +279,7 @@ class Gate:
         if held is not None:
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             log.error("worker %d: out of file descriptors (EMFILE, RLIMIT_NOFILE %d): new "
-                      "connections get 503%s", self.w.worker_id, soft,
+                      "connections get 503%s", self.worker_id, soft,
                       f" ({held} more times)" if held else "")
 
     # ------------------------------------------------------------ refusing
@@ -295,4 +302,4 @@ class Gate:
             pass
         finally:
             conn.close()
-        HttpConnection.count_refusal(self.w, len(data), t0)
+        self.refused(len(data), t0)

@@ -7,11 +7,13 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from ..stats import layout as L
+from .host import ConnectionHost
 
 
 class ClientConnection(asyncio.Protocol):
-    """Subclasses set `transport`, `read_paused`, `write_paused`, `closed`,
-    `slot`, `w` (the worker) and `drain_waiter`."""
+    """Subclasses set `transport`, `read_paused`, `closed`, `slot`, `host` and
+    `drain_waiter`, and say whether our output waits for the client
+    (`_output_paused`)."""
 
     if not TYPE_CHECKING:  # (mypy would take the annotations below for slots of this class)
         __slots__ = ()
@@ -19,9 +21,24 @@ class ClientConnection(asyncio.Protocol):
     read_paused: bool
     closed: bool
     slot: Any
-    w: Any
-    drain_waiter: asyncio.Future | None
-    write_paused: bool
+    host: ConnectionHost
+    drain_waiter: asyncio.Future[None] | None
+
+    def _output_paused(self) -> bool:
+        raise NotImplementedError
+
+    # what the worker calls (host.Connection)
+    def check_timeouts(self, now: float) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        raise NotImplementedError
+
+    def cut(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
 
     def _pause_reading(self) -> None:
         if not self.read_paused and not self.closed:
@@ -36,9 +53,9 @@ class ClientConnection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the client reads slower than we write (resume_writing or
         the connection's end wakes us; the end raises ConnectionResetError)."""
-        if not self.write_paused or self.closed:
+        if not self._output_paused() or self.closed:
             return
-        waiter = self.drain_waiter = self.w.loop.create_future()
+        waiter = self.drain_waiter = self.host.loop.create_future()
         try:
             await waiter
         finally:
@@ -51,7 +68,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         self.closed = True
         self.slot[L.S_ACTIVE_CONNECTIONS] -= 1
-        self.w.connections.discard(self)
+        self.host.forget(self)
         waiter = self.drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))

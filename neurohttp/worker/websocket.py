@@ -6,7 +6,9 @@ ping/pong, the close handshake, back-pressure and shutdown.
 
 `HttpConnection` hands the transport over (`transport.set_protocol`) when a
 handler answers with `WebSocketUpgrade`; from then on this object gets the
-socket's callbacks and owns the connection's place in `Worker.connections`.
+socket's callbacks and owns the connection's place in the host's
+connections (worker/host.py). The opening handshake's check is sans-IO
+(protocol/ws_handshake.py), and so is its 101 (protocol/serialize.py).
 
 Close codes: a client's close is echoed (1000 ...); a frame wsproto cannot
 accept closes with the code wsproto names (1002 protocol error, 1007 invalid
@@ -28,7 +30,7 @@ import asyncio
 import logging
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -36,12 +38,10 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
 from ..messages import Request, WebSocketUpgrade
-from ..protocol import serialize as ser
+from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from .base import ClientConnection
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .host import ConnectionHost
 
 log = logging.getLogger("neurohttp")
 
@@ -59,21 +59,14 @@ class Session(Protocol):
         """The server's shutdown deadline passed during on_text: send a last word."""
 
 
-def accept_head(up: WebSocketUpgrade) -> bytes:
-    """The 101 response that switches the connection."""
-    extra = ser.extra_headers(up.headers) if up.headers else b""
-    return (b"HTTP/1.1 101 Switching Protocols\r\n" + ser.clock.common +
-            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " +
-            up.accept.encode("ascii") + b"\r\n" + extra + b"\r\n")
-
-
 class WebSocketConnection(ClientConnection):
     """One upgraded connection."""
 
-    def __init__(self, worker: Worker, transport: Any, req: Request, up: WebSocketUpgrade,
-                 leftover: bytes) -> None:
-        self.w = worker
-        self.slot = worker.slot
+    def __init__(self, settings: ConnectionSettings, host: ConnectionHost, transport: Any,
+                 req: Request, up: WebSocketUpgrade) -> None:
+        self.settings = settings
+        self.host = host
+        self.slot = host.slot
         self.transport = transport
         self.request = req
         self.session: Session = up.session()
@@ -82,11 +75,11 @@ class WebSocketConnection(ClientConnection):
         self.inbox_len = 0          # characters waiting in `inbox`
         self.partial: list[str] = []
         self.partial_len = 0
-        self.max_message = worker.max_body_bytes
-        self.runner: asyncio.Task | None = None
+        self.max_message = settings.max_body_bytes
+        self.runner: asyncio.Task[None] | None = None
         self.write_paused = False
         self.read_paused = False
-        self.drain_waiter: asyncio.Future | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.going_away = False     # the worker drains: close once the message in hand is done
         self.close_deadline = 0.0   # we sent Close: hang up if no answer by then
@@ -94,13 +87,17 @@ class WebSocketConnection(ClientConnection):
         self.heard = self.idle_since  # the last bytes from the client (ws_ping_s)
         self.ping_sent = 0.0          # our ping still unanswered since then
         self.stalled_since = 0.0      # when unsent output last went over the bound
-        worker.connections.add(self)
+
+    def start(self, leftover: bytes) -> None:
+        """Take the socket's callbacks (the host already counts this connection)
+        and the bytes that followed the Upgrade request."""
+        transport = self.transport
         transport.set_protocol(self)
         if leftover:
             self.data_received(leftover)
         if not self.read_paused:  # (the leftover may have filled the inbox)
             transport.resume_reading()  # the HTTP side paused it when the Upgrade arrived
-        if worker.draining:
+        if self.host.draining:
             self.shutdown()  # switched while the worker stops: answer what came, then 1001
 
     # ------------------------------------------------------------ asyncio callbacks
@@ -143,7 +140,6 @@ class WebSocketConnection(ClientConnection):
             return
         self._clear_inbox()
         self._cancel_runner()
-        self.w.on_connection_closed()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -157,6 +153,9 @@ class WebSocketConnection(ClientConnection):
             waiter.set_result(None)
         if not self._inbox_full():
             self._resume_reading()
+
+    def _output_paused(self) -> bool:
+        return self.write_paused
 
     # ------------------------------------------------------------ for sessions
     @property
@@ -182,7 +181,7 @@ class WebSocketConnection(ClientConnection):
         if self._inbox_full():
             self._pause_reading()  # a client queueing prompts waits for the answers
         if self.runner is None:
-            self.runner = self.w.loop.create_task(self._run())
+            self.runner = self.host.loop.create_task(self._run())
 
     async def _run(self) -> None:
         try:
@@ -205,7 +204,7 @@ class WebSocketConnection(ClientConnection):
             self.close(CloseReason.GOING_AWAY, "server shutting down")
 
     def _inbox_full(self) -> bool:
-        return len(self.inbox) >= self.w.max_pipeline or self.inbox_len > self.max_message
+        return len(self.inbox) >= self.settings.max_pipeline or self.inbox_len > self.max_message
 
     def _cancel_runner(self) -> None:
         if self.runner is not None and not self.runner.done():
@@ -248,15 +247,15 @@ class WebSocketConnection(ClientConnection):
             if now > self.close_deadline and not self.closed:
                 self.transport.close()
             return  # closing: nothing else is due
-        w = self.w
+        st = self.settings
         if self.write_paused:
             # the client leaves our answer unread: as on HTTP, drop it after send_timeout
-            if now - self.stalled_since > w.send_timeout:
+            if now - self.stalled_since > st.send_timeout:
                 self.transport.abort()
             return
         if not self.open:
             return
-        ping = w.ws_ping_s
+        ping = st.ws_ping_s
         if ping:
             if self.ping_sent:
                 if now - self.ping_sent > ping:
@@ -265,7 +264,7 @@ class WebSocketConnection(ClientConnection):
             elif now - self.heard > ping:
                 self.ping_sent = now
                 self._write(self.ws.send(Ping(payload=PING_PAYLOAD)))
-        idle = w.ws_idle_timeout
+        idle = st.ws_idle_timeout
         if idle and self.runner is None and not self.inbox and now - self.idle_since > idle:
             self.close(CloseReason.GOING_AWAY, "idle timeout")
 

@@ -29,15 +29,17 @@ from ..config import Config
 from ..context import Counters, Services, Settings, StatsReader, UsageSink
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
-from ..messages import Request
+from ..messages import Request, Response
 from ..plugins import load_configured
 from ..protocol.serialize import clock
+from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
 from .acceptor import Gate
-from .connection import HttpConnection
+from .connection import HttpConnection, busy_response, count_refusal
+from .host import Connection
 
 log = logging.getLogger("neurohttp")
 
@@ -85,23 +87,20 @@ class Worker:
         self.tls = tls or [None] * len(sockets)
         self.master_pid = master_pid
         srv = cfg.server
-        self.max_header_bytes = srv.max_header_bytes
-        self.max_body_bytes = srv.max_body_bytes
+        # what connections get instead of this Worker: their settings, and this
+        # object as their host (worker/host.py ConnectionHost: register, forget,
+        # handover, draining, app, slot, meter, access_log, loop)
+        self.conn_settings = connection_settings(cfg)
         self.header_timeout = srv.header_timeout
-        self.body_timeout = srv.body_timeout
-        self.keepalive_timeout = srv.keepalive_timeout
-        self.send_timeout = srv.send_timeout
-        self.ws_ping_s = srv.ws_ping_s
-        self.ws_idle_timeout = srv.ws_idle_timeout
         self.max_connections = fdlimit.connection_cap(srv.max_connections)
-        self.max_pipeline = srv.max_pipeline
-        self.write_buffer_bytes = srv.write_buffer_bytes
         self.graceful_timeout = srv.graceful_timeout
         self.backlog: int = srv.backlog
         self.loop_kind: str = srv.loop
-        self.connections: set[Any] = set()  # HttpConnection and WebSocketConnection
+        self.connections: set[Connection] = set()  # HTTP and WebSocket connections
         self.draining = False
-        self.gate = Gate(self)  # accepts (and refuses when full) once the loop runs
+        # accepts (and refuses when full) once the loop runs
+        self.gate = Gate(worker_id, self.max_connections, lambda: len(self.connections),
+                         lambda nbytes, t0: count_refusal(self, nbytes, t0))
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._stopped: asyncio.Future | None = None
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
@@ -109,24 +108,49 @@ class Worker:
         self.app = App(block.geometry.routes)
         # Plugins first: the providers they add must exist when the models are built.
         load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
-        self.models = ModelRegistry(cfg.models, self.app.providers)
+        # openai models: one upstream client per worker (made here, after the fork;
+        # closed at the end of the drain); their deployments' figures follow the models'
+        from ..gateway import GatewayFigures, stat_names
+        from ..upstream import UpstreamClient
+        self.upstream = UpstreamClient()
+        gw_figures = GatewayFigures(None, block.state.named)
+        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures)
         # windowed + per-model figures, for the routes the App numbers
-        self.meter = Meter(self.slot, self.models.names(), block.geometry, self.app.route_names)
+        public = self.models.names()
+        self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
+                           block.geometry, self.app.route_names)
+        gw_figures.meter = self.meter
         # What handlers and the pipeline get instead of this Worker (context.py).
         counters = Counters(self.slot, self.meter)
         self.services = Services(
             settings=Settings(sse_ping_s=float(srv.sse_ping_s),
                               stats_allow=tuple(cfg.stats.allow)),
             models=self.models, counters=counters, meter=self.meter,
-            stats=StatsReader(block, self.app.route_names, self.meter.model_names),
+            stats=StatsReader(block, self.app.route_names,
+                              self.meter.model_names[:1 + len(public)]),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
         self.pipeline = handlers.register(self.app, self.services)
-        if cfg.auth.enabled:  # the admission step: keys, models, quotas (security/)
-            from ..security import build_gate
-            gate = self.app.gate = build_gate(cfg, block.state, self.models.default)
-            self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
-            self.services.stats.add_section(
-                "auth", lambda: gate.figures(block.state.named.get))
+        deps = [d for p in self.models.models.values() for d in getattr(p, "deployments", ())]
+        if deps:  # /stats "deployments" (gateway/figures.py)
+            from ..gateway.figures import deployments_section
+            self.services.stats.add_section("deployments", deployments_section(
+                block, self.meter.model_names, deps, block.state.named))
+        # The firewall ([firewall]; None when it sets no rule): register/forget
+        # consult it at accept and close, the admission step its request rules.
+        from ..security import build_firewall, build_gate
+        from ..security.firewall import figures as firewall_figures
+        fw = build_firewall(cfg, block.state, slot_index)
+        self.firewall: Any = fw if fw is not None and fw.at_accept else None
+        named = block.state.named
+        self.services.stats.add_section("firewall", lambda: firewall_figures(named.get))
+        if cfg.auth.enabled or (fw is not None and fw.at_request):
+            # the admission step: firewall rules, keys, models, quotas (security/)
+            gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
+                                              fw if fw is not None and fw.at_request else None)
+            if cfg.auth.enabled:
+                self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
+                self.services.stats.add_section(
+                    "auth", lambda: gate.figures(named.get))
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -149,7 +173,9 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
-        await self.gate.listen(self.sockets, lambda: HttpConnection(self), self.backlog,
+        settings = self.conn_settings
+        await self.gate.listen(loop, self.sockets, lambda: HttpConnection(settings, self),
+                               self.backlog,
                                [server_kwargs(ctx, self.header_timeout) for ctx in self.tls])
         s = self.slot
         s[L.S_PID] = os.getpid()
@@ -227,10 +253,29 @@ class Worker:
                 await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
+        self.upstream.close()
         await asyncio.sleep(0)
 
-    def on_connection_closed(self) -> None:
+    # ------------------------------------------------------------ connections' host
+    def register(self, conn: Connection, peer: str) -> Response | None:
+        self.connections.add(conn)
+        n = len(self.connections)
+        self.gate.opened(n)  # at the cap: the acceptors refuse from now on
+        if n > self.max_connections:
+            return busy_response()  # accepted before the acceptors switched: refused too
+        if self.firewall is not None:  # [firewall]: the peer's address rules, per-IP cap
+            return self.firewall.on_accept(peer, conn.transport)
+        return None
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self.firewall is not None:
+            self.firewall.on_close(conn.transport)  # its per-IP count, if it had one
         self.gate.released(len(self.connections))
+
+    def handover(self, old: Connection, new: Connection) -> None:
+        self.connections.discard(old)
+        self.connections.add(new)
 
     def reopen_logs(self) -> None:
         from .. import logs
@@ -262,6 +307,18 @@ class Worker:
         log.error("worker %d (pid %d) loop blocked, stuck on %s; stack:\n%s",
                   self.worker_id, os.getpid(), where, stack.rstrip())
         sys.stderr.flush()
+
+
+def connection_settings(cfg: Config) -> ConnectionSettings:
+    """[server]'s limits and timeouts, as connections take them."""
+    srv = cfg.server
+    return ConnectionSettings(
+        max_header_bytes=srv.max_header_bytes, max_body_bytes=srv.max_body_bytes,
+        header_timeout=srv.header_timeout, body_timeout=srv.body_timeout,
+        keepalive_timeout=srv.keepalive_timeout, send_timeout=srv.send_timeout,
+        request_timeout=srv.request_timeout, max_pipeline=srv.max_pipeline,
+        write_buffer_bytes=srv.write_buffer_bytes, ws_ping_s=srv.ws_ping_s,
+        ws_idle_timeout=srv.ws_idle_timeout)
 
 
 def run_worker(cfg: Config, block: StatsBlock, slot_index: int, worker_id: int,

@@ -24,7 +24,14 @@ waiting) and `tokens_now(messages, params)` (its items as a plain iterator in
 that case), which let the server answer without a task and frame ready
 tokens together; and `cuts_at_max_tokens = True` when it never yields more
 than `max_tokens` cl100k tokens of text itself (the built-in echo model), so
-the server's own guard is skipped.
+the server's own guard is skipped. More optional members, for a provider in
+front of a model server (the gateway's `openai` provider):
+`complete(messages, params)`, the same events for a client that wants the
+whole answer (an upstream asked without streaming), used instead of
+`stream()` then; `applies_stop = True` when the model applies `stop` itself
+(the server does not cut the text again); `reports_usage = True` when its
+`Usage` is the truth: the prompt is then charged once, with the reported
+count (the server's estimate when none comes), when the generation ends.
 """
 
 from __future__ import annotations
@@ -153,12 +160,15 @@ class Chunk:
     """A whole OpenAI `chat.completion.chunk` (the parsed JSON object), handed
     over as an upstream sent it. The pipeline takes choice 0's delta (a Delta
     with every field kept), its finish_reason and the chunk's usage; /v1/chat/
-    completions forwards it with the server's id and the public model name."""
+    completions forwards it with the server's id and the public model name.
+    `tokens`: as a Delta's (1: the upstream's chunk is a token, its final
+    usage settles the count; None: its text is counted with cl100k)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "tokens")
 
-    def __init__(self, data: dict[str, Any]) -> None:
+    def __init__(self, data: dict[str, Any], tokens: int | None = None) -> None:
         self.data = data
+        self.tokens = tokens
 
     def __repr__(self) -> str:
         return f"Chunk({self.data!r:.200})"
