@@ -87,6 +87,11 @@ REPLY_TOKENS = 20  # max_tokens of the wrk bodies (the echo column answers that 
 # env and config; --num_workers 2 to match our 2 workers (uvicorn, uvloop, its default).
 LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
                "LITELLM_MODE": "PRODUCTION", "LITELLM_MASTER_KEY": MASTER_KEY}
+# Not a speed setting: uvicorn's supervisor pings each worker every 0.5 s and kills
+# one that does not answer within 5 s. On a busy shared machine LiteLLM's workers,
+# still importing the proxy, missed that and were restarted in a loop for 15
+# minutes; with 120 s they start (LiteLLM's CLI documents the flag).
+LITELLM_ARGS = ["--timeout_worker_healthcheck", "120"]
 LITELLM_SETTINGS = """general_settings:
   master_key: os.environ/LITELLM_MASTER_KEY
   disable_spend_logs: true
@@ -229,13 +234,13 @@ split = "token"
 
 
 def gateway_toml(ports: dict[str, int]) -> str:
-    """The NeuroHTTP gateway: each public model one openai deployment (DESIGN.md §5)."""
+    """The NeuroHTTP gateway: each public model one openai deployment, in its own
+    table (DESIGN.md §5; docs/ROUTING.md)."""
     out = NEUROHTTP_HEAD
     for model, upstream_model, conns in (("json", "up", 64), ("sse", "up", 64),
                                          ("paced", "paced", 1024)):
         out += f"""
 [models.{model}]
-[[models.{model}.deployments]]
 provider = "openai"
 base_url = "http://127.0.0.1:{ports[model]}/v1"
 model = "{upstream_model}"
@@ -439,9 +444,10 @@ def start_column(name: str, ups: dict[str, Any], workdir: Path,
         cfg = workdir / "litellm.yaml"
         cfg.write_text(litellm_yaml(ports))
         svc = Service(name, [args.litellm, "--config", str(cfg), "--host", "127.0.0.1",
-                             "--port", str(port), "--num_workers", str(args.workers)], workdir,
+                             "--port", str(port), "--num_workers", str(args.workers),
+                             *LITELLM_ARGS], workdir,
                       env={**LITELLM_ENV, KEY_ENV: UPSTREAM_KEY})
-        timeout = 180.0
+        timeout = args.start_timeout
     else:
         toml = gateway_toml(ports) if name == "neurohttp" else echo_toml(args.delay_ms)
         svc = neurohttpd(name, toml, workdir, port, args.workers)
@@ -541,15 +547,15 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         row(f"{what}, 1 conn: p50 / p99 (ms)", lambda c, ld=load: (
             f"{num(get(res, c, f'{ld}-1', 'p50_ms'), '.3f')} / "
             f"{num(get(res, c, f'{ld}-1', 'p99_ms'), '.3f')}"))
-        row(f"{what}, 1 conn: added p50 vs direct (ms)", lambda c, ld=load: num(
-            diff(get(res, c, f"{ld}-1", "p50_ms"), get(res, "direct", f"{ld}-1", "p50_ms")),
-            "+.3f"))
+        row(f"{what}, 1 conn: added p50 vs direct (ms)", lambda c, ld=load: "" if c == "direct"
+            else num(diff(get(res, c, f"{ld}-1", "p50_ms"),
+                          get(res, "direct", f"{ld}-1", "p50_ms")), "+.3f"))
         row(f"{what}, 64 conns: req/s", lambda c, ld=load: num(
             get(res, c, f"{ld}-64", "rps"), ",.0f"))
         row(f"{what}, 64 conns: p50 / p99 (ms)", lambda c, ld=load: (
             f"{num(get(res, c, f'{ld}-64', 'p50_ms'))} / "
             f"{num(get(res, c, f'{ld}-64', 'p99_ms'))}"))
-        row(f"{what}, 64 conns: CPU µs/request", lambda c, ld=load: num(
+        row(f"{what}, 64 conns: CPU µs/request (direct: nginx's)", lambda c, ld=load: num(
             get(res, c, f"{ld}-64", "cpu_us"), ".1f"))
     if "echo" in res and "wrk" in args.parts:
         row("POST /v1/chat (echo), 64 conns: req/s, CPU µs/request", lambda c: (
@@ -567,7 +573,8 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                     "stream, starts spread over 1 s; first event = from connecting to the "
                     "first content event.", "",
                 "| streams | column | complete | first event p50 / p99 (ms) "
-                "| gap p50 / p99 / max (ms) | gateway cores | client cores |",
+                "| gap p50 / p99 / max (ms) | server cores (direct: the upstream's) "
+                "| client cores |",
                 "|---:|---|---:|---:|---:|---:|---:|"]
         for n in args.streams:
             for c in cols:
@@ -706,6 +713,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a short smoke: 2 s runs, 1 s warm-up, 50 and 200 streams of 25 events")
     ap.add_argument("--litellm", default=LITELLM, help="the litellm proxy's executable")
+    ap.add_argument("--start-timeout", type=float, default=300.0,
+                    help="seconds LiteLLM may take to its first answer (its imports are slow)")
     ap.add_argument("--out-md", default="", help="also write the tables here")
     ap.add_argument("--json", default="", help="write the raw results here")
     args = ap.parse_args()
@@ -726,7 +735,7 @@ def main() -> int:
     cmdline = "python loadtests/gateway_bench.py " + " ".join(sys.argv[1:])
     res: dict[str, dict[str, Any]] = {}
     stack: list[Service | Nginx] = []
-    t_start = time.time()
+    t_start, load0 = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gateway_bench_") as tmp:
         workdir = Path(tmp)
         try:
@@ -742,10 +751,10 @@ def main() -> int:
         finally:
             for s in reversed(stack):
                 s.stop()
-    load = os.getloadavg()
     text = (f"`{cmdline}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(t_start))}, "
-            f"{time.time() - t_start:.0f} s, load average at the end {load[0]:.1f} "
-            f"(2 cores, shared)\n\n" + report(res, args) + "\n")
+            f"{time.time() - t_start:.0f} s; load average {load0:.1f} at the start, "
+            f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)\n\n"
+            + report(res, args) + "\n")
     print(text)
     if args.out_md:
         Path(args.out_md).write_text(text)
