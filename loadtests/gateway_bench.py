@@ -327,17 +327,47 @@ def wrk(port: int, path: str, script: Path, conns: int, seconds: float) -> dict[
 
 
 def measure(port: int, path: str, script: Path, conns: int, args: argparse.Namespace,
-            cpu_pids: list[int]) -> dict[str, Any]:
+            cpu_pids: list[int], profile: tuple[int, Path] | None = None) -> dict[str, Any]:
+    """A wrk run after a warm-up, with the CPU of cpu_pids' trees over it;
+    profile = (pid, file): py-spy records that process meanwhile."""
     wrk(port, path, script, conns, args.warmup)
+    spy = None
+    if profile is not None:
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(profile[0]), "--rate", "200",
+                                "--duration", f"{max(1, int(args.duration) - 1)}",
+                                "--nonblocking", "--format", "raw", "-o", str(profile[1])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c0 = tree_cpu(cpu_pids)
     r = wrk(port, path, script, conns, args.duration)
     cpu = tree_cpu(cpu_pids) - c0
+    if spy is not None and profile is not None:
+        spy.wait(60)
+        log(f"profile of pid {profile[0]}, {path} -c{conns}, own samples by line:\n"
+            + top_lines(profile[1]))
     n = r["requests"]
+    nan = float("nan")  # no answer finished within the run: no latency to speak of
     return {"requests": n, "rps": n / (r["duration_us"] / 1e6),
-            "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
+            "p50_ms": r["p50_us"] / 1e3 if n else nan, "p99_ms": r["p99_us"] / 1e3 if n else nan,
             "non2xx": r["err_status"],
             "socket_errors": r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"],
-            "cpu_us": cpu / n * 1e6 if n else float("nan")}
+            "cpu_us": cpu / n * 1e6 if n else nan}
+
+
+def top_lines(raw: Path, n: int = 12) -> str:
+    """The lines with the most samples of their own in py-spy's raw (collapsed) output."""
+    own: dict[str, int] = {}
+    total = 0
+    try:
+        text = raw.read_text()
+    except OSError as e:
+        return f"  (no profile: {e})"
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+    best = sorted(own.items(), key=lambda kv: -kv[1])[:n]
+    return "\n".join(f"  {100 * k / total:5.1f}%  {leaf}" for leaf, k in best)
 
 
 # ------------------------------------------------------------ paced streams
@@ -471,8 +501,12 @@ def run_column(col: Column, workdir: Path, args: argparse.Namespace) -> None:
         for load, stream in (("json", False), ("sse", True)):
             script = wrk_script(workdir, f"{col.name}-{load}", body(load, stream, REPLY_TOKENS))
             for conns in (1, 64):
+                prof = None
+                if args.profile and conns == 64 and col.service is not None:
+                    w = col.service.workers(1)
+                    prof = (w[0], Path(args.profile) / f"{col.name}-{load}.txt") if w else None
                 r = measure(col.ports[load], "/v1/chat/completions", script, conns, args,
-                            col.cpu[load])
+                            col.cpu[load], prof)
                 res["wrk"][f"{load}-{conns}"] = r
                 log(f"[{col.name}] {load} -c{conns}: {fmt(r)}")
         if col.name == "echo":  # the core benchmark's scenario B: the CPU reference
@@ -667,6 +701,8 @@ def failures(res: dict[str, dict[str, Any]]) -> list[str]:
             if w["non2xx"] or w["socket_errors"]:
                 out.append(f"{c}: wrk {load}: {w['non2xx']} non-2xx answers, "
                            f"{w['socket_errors']} socket errors")
+            elif not w["requests"]:
+                out.append(f"{c}: wrk {load}: no answer finished within the run")
         if c == "litellm":
             continue  # where LiteLLM breaks is a result, not a failure of the harness
         for p in r.get("paced", []):
@@ -715,6 +751,9 @@ def main() -> int:
     ap.add_argument("--litellm", default=LITELLM, help="the litellm proxy's executable")
     ap.add_argument("--start-timeout", type=float, default=300.0,
                     help="seconds LiteLLM may take to its first answer (its imports are slow)")
+    ap.add_argument("--profile", default="",
+                    help="a directory: py-spy records one worker of each column during its "
+                         "64-connection runs (raw stacks there; the busiest lines printed)")
     ap.add_argument("--out-md", default="", help="also write the tables here")
     ap.add_argument("--json", default="", help="write the raw results here")
     args = ap.parse_args()
@@ -728,6 +767,8 @@ def main() -> int:
     if not args.parts <= {"wrk", "paced"}:
         ap.error("--parts takes wrk, paced or both")
     args.streams = [int(x) for x in args.streams.split(",")]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     if "litellm" in only and not Path(args.litellm).exists():
         ap.error(f"{args.litellm} not found (--litellm PATH)")
     # a TERM still runs the finally block that stops the servers
