@@ -371,6 +371,13 @@ def top_lines(raw: Path, n: int = 12) -> str:
 
 
 # ------------------------------------------------------------ paced streams
+SLACK_S = 30.0  # a stream not done this long after its last event was due has failed
+
+
+def bound_s(args: argparse.Namespace) -> float:
+    return 1.0 + args.events * args.delay_ms / 1e3 + SLACK_S
+
+
 class PacedStream(asyncio.Protocol):
     """One streamed request on its own connection (Connection: close): the time
     of its first content event and the gaps between the following ones."""
@@ -388,9 +395,11 @@ class PacedStream(asyncio.Protocol):
         self.head = b""
         self.tail = b""
         self.finished = False
+        self.transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.WriteTransport, transport).write(self.request)  # uvloop's: not a subclass
+        self.transport = cast(asyncio.WriteTransport, transport)  # uvloop's: not a subclass
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -417,12 +426,15 @@ class PacedStream(asyncio.Protocol):
             self.done.set_result(self)
 
 
-async def one_stream(port: int, request: bytes, gaps: list[float], delay: float) -> PacedStream:
+async def one_stream(port: int, request: bytes, gaps: list[float], delay: float,
+                     opened: list[PacedStream]) -> PacedStream:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(delay)
     done: asyncio.Future[PacedStream] = loop.create_future()
     t0 = time.perf_counter()  # connecting is part of the wait for the first event
-    await loop.create_connection(lambda: PacedStream(request, t0, gaps, done), "127.0.0.1", port)
+    stream = PacedStream(request, t0, gaps, done)
+    opened.append(stream)
+    await loop.create_connection(lambda: stream, "127.0.0.1", port)
     return await done
 
 
@@ -434,18 +446,25 @@ async def paced_step(port: int, streams: int, events: int, delay_ms: float,
                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
     gaps: list[float] = []
     ramp = 1.0  # starts spread over a second, as in stream_bench
-    bound = ramp + events * delay_ms / 1e3 + 30
+    bound = ramp + events * delay_ms / 1e3 + SLACK_S  # bound_s()
     c0, me0, t0 = tree_cpu(cpu_pids), time.process_time(), time.perf_counter()
-    results = await gather_bounded([one_stream(port, request, gaps, random.random() * ramp)
-                                    for _ in range(streams)], bound)
+    opened: list[PacedStream] = []
+    results = await gather_bounded([one_stream(port, request, gaps, random.random() * ramp,
+                                               opened) for _ in range(streams)], bound)
     wall = time.perf_counter() - t0
     cpu, me = tree_cpu(cpu_pids) - c0, time.process_time() - me0
-    ok = [r for r in results if isinstance(r, PacedStream)]
-    complete = [r for r in ok if r.status == 200 and r.finished and r.events == events]
-    firsts = [r.first for r in ok if r.events]
-    non2xx = sum(1 for r in ok if r.status != 200)
+    for st in opened:  # streams not done in time: closed, so the next step starts clean
+        if st.transport is not None and not st.done.done():
+            st.transport.abort()
+    await asyncio.sleep(0.1)
+    complete = [r for r in results if isinstance(r, PacedStream) and r.status == 200
+                and r.finished and r.events == events]
+    # a stream that never had an event counts as infinitely late
+    firsts = [st.first if st.events else float("inf") for st in opened]
+    firsts += [float("inf")] * (streams - len(opened))
+    non2xx = sum(1 for st in opened if st.status not in (0, 200))
     return {"streams": streams, "complete": len(complete), "non2xx": non2xx,
-            "failed": len(results) - len(ok),  # connect errors and streams not done in time
+            "failed": streams - len(complete) - non2xx,  # connect errors, cut or late streams
             "first_p50_ms": pct(firsts, 0.5) * 1e3, "first_p99_ms": pct(firsts, 0.99) * 1e3,
             "gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3,
             "gap_max_ms": max(gaps) * 1e3 if gaps else float("nan"),
@@ -621,7 +640,8 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                 bad = r["streams"] - r["complete"]
                 out.append(
                     f"| {n} | {label[c]} | {r['complete']}"
-                    + (f" ({bad} failed: {r['non2xx']} non-2xx)" if bad else "")
+                    + (f" ({r['non2xx']} non-2xx, {r['failed']} refused, cut or not done in "
+                       f"{bound_s(args):.0f} s)" if bad else "")
                     + f" | {num(r['first_p50_ms'], '.1f')} / {num(r['first_p99_ms'], '.1f')}"
                     f" | {num(r['gap_p50_ms'], '.1f')} / {num(r['gap_p99_ms'], '.1f')} / "
                     f"{num(r['gap_max_ms'], '.0f')} | {r['gateway_cores']:.2f} "
