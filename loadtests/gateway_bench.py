@@ -166,7 +166,8 @@ class Service:
         return [p for _, p in sorted(kids, reverse=True)[:n]]
 
     def tail(self, n: int = 20) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
 
@@ -463,12 +464,14 @@ async def paced_step(port: int, streams: int, events: int, delay_ms: float,
     firsts = [st.first if st.events else float("inf") for st in opened]
     firsts += [float("inf")] * (streams - len(opened))
     non2xx = sum(1 for st in opened if st.status not in (0, 200))
+    received = sum(st.events for st in opened)
     return {"streams": streams, "complete": len(complete), "non2xx": non2xx,
             "failed": streams - len(complete) - non2xx,  # connect errors, cut or late streams
             "first_p50_ms": pct(firsts, 0.5) * 1e3, "first_p99_ms": pct(firsts, 0.99) * 1e3,
             "gap_p50_ms": pct(gaps, 0.5) * 1e3, "gap_p99_ms": pct(gaps, 0.99) * 1e3,
             "gap_max_ms": max(gaps) * 1e3 if gaps else float("nan"),
-            "wall_s": wall, "gateway_cores": cpu / wall, "client_cores": me / wall}
+            "wall_s": wall, "gateway_cores": cpu / wall, "client_cores": me / wall,
+            "cpu_us_per_event": cpu / received * 1e6 if received else float("nan")}
 
 
 # ------------------------------------------------------------ one column
@@ -626,8 +629,8 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                     "stream, starts spread over 1 s; first event = from connecting to the "
                     "first content event.", "",
                 "| streams | column | complete | first event p50 / p99 (ms) "
-                "| gap p50 / p99 / max (ms) | server cores (direct: the upstream's) "
-                "| client cores |",
+                "| gap p50 / p99 / max (ms) | server cores, CPU µs/event (direct: the "
+                "upstream's) | client cores |",
                 "|---:|---|---:|---:|---:|---:|---:|"]
         for n in args.streams:
             for c in cols:
@@ -644,8 +647,8 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                        f"{bound_s(args):.0f} s)" if bad else "")
                     + f" | {num(r['first_p50_ms'], '.1f')} / {num(r['first_p99_ms'], '.1f')}"
                     f" | {num(r['gap_p50_ms'], '.1f')} / {num(r['gap_p99_ms'], '.1f')} / "
-                    f"{num(r['gap_max_ms'], '.0f')} | {r['gateway_cores']:.2f} "
-                    f"| {r['client_cores']:.2f} |")
+                    f"{num(r['gap_max_ms'], '.0f')} | {r['gateway_cores']:.2f}, "
+                    f"{num(r.get('cpu_us_per_event'), '.1f')} | {r['client_cores']:.2f} |")
     out += ["", *targets(res, args)]
     return "\n".join(out)
 
