@@ -763,14 +763,15 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(COLUMNS),
                     help=f"columns, comma-separated (default: {','.join(COLUMNS)})")
     ap.add_argument("--parts", default="wrk,paced", help="wrk, paced or both")
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run")
-    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk before each run")
-    ap.add_argument("--streams", default="50,200,1000", help="paced concurrency steps")
-    ap.add_argument("--events", type=int, default=100, help="events per paced stream")
+    ap.add_argument("--duration", type=float, help="seconds per measured wrk run (10)")
+    ap.add_argument("--warmup", type=float, help="seconds of wrk before each run (2)")
+    ap.add_argument("--streams", help="paced concurrency steps (50,200,1000)")
+    ap.add_argument("--events", type=int, help="events per paced stream (100)")
     ap.add_argument("--delay-ms", type=float, default=20.0, help="pacing of the paced upstream")
     ap.add_argument("--workers", type=int, default=2, help="workers of each gateway")
     ap.add_argument("--quick", action="store_true",
-                    help="a short smoke: 2 s runs, 1 s warm-up, 50 and 200 streams of 25 events")
+                    help="a short smoke: 2 s runs, 1 s warm-up, 50 and 200 streams of 25 events "
+                         "(options given explicitly still apply)")
     ap.add_argument("--litellm", default=LITELLM, help="the litellm proxy's executable")
     ap.add_argument("--start-timeout", type=float, default=300.0,
                     help="seconds LiteLLM may take to its first answer (its imports are slow)")
@@ -780,8 +781,10 @@ def main() -> int:
     ap.add_argument("--out-md", default="", help="also write the tables here")
     ap.add_argument("--json", default="", help="write the raw results here")
     args = ap.parse_args()
-    if args.quick:
-        args.duration, args.warmup, args.streams, args.events = 2.0, 1.0, "50,200", 25
+    for key, full, quick in (("duration", 10.0, 2.0), ("warmup", 2.0, 1.0),
+                             ("streams", "50,200,1000", "50,200"), ("events", 100, 25)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     for c in only:
         if c not in COLUMNS:
