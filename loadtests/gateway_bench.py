@@ -5,6 +5,7 @@ run. docs/PERFORMANCE.md, "Gateway", has the numbers and what they mean.
     python loadtests/gateway_bench.py                  # everything, wrk runs of 10 s
     python loadtests/gateway_bench.py --quick          # a short smoke: 2 s runs, 50/200 streams
     python loadtests/gateway_bench.py --only direct,echo,litellm --duration 5 --out-md /tmp/gw.md
+    python loadtests/gateway_bench.py --only neurohttp --parts wrk --profile /tmp/prof  # py-spy
 
 Upstreams (started here on free 127.0.0.1 ports, stopped by pid). Each answers
 POST /v1/chat/completions, whatever the body says:
@@ -39,12 +40,14 @@ Per column, in turn (the others are stopped meanwhile):
   4. paced streams: --streams concurrent streams (each step in turn) of
      --events events --delay-ms apart from the paced upstream; one asyncio
      client (uvloop, a raw socket per stream) timestamps every read: first
-     event p50/p99 per stream, inter-event gaps p50/p99/max. LiteLLM stops
+     event p50/p99 per stream, inter-event gaps p50/p99/max, the column's
+     CPU per delivered event and the client's own CPU. LiteLLM stops
      stepping at the first step where streams fail or do not finish.
 
-Any non-2xx answer or socket error in a wrk run, or a failed paced stream on
-any column but litellm, is an error: the tables are printed, then the run exits
-with status 1 naming what failed.
+A non-2xx answer or a socket error in a wrk run, a wrk run in which no answer
+finished, or a failed paced stream on any column but litellm is an error: the
+tables are printed, then the run exits with status 1 naming what failed.
+Where LiteLLM breaks is a result, not an error.
 """
 
 from __future__ import annotations
