@@ -37,7 +37,7 @@ from neurohttp import config  # noqa: E402
 from neurohttp.stats.block import StatsBlock  # noqa: E402
 from neurohttp.stats.sizing import geometry_for  # noqa: E402
 from neurohttp.worker.connection import HttpConnection  # noqa: E402
-from neurohttp.worker.worker import Worker  # noqa: E402
+from neurohttp.worker.worker import Worker, new_event_loop  # noqa: E402
 
 
 class FakeTransport:
@@ -130,7 +130,7 @@ def main() -> None:
         try:
             idx = block.reserve_slot(1, 1)
             w = Worker(cfg, block, idx, 1, [], 0)
-            loop = w.loop = asyncio.new_event_loop()
+            loop = w.loop = new_event_loop("auto")  # uvloop, as the worker runs
             asyncio.set_event_loop(loop)
             from neurohttp.ai import tokenizer
             tokenizer.preload()
