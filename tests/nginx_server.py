@@ -27,6 +27,20 @@ def sse_body(events: int) -> str:
     return "".join(out)
 
 
+def chat_stream_body(events: int) -> str:
+    """What an OpenAI upstream streams for "stream": true with usage asked for:
+    a role delta, `events` content deltas, a finish chunk, a usage chunk and
+    [DONE] (nginx escapes: \\n)."""
+    head = '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"up","choices":'
+    chunks = [head + '[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}']
+    chunks += [head + '[{"index":0,"delta":{"content":"tok' + str(i) + ' "},"finish_reason":null}]}'
+               for i in range(events)]
+    chunks.append(head + '[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+    chunks.append(head + '[],"usage":{"prompt_tokens":9,"completion_tokens":' + str(events)
+                  + ',"total_tokens":' + str(9 + events) + '}}')
+    return "".join(f"data: {c}\\n\\n" for c in chunks) + "data: [DONE]\\n\\n"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,13 +48,15 @@ def free_port() -> int:
 
 
 class Nginx:
-    """nginx serving /v1/chat/completions (a fixed chat completion), /sse (a
-    fixed SSE stream of `sse_events` events) and whatever `extra` adds to the
-    server block."""
+    """nginx serving /v1/chat/completions (a fixed chat completion, or `chat_body`
+    as `chat_type`: chat_stream_body(n) with "text/event-stream" makes a
+    streaming upstream on the same path), /sse (a fixed SSE stream of
+    `sse_events` events) and whatever `extra` adds to the server block."""
 
     def __init__(self, directory: Path, keepalive_timeout: str = "75s",
                  keepalive_requests: int = 1000000, sse_events: int = 20, extra: str = "",
-                 worker_processes: int = 1) -> None:
+                 worker_processes: int = 1, chat_body: str = CHAT_BODY,
+                 chat_type: str = "application/json") -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keepalive_timeout = keepalive_timeout
@@ -48,6 +64,8 @@ class Nginx:
         self.sse_events = sse_events
         self.extra = extra
         self.worker_processes = worker_processes
+        self.chat_body = chat_body
+        self.chat_type = chat_type
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -76,8 +94,8 @@ http {{
   server {{
     listen 127.0.0.1:{self.port} reuseport;
     location = /v1/chat/completions {{
-      default_type application/json;
-      return 200 '{CHAT_BODY}';
+      default_type {self.chat_type};
+      return 200 '{self.chat_body}';
     }}
     location = /sse {{
       default_type text/event-stream;
