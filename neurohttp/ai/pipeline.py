@@ -74,6 +74,11 @@ MAX_STOP_CHARS = 4096
 # The finish reasons of answers the response cache keeps (not "content_filter":
 # a plugin's filter cut it, maybe for this request alone).
 _KEPT = frozenset({"stop", "length", "tool_calls"})
+# An upstream chunk with only these top-level fields and a choice-0 delta of
+# only these is plain text (Generation._chunk's fast path): the server's own
+# id, object, created and model replace the upstream's.
+_PLAIN_TOP = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_PLAIN_DELTA = frozenset({"role", "content"})
 
 # The last event of a stream the server ends at its shutdown deadline.
 SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
@@ -533,6 +538,8 @@ class Generation:
 
     def _item(self, item: Any) -> str | Delta | None:
         """Everything but a plain str (the slow path)."""
+        if item.__class__ is Chunk:  # (an upstream's stream: first, one test per event)
+            return self._chunk(item.data, item.tokens)
         if isinstance(item, Delta):
             return self._delta(item)
         if isinstance(item, Chunk):
@@ -633,6 +640,40 @@ class Generation:
         if type(data) is not dict:
             raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk of "
                             f"{type(data).__name__}, not a dict")
+        choices = data.get("choices")
+        if (self.rules is None and choices.__class__ is list and len(choices) <= 1
+                and data.keys() <= _PLAIN_TOP):
+            # The common chunks (one choice, text or role only, or the usage
+            # chunk; nothing else to keep): plain text for the framer's cheap
+            # path, no Delta, no dicts built. The same figures as the Delta it
+            # would be (a provider-counted piece is charged, kept for a whole
+            # answer, not tokenized).
+            c = choices[0] if choices else None
+            delta = c.get("delta") if c.__class__ is dict else None
+            if c is None or (delta.__class__ is dict and delta.keys() <= _PLAIN_DELTA
+                             and not c.get("logprobs") and c.get("index", 0) == 0):
+                content = delta.get("content") if delta is not None else None
+                if content is None or (content.__class__ is str and (
+                        tokens is None or (tokens.__class__ is int and tokens >= 0))):
+                    u = data.get("usage")
+                    if u.__class__ is dict:
+                        self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+                    if c is None:
+                        return None
+                    reason = c.get("finish_reason")
+                    if reason.__class__ is str:
+                        self.finish_reason = reason
+                    if not content:
+                        return None
+                    if tokens is None:
+                        return self._feed(content)
+                    if self.parts:
+                        self._settle(everything=True)
+                    if not self.streaming:
+                        self.kept.append(content)
+                    self.other_tokens += tokens
+                    self._charge(tokens)
+                    return content
         u = data.get("usage")
         if type(u) is dict:
             self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))

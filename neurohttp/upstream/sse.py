@@ -31,7 +31,7 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class SSEEvent:
-    __slots__ = ("data", "event", "id", "retry")
+    __slots__ = ("data", "event", "id", "retry", "done")
 
     def __init__(self, data: bytes, event: str = "", id: str | None = None,
                  retry: int | None = None) -> None:
@@ -39,11 +39,8 @@ class SSEEvent:
         self.event = event    # "" for the default type "message"
         self.id = id
         self.retry = retry
-
-    @property
-    def done(self) -> bool:
-        """The OpenAI end-of-stream marker `data: [DONE]`."""
-        return self.data == DONE
+        # the OpenAI end-of-stream marker `data: [DONE]` (an attribute: read twice per event)
+        self.done = data == DONE
 
     @property
     def text(self) -> str:
@@ -70,6 +67,19 @@ class SSEDecoder:
         self._skip_lf = False
 
     def feed(self, data: bytes) -> list[SSEEvent]:
+        if (data[-2:] == b"\n\n" and self._started and not self._rest and not self._data
+                and not self._skip_lf and not self._event and self._retry is None
+                and b"\r" not in data):
+            # The common read (OpenAI's streams): whole events of one `data: ` line
+            # each, nothing pending. Anything else takes the general way below.
+            events = []
+            limit = self.max_event_bytes
+            for block in data[:-2].split(b"\n\n"):
+                if block[:6] != b"data: " or b"\n" in block or len(block) > limit:
+                    break
+                events.append(SSEEvent(block[6:], "", self._id))
+            else:
+                return events
         if self._skip_lf:  # the LF of a CRLF whose CR ended the previous read
             self._skip_lf = False
             if data[:1] == b"\n":
