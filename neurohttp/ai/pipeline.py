@@ -958,8 +958,39 @@ class Generation:
     async def run_to_end(self) -> None:
         """Produce a whole answer from a paced model (or what run_now left);
         a failure is in `failure`, a cancellation counts what was made."""
-        async for _ in self.frames(COLLECT):
-            pass
+        if self.rest is not None or not self.probed or self.agen is not None:
+            async for _ in self.frames(COLLECT):
+                pass
+            return
+        # Nothing was ready (an upstream's answer): the provider's events are fed
+        # here, as frames(COLLECT) would, without a frames layer to resume per
+        # event nor a frame made per piece only to be dropped.
+        self.streaming = False
+        try:
+            agen = self.agen = self._open()
+            feed = self._feed
+            settle_at = self.started + SETTLE_S
+            try:
+                async for item in agen:
+                    if feed(item) is not None and self.ttft is None:
+                        self.ttft = monotonic() - self.started
+                    if self.done:
+                        break
+                    t = monotonic()
+                    if t > settle_at:
+                        settle_at = t + SETTLE_S
+                        self._settle()
+            finally:
+                await self._aclose()
+            if self.rules is not None and not self.done:
+                rest = self.rules.flush()
+                if rest:
+                    self.parts.append(rest)
+        except Exception as e:
+            self.fail(e)
+        except BaseException:
+            self.close(True)
+            raise
 
     # ------------------------------------------------------------ results
     @property
