@@ -1015,20 +1015,26 @@ class Generation:
         if self.counted:
             return
         self.counted = True
+        more = 0  # completion tokens still to charge
         if self.reported_completion is not None:
             # the provider's count replaces the server's: the text not counted
             # yet stays uncounted (it is still in `parts` for `text`)
             completion = max(self.reported_completion, self.charged)
-            self._charge(completion - self.charged)
+            more = completion - self.charged
         else:
             self._settle(everything=True)
             completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
-        if self.prompt_deferred:  # charged now, with the provider's own count if it gave one
+        if self.prompt_deferred:
+            # the prompt is charged now, with the provider's own count if it gave
+            # one, together with the last completion tokens (one charge)
             if self.reported_prompt is not None:
                 self.prompt_tokens = self.reported_prompt
-            self.usage_sink.charge(self.model, self.key, self.prompt_tokens)
-        elif self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
+            self.charged += more
+            self.usage_sink.charge(self.model, self.key, self.prompt_tokens, more)
+            return
+        self._charge(more)
+        if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
             self.prompt_tokens = self.reported_prompt
 
