@@ -150,12 +150,16 @@ async def sse_events(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EV
     async for data in it:
         for event in decoder.feed(data):
             if event.done:
-                try:
-                    async with asyncio.timeout(done_grace_s):
-                        async for _ in it:
-                            pass
-                except TimeoutError:
-                    pass  # the consumer's close() cuts what the upstream still holds open
+                if getattr(chunks, "complete", False):
+                    async for _ in it:  # all there already (usual): no timer needed
+                        pass
+                else:
+                    try:
+                        async with asyncio.timeout(done_grace_s):
+                            async for _ in it:
+                                pass
+                    except TimeoutError:
+                        pass  # the consumer's close() cuts what the upstream still holds open
                 yield event
                 return
             yield event
