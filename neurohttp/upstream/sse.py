@@ -72,7 +72,7 @@ class SSEDecoder:
                 and b"\r" not in data):
             # The common read (OpenAI's streams): whole events of one `data: ` line
             # each, nothing pending. Anything else takes the general way below.
-            events = []
+            events: list[SSEEvent] = []
             limit = self.max_event_bytes
             for block in data[:-2].split(b"\n\n"):
                 if block[:6] != b"data: " or b"\n" in block or len(block) > limit:
@@ -100,7 +100,7 @@ class SSEDecoder:
         self._rest = rest = lines.pop()
         if len(rest) + self._size > self.max_event_bytes:
             raise self._too_big()
-        events: list[SSEEvent] = []
+        events = []
         for line in lines:
             if not line:
                 if self._data:
