@@ -11,6 +11,10 @@ Used to compare hot-path changes; end-to-end numbers come from bench.py.
 parsed, nothing checked). `--auth key` runs the same requests with [auth] on and an API key sent in
 Authorization (no limits: the key check and the key's figures); `--auth quota`
 gives that key rpm, tpm and daily limits too (shared memory, never reached).
+`--plugin limiter` loads plugins/limiter.py keyed by the client address (rpm
+never reached); `--plugin empty` a plugin with empty before_request,
+after_response and on_token hooks (loadtests/plugins/empty_hooks.py), `--plugin
+hooks` one with the two request hooks only (empty_request_hooks.py).
 `--firewall rules` runs them through a [firewall] with allow/deny networks,
 trusted proxies, user-agent and path rules (none refusing them); `--firewall
 rate` adds rps_per_ip (never reached); `--ua` sends a User-Agent header.
@@ -96,6 +100,10 @@ def main() -> None:
     ap.add_argument("--cache", choices=("", "off", "hit", "miss"), default="",
                     help="chat requests at temperature 0 to an echo model without the "
                          "response cache, with it (hits), or with a ttl that makes them misses")
+    ap.add_argument("--plugin", choices=("off", "limiter", "hooks", "empty"), default="off",
+                    help="limiter: plugins/limiter.py keyed by IP (rpm never reached); "
+                         "hooks: a plugin with empty before_request and after_response hooks; "
+                         "empty: those and an empty on_token (loadtests/plugins/)")
     args = ap.parse_args()
     requests = REQUESTS
     if args.cache:
@@ -122,6 +130,13 @@ def main() -> None:
     elif args.cache:
         ttl = {"off": 0, "hit": 3600, "miss": 1e-6}[args.cache]
         cfg = config.from_dict({"models": {"echo": {"provider": "echo", "cache_ttl_s": ttl}}})
+    elif args.plugin != "off":
+        here = Path(__file__).resolve().parent
+        cfg = config.from_dict({"plugins": {
+            "paths": [str(here.parent / "plugins"), str(here / "plugins")],
+            "enabled": [{"limiter": "limiter", "hooks": "empty_request_hooks",
+                         "empty": "empty_hooks"}[args.plugin]],
+            **({"limiter": {"rpm": 10**9}} if args.plugin == "limiter" else {})}})
     elif args.auth in ("off", "header"):
         cfg = config.load(None)
     else:
@@ -136,6 +151,7 @@ def main() -> None:
     try:
         idx = block.reserve_slot(1, 1)
         w = Worker(cfg, block, idx, 1, [], 0)
+        w.build()  # plugins, models, services, routes (the worker's start does this)
         w.loop = asyncio.new_event_loop()
         from neurohttp.ai import tokenizer
         tokenizer.preload()

@@ -36,15 +36,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--paced", action="store_true")
+    ap.add_argument("--plugin", choices=("off", "empty"), default="off",
+                    help="empty: a plugin with empty before_request, after_response and "
+                         "on_token hooks (loadtests/plugins/empty_hooks.py)")
     args = ap.parse_args()
     model = {"provider": "echo", "repeat": True, "split": "token",
              "max_output_tokens": 1_000_000_000}
     if args.paced:
         model["token_delay_ms"] = 0.001
-    cfg = config.from_dict({"models": {"echo": {"provider": "echo"}, "m": model}})
+    doc: dict[str, Any] = {"models": {"echo": {"provider": "echo"}, "m": model}}
+    if args.plugin == "empty":
+        doc["plugins"] = {"paths": [str(Path(__file__).resolve().parent / "plugins")],
+                          "enabled": ["empty_hooks"]}
+    cfg = config.from_dict(doc)
     block = StatsBlock.create(f"neurohttp-microstream-{os.getpid()}", geometry_for(cfg))
     try:
         w: Any = Worker(cfg, block, block.reserve_slot(1, 1), 1, [], 0)
+        w.build()  # plugins, models, services, routes (the worker's start does this)
         from neurohttp.ai import tokenizer
         tokenizer.preload()
         handler: Any = w.app.routes["/v1/chat/completions"]["POST"]

@@ -77,6 +77,7 @@ def main() -> None:
     block = StatsBlock.create(f"neurohttp-tlsmicro-{os.getpid()}", geometry_for(cfg))
     try:
         w = Worker(cfg, block, block.reserve_slot(1, 1), 1, [], 0)
+        w.build()  # plugins, models, services, routes (the worker's start does this)
         loop = w.loop = new_event_loop("auto")
         gc.collect()
         gc.freeze()   # as the master does before forking

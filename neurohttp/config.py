@@ -142,6 +142,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_connections": Key(int, 10000, _positive, range=(1, 1_000_000)),
         "max_header_bytes": Key(int, 16384, _positive, range=(1, MiB)),
         "max_body_bytes": Key(int, 8 * 1024 * 1024, _non_negative, range=(0, GiB)),
+        # the body limit of routes that stream their body (a plugin's stream_body=True)
+        "max_upload_bytes": Key(int, GiB, _positive, range=(1, 1024 * GiB)),
         "header_timeout": Key(NUM, 10.0, _positive, range=(0, HOUR)),
         "body_timeout": Key(NUM, 30.0, _positive, range=(0, HOUR)),
         "keepalive_timeout": Key(NUM, 5.0, _non_negative, range=(0, HOUR)),
@@ -171,6 +173,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_workers": Key(int, 0, _non_negative, range=(0, 1024)),
         "max_routes": Key(int, 0, _non_negative, range=(0, 4096)),
         "max_models": Key(int, 0, _non_negative, range=(0, 4096)),
+        "max_deployments": Key(int, 0, _non_negative, range=(0, 65536)),
     },
     # Besides these keys, [[auth.keys]] tables (AUTH_KEY_KEYS) hold the API keys.
     "auth": {
@@ -189,6 +192,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "plugins": {
         "paths": Key(list, ["plugins"], _str_list),
         "enabled": Key(list, [], _str_list),
+        # seconds a worker's plugins may take to load (setup() and on_startup hooks)
+        "setup_timeout": Key(NUM, 60.0, _positive, range=(1, HOUR)),
+        # shared counters and figures the plugins may declare (app.counter, app.metric)
+        "max_state_keys": Key(int, 1024, _positive, range=(16, 1_048_576)),
     },
     # The firewall (security/firewall.py, docs/SECURITY.md "Firewall"): address
     # rules at accept, per-client limits exact across workers, request rules.
@@ -275,6 +282,8 @@ ROUTER_KEYS: dict[str, Key] = {
     "fallbacks": Key(list, [], _str_list),
     "hedge_after_ms": Key(int, 0, _non_negative, range=(0, 600_000)),
     "retries": Key(int, 0, _non_negative, range=(0, 16)),
+    # retries and hedges per request over the last 10 s, across workers (gateway/budget.py)
+    "retry_budget": Key(NUM, 0.2, _positive, range=(0, 100)),
     **CACHE_KEYS,
 }
 
@@ -347,6 +356,7 @@ class ServerSection(Section):
     max_connections: int
     max_header_bytes: int
     max_body_bytes: int
+    max_upload_bytes: int
     header_timeout: float
     body_timeout: float
     keepalive_timeout: float
@@ -379,6 +389,7 @@ class StatsSection(Section):
     max_workers: int
     max_routes: int
     max_models: int
+    max_deployments: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,6 +426,8 @@ class StateSection(Section):
 class PluginsSection(Section):
     paths: list[str]
     enabled: list[str]
+    setup_timeout: float
+    max_state_keys: int
     # Not a schema key: each plugin's own [plugins.<name>] table, checked by the plugin.
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -711,6 +724,7 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
     if not models:
         models = _check_models(where, DEFAULT_MODELS)
     _check_listeners(where, tables["server"], tables["tls"])
+    _check_router_room(where, tables["stats"]["max_deployments"], models)
     key_specs = _check_keys(where, auth_keys, models)
     if tables["auth"]["enabled"] and not key_specs:
         raise ConfigError(f"{where}: auth.enabled is true but there is no [[auth.keys]] table "
@@ -723,6 +737,16 @@ def from_dict(data: dict[str, Any], path: str | None = None) -> Config:
                   models=models, tls=TlsSection(**tables["tls"]),
                   firewall=FirewallSection(**tables["firewall"]),
                   cache=CacheSection(**tables["cache"]))
+
+
+def _check_router_room(where: str, room: int, models: dict[str, dict[str, Any]]) -> None:
+    """[stats] max_deployments, when set, holds every deployment and model."""
+    from .shared.deployments import records_needed
+    need = records_needed(models)
+    if room and room < need:
+        raise ConfigError(f"{where}: stats.max_deployments = {room} is below the {need} "
+                          f"records the [models.*] tables need (one per deployment and per "
+                          f"model; 0 computes it)")
 
 
 def _check_listeners(where: str, server: dict[str, Any], tls: dict[str, Any]) -> None:

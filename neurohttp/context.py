@@ -68,6 +68,20 @@ class Settings:
     cache_max_bytes: int = 16 << 20
 
 
+PLUGIN_MODULE_PREFIX = "neurohttp_plugin_"  # how plugins/<name>.py is imported
+
+
+def plugin_of(obj: Any) -> str | None:
+    """The plugin that registered `obj` (a hook, a filter, a provider or its
+    instance), for log lines: the App tags what a plugin registers, else the
+    module a plugin was loaded as names it. None: not a plugin's."""
+    owner = getattr(obj, "__neurohttp_plugin__", None)
+    if owner:
+        return str(owner)
+    mod = getattr(obj, "__module__", None) or type(obj).__module__ or ""
+    return mod[len(PLUGIN_MODULE_PREFIX):] if mod.startswith(PLUGIN_MODULE_PREFIX) else None
+
+
 # ---------------------------------------------------------------- the stats slot
 class Counters:
     """The typed writer of this worker's stats slot and per-model figures, for
@@ -121,7 +135,7 @@ class Counters:
 class StatsReader:
     """Reads the whole block (every worker's slot) for /stats, /metrics, /health."""
 
-    __slots__ = ("block", "route_names", "model_names", "sections")
+    __slots__ = ("block", "route_names", "model_names", "sections", "metric_texts")
 
     def __init__(self, block: StatsBlock, route_names: list[str],
                  model_names: list[str]) -> None:
@@ -131,6 +145,9 @@ class StatsReader:
         # More /stats sections from parts the handlers do not know (the security
         # gate's per-key figures, the firewall's): name -> a reader of its document.
         self.sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        # More /metrics text from those parts (the plugins' figures): each gets
+        # the /stats document and returns Prometheus lines.
+        self.metric_texts: list[Callable[[dict[str, Any]], str]] = []
 
     def add_section(self, name: str, read: Callable[[], dict[str, Any]]) -> None:
         self.sections[name] = read
@@ -152,6 +169,13 @@ class StatsReader:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(self.block, self.route_names, self.model_names)
+
+    def interval(self, start: int, end: int) -> dict[str, Any]:
+        """The /stats document whose windowed figures ("window", each route's and
+        model's "window") cover the closed seconds start .. end-1 (at most the
+        last minute: the per-second ring's length)."""
+        snap = Snapshot(self.block, self.route_names, self.model_names, now=end, since=start)
+        return self.document(snap)
 
 
 # ---------------------------------------------------------------- usage

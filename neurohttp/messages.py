@@ -6,11 +6,17 @@ Request from parsed bytes and turns a Response back into bytes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import orjson
+
+from .protocol.h1stream import BodyError, BodyReader
+
+__all__ = ["BodyError", "Headers", "Request", "Response", "StreamedRequest",
+           "StreamingResponse", "WebSocketUpgrade"]
 
 
 class Headers(MutableMapping[str, str]):
@@ -154,8 +160,73 @@ class Request:
             j = self._json = orjson.loads(self.body)
         return j
 
+    def stream(self) -> AsyncIterator[bytes]:
+        """The body as an async iterator of pieces. On a route registered with
+        `stream_body=True` they come as the client sends them (and `body` is
+        b""); elsewhere the collected body comes as one piece. Iterate once."""
+        return _one_piece(self.body)
+
+    @property
+    def streamed(self) -> bool:
+        """The body comes through stream() as it arrives (not in `body`)."""
+        return False
+
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r} from {self.client}>"
+
+
+class StreamedRequest(Request):
+    """The request of a server with streamed-body routes (the connection makes
+    these only then: `reader` costs the others nothing). `reader` is set by the
+    parser when the request's route streams its body."""
+
+    __slots__ = ("reader",)
+
+    def __init__(self, method: str, target: bytes, version: str,
+                 raw_headers: list[tuple[bytes, bytes]], client: str, keep_alive: bool,
+                 body: bytes = b"") -> None:
+        super().__init__(method, target, version, raw_headers, client, keep_alive, body)
+        self.reader: BodyReader | None = None
+
+    def stream(self) -> AsyncIterator[bytes]:
+        reader = self.reader
+        return _one_piece(self.body) if reader is None else _pieces(reader)
+
+    @property
+    def streamed(self) -> bool:
+        return self.reader is not None
+
+
+async def _one_piece(body: bytes) -> AsyncIterator[bytes]:
+    if body:
+        yield body
+
+
+async def _pieces(reader: BodyReader) -> AsyncIterator[bytes]:
+    """A streamed body's pieces as they arrive; raises BodyError when it cannot
+    be read to its end. Taking a piece lets the connection read on (and sends a
+    100 Continue the client waits for), so a slow consumer slows the client."""
+    loop = asyncio.get_running_loop()
+    while True:
+        data = reader.take()
+        pulled = reader.pulled
+        if pulled is not None:
+            pulled(reader)
+        if data is None:
+            fut: asyncio.Future[None] = loop.create_future()
+            reader.wake = _waker(fut)
+            await fut
+            continue
+        if not data:
+            return
+        yield data
+
+
+def _waker(fut: asyncio.Future[None]) -> Callable[[], None]:
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+    return wake
 
 
 _UNSET = object()

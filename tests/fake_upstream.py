@@ -547,6 +547,8 @@ async def serve(cert: str | None, key: str | None) -> None:
 
 
 class FakeUpstream:
+    script = __file__  # the server's program (a test module may extend the fake: proxy_upstream.py)
+
     def __init__(self, directory: Path, tls: tuple[str, str] | None = None) -> None:
         self.dir = Path(directory)
         self.tls = tls
@@ -559,7 +561,7 @@ class FakeUpstream:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> FakeUpstream:
-        args = [sys.executable, __file__]
+        args = [sys.executable, self.script]
         if self.tls:
             args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         self.dir.mkdir(parents=True, exist_ok=True)

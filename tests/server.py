@@ -58,10 +58,16 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
+def toml_key(k: str) -> str:
+    """A bare key, or a quoted one ("/v1/chat")."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
 def to_toml(cfg: dict[str, Any], prefix: str = "") -> str:
     """A small TOML writer for test configs: tables of scalars and lists, nested tables."""
     lines, subs, arrays = [], [], []
     for k, v in cfg.items():
+        k = toml_key(k)
         if isinstance(v, dict):
             subs.append((k, v))
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):

@@ -37,6 +37,9 @@ def upstream_models(url: str, down: str) -> dict:
         "up-tools": m("fake:tools"),
         "up-slow": m("fake:stream;count=100;delay_ms=100", max_connections=256),
         "up-429": m("fake:status;code=429;retry_after=7"),
+        # a 429 without Retry-After: every request asks it again (the router
+        # skips a deployment only for the time its Retry-After says)
+        "up-429-bare": m("fake:status;code=429"),
         "up-500": m("fake:status;code=500"),
         "up-503": m("fake:status;code=503;retry_after=3"),
         "up-401": m("fake:status;code=401"),
@@ -383,14 +386,14 @@ def test_check_validates_the_router_keys(tmp_path):
 def test_per_deployment_figures_are_summed_across_workers(srv):
     def dep(name: str) -> dict:
         return srv.stats()["deployments"][name]
-    ok0, bad0 = dep("up#0"), dep("up-429#0")
+    ok0, bad0 = dep("up#0"), dep("up-429-bare#0")
     n = 8  # over fresh connections: the kernel spreads them over both workers
     for _ in range(n):
         assert srv.request("POST", "/v1/chat/completions", json.dumps(
             {"model": "up", "messages": ASK, "stream": True}))[0] == 200
         assert srv.request("POST", "/v1/chat/completions", json.dumps(
-            {"model": "up-429", "messages": ASK}))[0] == 429
-    ok, bad = dep("up#0"), dep("up-429#0")
+            {"model": "up-429-bare", "messages": ASK}))[0] == 429
+    ok, bad = dep("up#0"), dep("up-429-bare#0")
     assert ok["requests"] - ok0["requests"] == n and ok["errors"] == ok0["errors"]
     assert ok["tokens_in"] - ok0["tokens_in"] == 5 * n  # the upstream's counts
     assert ok["tokens_out"] - ok0["tokens_out"] == 5 * n

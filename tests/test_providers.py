@@ -311,7 +311,7 @@ def test_bad_yields_stop_the_request_naming_the_provider(srv, client, prompt, wh
     r = seed(srv, prompt)
     assert r.status_code == 500
     err = r.json()["error"]
-    assert "provider 'kinds'" in err["message"] and what in err["message"]
+    assert "provider 'kinds' of plugin 'kinds'" in err["message"] and what in err["message"]
     assert err["code"] == "provider_error"
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="k", messages=ask(prompt))
@@ -333,8 +333,9 @@ def test_bad_yields_stop_the_request_naming_the_provider(srv, client, prompt, wh
         st.close()
     msgs = ws_answer(srv, prompt)
     assert "provider 'kinds'" in msgs[-1]["error"]["message"]
-    wait_for(lambda: f"provider 'kinds' yielded {what}" in srv.log()
-             or f"returned {what}" in srv.log(), 10, what="the bad output logged")
+    wait_for(lambda: f"provider 'kinds' of plugin 'kinds' yielded {what}" in srv.log()
+             or f"of plugin 'kinds': stream() returned {what}" in srv.log(), 10,
+             what="the bad output logged, naming the plugin")
     assert srv.worker_pids() == pid and srv.get_json("/health")["status"] == "ok"
 
 

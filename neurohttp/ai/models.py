@@ -18,11 +18,15 @@ class UnknownModel(KeyError):
 class ModelRegistry:
     """`upstream`: the worker's upstream client, which `openai` models send
     through (made here when not given); `figures`: where their deployments
-    count (gateway.GatewayFigures; None: not counted)."""
+    count (gateway.GatewayFigures; None: not counted); `router_table`: the
+    block's router records (shared/deployments.py) and `slot` this worker's
+    stats slot, which the models' routers share with every worker (None: a
+    table of this process's own)."""
 
     def __init__(self, models: dict[str, dict[str, Any]],
                  extra_providers: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
-                 upstream: Any = None, figures: Any = None) -> None:
+                 upstream: Any = None, figures: Any = None, router_table: Any = None,
+                 slot: int = 1) -> None:
         factories = {**BUILTIN_PROVIDERS, **(extra_providers or {})}
         self.models: dict[str, Any] = {}
         self.providers: dict[str, str] = {}  # model -> its provider's name ("echo", a plugin's)
@@ -48,6 +52,22 @@ class ModelRegistry:
                 self.cache[name] = (float(options["cache_ttl_s"]),
                                     bool(options.get("cache_nondeterministic")))
         self.default = "echo" if "echo" in self.models else next(iter(self.models))
+        self.routes: Any = None
+        self._bind_routers(models, router_table, slot)
+
+    def _bind_routers(self, models: dict[str, dict[str, Any]], table: Any, slot: int) -> None:
+        """One Routes for every model (gateway/routing.py), so that a model can
+        fall back to any other, and bind each openai model's router to it."""
+        if "openai" not in self.providers.values():
+            return
+        from ..gateway import OpenAIProvider
+        from ..gateway.routing import Routes
+        deps = {name: getattr(p, "deployments", None) or [p] for name, p in self.models.items()}
+        self.routes = Routes.build(models, deps, table, slot)
+        self.routes.providers = self.models
+        for p in self.models.values():
+            if isinstance(p, OpenAIProvider):
+                p.router.bind(self.routes)
 
     def get(self, name: str | None) -> tuple[str, Any]:
         """(public name, provider) for `name`, the default model when None."""

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent
+from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent, plugin_of
 from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
@@ -117,6 +117,19 @@ class BadOutput(ProviderError):
         super().__init__("provider_error", message)
 
 
+class HookFailed(ProviderError):
+    """A plugin's hook (on_token) raised while a generation ran: the request
+    ends with a 500 (or an error event in a stream), logged once naming the
+    plugin, the hook and the exception, with its traceback."""
+
+    def __init__(self, plugin: str | None, hook: str, fn: Any, exc: BaseException) -> None:
+        super().__init__("provider_error", "a plugin failed while producing the answer")
+        self.plugin = plugin
+        self.hook = hook
+        self.fn_name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        self.exc = exc
+
+
 class Failure:
     """A provider's failure as the client gets it: status, OpenAI error body,
     Retry-After."""
@@ -150,12 +163,18 @@ _LEGACY = {400: "bad_request", 429: "rate_limited", 503: "upstream_unavailable",
            504: "upstream_timeout", 408: "upstream_timeout"}
 
 
-def failure_of(exc: BaseException, model: str, provider: str) -> Failure:
+def failure_of(exc: BaseException, model: str, provider: str,
+               plugin: str | None = None) -> Failure:
     """Map a provider's failure to what the client gets (DESIGN.md §4): a
     ProviderError by its kind; a timeout 504; a refused or broken connection
     502; an exception with an int `status` by that status (an upstream's own
     401 or 500 is the server's 502); anything else 500. Logged here, once."""
-    where = f"model {model!r} (provider {provider!r})"
+    where = (f"model {model!r} (provider {provider!r})" if plugin is None else
+             f"model {model!r} (provider {provider!r} of plugin {plugin!r})")
+    if isinstance(exc, HookFailed):
+        log.error("plugin %r: %s hook %s failed in %s: %s: %s", exc.plugin, exc.hook,
+                  exc.fn_name, where, type(exc.exc).__name__, exc.exc, exc_info=exc.exc)
+        return Failure(500, exc.kind, exc.message)
     if isinstance(exc, ProviderError):
         if isinstance(exc, BadOutput):
             log.error("%s: %s", where, exc.message)
@@ -508,11 +527,20 @@ class Generation:
         # caches (Pipeline.begin); None: no cache, no x-neurohttp-cache header
         self.cache: Ticket | None = None
 
+    def _who(self) -> str:
+        """The provider as error messages name it (with its plugin, if a plugin's)."""
+        plugin = plugin_of(self.provider)
+        name = f"provider {self.provider_name!r}"
+        return name if plugin is None else f"{name} of plugin {plugin!r}"
+
     # ------------------------------------------------------------ one item
     def _filtered(self, tok: str) -> str | None:
         req = self.req
         for f in self.filters:
-            out = f(req, tok)
+            try:
+                out = f(req, tok)
+            except Exception as e:
+                raise HookFailed(plugin_of(f), "on_token", f, e) from e
             if out is None:  # a plugin stopped the stream
                 self.finish_reason = "content_filter"
                 return None
@@ -557,7 +585,7 @@ class Generation:
             return None
         if isinstance(item, ProviderError):
             raise item
-        raise BadOutput(f"provider {self.provider_name!r} yielded {type(item).__name__}; "
+        raise BadOutput(f"{self._who()} yielded {type(item).__name__}; "
                         "a provider yields str or the events of neurohttp.ai.providers "
                         "(Delta, Chunk, Finish, Usage, ProviderError)")
 
@@ -565,14 +593,14 @@ class Generation:
         content = d.content
         if content is not None and type(content) is not str:
             if not isinstance(content, str):
-                raise BadOutput(f"provider {self.provider_name!r} yielded a Delta whose "
+                raise BadOutput(f"{self._who()} yielded a Delta whose "
                                 f"content is {type(content).__name__}, not str")
             content = str(content)
         rules = self.rules
         if d.tokens is not None:
             # the provider counts this piece itself: its text is kept, not counted
             if type(d.tokens) is not int or d.tokens < 0:
-                raise BadOutput(f"provider {self.provider_name!r} yielded a Delta whose "
+                raise BadOutput(f"{self._who()} yielded a Delta whose "
                                 f"tokens is {d.tokens!r}, not a count")
             if rules is not None and not rules.counted(d.tokens):
                 return None
@@ -589,7 +617,7 @@ class Generation:
         if d.tool_calls:
             for tc in d.tool_calls:
                 if not isinstance(tc, ToolCallDelta):
-                    raise BadOutput(f"provider {self.provider_name!r} yielded a tool call "
+                    raise BadOutput(f"{self._who()} yielded a tool call "
                                     f"delta of type {type(tc).__name__}")
                 if d.tokens is None:
                     n += ((tokenizer.count(tc.name) if tc.name else 0)
@@ -638,7 +666,7 @@ class Generation:
         """A whole OpenAI chunk: choice 0's delta (every field kept), its finish
         reason, the chunk's usage and its other fields."""
         if type(data) is not dict:
-            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk of "
+            raise BadOutput(f"{self._who()} yielded a Chunk of "
                             f"{type(data).__name__}, not a dict")
         choices = data.get("choices")
         if (self.rules is None and choices.__class__ is list and len(choices) <= 1
@@ -683,7 +711,7 @@ class Generation:
             return None
         delta = choice.get("delta") or {}
         if type(delta) is not dict:
-            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk whose delta is "
+            raise BadOutput(f"{self._who()} yielded a Chunk whose delta is "
                             f"{type(delta).__name__}")
         extra = {k: v for k, v in delta.items()
                  if k not in ("role", "content", "tool_calls", "refusal")} or None
@@ -692,7 +720,7 @@ class Generation:
         try:
             calls = [ToolCallDelta.from_dict(t) for t in delta.get("tool_calls") or ()] or None
         except ValueError as e:
-            raise BadOutput(f"provider {self.provider_name!r} yielded a Chunk with a bad "
+            raise BadOutput(f"{self._who()} yielded a Chunk with a bad "
                             f"tool call: {e}") from None
         out = None
         content = delta.get("content")
@@ -787,7 +815,7 @@ class Generation:
             it = self.provider.stream(self.messages, self.params)
         aiter = getattr(it, "__aiter__", None)
         if aiter is None:
-            raise BadOutput(f"provider {self.provider_name!r}: stream() returned "
+            raise BadOutput(f"{self._who()}: stream() returned "
                             f"{type(it).__name__}, not an async iterator")
         return it if hasattr(it, "__anext__") else aiter()
 
@@ -1058,7 +1086,8 @@ class Generation:
     def fail(self, exc: BaseException) -> Failure:
         """The provider failed: map it (logged once), count what was made, report."""
         if self.failure is None:
-            self.failure = failure_of(exc, self.model, self.provider_name)
+            self.failure = failure_of(exc, self.model, self.provider_name,
+                                      plugin_of(self.provider))
         self._count()
         self._report(FAILED)
         return self.failure

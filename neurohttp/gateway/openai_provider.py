@@ -38,7 +38,7 @@ from ..upstream import UpstreamClient, UpstreamError
 from .deployment import Deployment
 from .errors import AttemptError, bad_event, from_status, from_upstream, no_key
 from .figures import DeploymentFigures
-from .router import Router
+from .router import Attempt, Router
 
 MAX_ERROR_BODY = 65536          # an upstream's error body read for its message
 MAX_WHOLE_BODY = 64 << 20       # a non-streamed upstream answer larger than this is refused
@@ -68,13 +68,22 @@ class OpenAIProvider:
     # ------------------------------------------------------------ the provider contract
     def stream(self, messages: list[dict[str, Any]], params: dict[str, Any]
                ) -> AsyncIterator[Any]:
-        body = _body(messages, params, True)
-        return self.router.stream(lambda dep: self._stream(dep, body))
+        return self.router.stream(self.attempt(messages, params, False),
+                                  self.router.fallbacks(messages, params, False))
 
     def complete(self, messages: list[dict[str, Any]], params: dict[str, Any]
                  ) -> AsyncIterator[Any]:
-        body = _body(messages, params, False)
-        return self.router.stream(lambda dep: self._whole(dep, body))
+        return self.router.stream(self.attempt(messages, params, True),
+                                  self.router.fallbacks(messages, params, True))
+
+    def attempt(self, messages: list[dict[str, Any]], params: dict[str, Any], whole: bool
+                ) -> Attempt:
+        """The request on one deployment (the router's `attempt`; also what a
+        model that falls back to this one sends)."""
+        body = _body(messages, params, not whole)
+        if whole:
+            return lambda dep: self._whole(dep, body)
+        return lambda dep: self._stream(dep, body)
 
     # ------------------------------------------------------------ one attempt
     async def _send(self, dep: Deployment, body: dict[str, Any]) -> Any:

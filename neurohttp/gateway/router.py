@@ -39,23 +39,27 @@ the same way as soon as the other one commits.
 block (neurohttp/shared/), keyed by `Deployment.label` and origin. The
 figures an attempt records (gateway/figures.py) are already shared.
 
-This implementation: `round_robin` over the deployments, one attempt, no
-retry. The other strategies and keys are checked by the config and not
-acted on here yet.
+This implementation (gateway/routing.py, docs/ROUTING.md "Router"): the four
+strategies, retries within a shared retry budget, Retry-After, fallbacks,
+per-deployment circuit breakers and hedging, on the records every worker
+shares (shared/deployments.py). A worker's ModelRegistry builds one `Routes`
+for all its models and binds each Router to it; a Router made alone (tests,
+tools) routes on a private table of its own, with no fallbacks.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from .deployment import Deployment
+from .routing import Attempt, Fallback, Routes
 
-Attempt = Callable[[Deployment], AsyncIterator[Any]]
+__all__ = ["Attempt", "Fallback", "Router", "Routes"]
 
 
 class Router:
-    __slots__ = ("model", "deployments", "table", "_next")
+    __slots__ = ("model", "deployments", "table", "routes")
 
     def __init__(self, model: str, deployments: Sequence[Deployment],
                  table: Mapping[str, Any]) -> None:
@@ -64,15 +68,25 @@ class Router:
         self.model = model
         self.deployments = list(deployments)
         self.table = table        # the model's config: strategy, retries, fallbacks, ...
-        self._next = 0
+        self.routes: Routes | None = None
 
-    def pick(self) -> Deployment:
-        """The next deployment, round robin (per worker)."""
-        deps = self.deployments
-        i = self._next
-        self._next = (i + 1) % len(deps)
-        return deps[i]
+    def bind(self, routes: Routes) -> None:
+        """Route on the worker's shared `routes` (ai/models.py ModelRegistry)."""
+        self.routes = routes
 
-    def stream(self, attempt: Attempt) -> AsyncIterator[Any]:
-        """The events of the request, from the deployment(s) chosen (see the module doc)."""
-        return attempt(self.pick())
+    def fallbacks(self, messages: Any, params: Any, whole: bool) -> Fallback | None:
+        """The fallback attempts of a request (None when the model has no fallbacks)."""
+        routes = self.routes
+        if routes is None or len(routes.chains[self.model]) < 2:
+            return None
+        return routes.fallback_for(messages, params, whole)
+
+    def stream(self, attempt: Attempt, fallback: Fallback | None = None) -> AsyncIterator[Any]:
+        """The events of the request, from the deployment(s) chosen (see the
+        module doc). `fallback(model)`: the attempt of the same request to
+        fallback model `model` (the Routes' models; None: no fallback)."""
+        routes = self.routes
+        if routes is None:
+            routes = self.routes = Routes.build({self.model: self.table},
+                                                {self.model: self.deployments})
+        return routes.stream(self.model, attempt, fallback)

@@ -89,9 +89,13 @@ class MetricsHandlers:
     def metrics(self, req: Request) -> Response:
         if not self.allowed(req.client):
             return self._forbidden(req)
-        snap = self.stats_reader.snapshot()
-        return Response(metrics_text(snap, self.stats_reader.document(snap)), 200, dict(_NO_STORE),
-                        PROM_TYPE)
+        reader = self.stats_reader
+        snap = reader.snapshot()
+        doc = reader.document(snap)
+        text = metrics_text(snap, doc)
+        for more in reader.metric_texts:
+            text += more(doc)
+        return Response(text, 200, dict(_NO_STORE), PROM_TYPE)
 
     def static(self, req: Request) -> Response:
         if not self.allowed(req.client):

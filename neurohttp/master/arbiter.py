@@ -29,6 +29,7 @@ import orjson
 from .. import config as config_mod
 from .. import fdlimit, tlsconfig
 from ..config import Config
+from ..shared.deployments import KIND_DEPLOYMENT, KIND_MODEL, RouterStateFull, config_fingerprints
 from ..stats import layout as L
 from ..stats.block import BlockInUse, StatsBlock, block_name
 from ..stats.sizing import geometry_for
@@ -147,6 +148,7 @@ class Master:
         except OSError as e:
             raise StartupError(f"cannot write pid file {pid_path}: {e.strerror}") from None
         self.block.words[L.H_GENERATION] = self.generation
+        self._assign_router(cfg, self.generation)
         self._publish_info()
         # Load what every worker needs once, before forking, so its pages are
         # shared and a new worker does not spend ~150 ms importing.
@@ -416,6 +418,11 @@ class Master:
         held = self.block.state.open.fold_conns(w.slot)
         if held:
             log.info("worker %d (pid %d) left %d per-IP connection counts; released",
+                     w.worker_id, w.pid, held)
+        # its counts per deployment kept, its outstanding requests dropped
+        held = self.block.router.fold(w.slot)
+        if held:
+            log.info("worker %d (pid %d) left %d outstanding upstream requests; released",
                      w.worker_id, w.pid, held)
         self.block.fold(w.slot)
         self.system.forget(w.pid)
@@ -751,6 +758,8 @@ class Master:
             logs.setup_from(new)
         have = {lst.key: lst for lst in self.listeners}
         wanted = _listen_keys(new)
+        # the router's records for the new deployments (may refuse: nothing changed yet)
+        self._assign_router(new, self.generation + 1)
         self.removed = self.removed + [lst for key, lst in have.items() if key not in wanted]
         self.listeners = [have[k] for k in wanted if k in have] + opened
         self.cfg = new
@@ -767,6 +776,19 @@ class Master:
         self._publish_info()
         log.info("reloading %s: generation %d with %d workers on %s", new.path or "the defaults",
                  self.generation, self.target, ", ".join(lst.label for lst in self.listeners))
+
+    def _assign_router(self, cfg: Config, generation: int) -> None:
+        """Give each deployment and model of `cfg` its shared router record
+        (shared/deployments.py): unchanged ones keep theirs."""
+        assert self.block is not None
+        model_fps, dep_fps = config_fingerprints(cfg.models)
+        wanted = [(fp, KIND_MODEL) for fp in model_fps.values()]
+        wanted += [(fp, KIND_DEPLOYMENT) for fp in dep_fps.values()]
+        oldest = min((w.generation for w in self.workers.values()), default=generation)
+        try:
+            self.block.router.assign(wanted, generation, min(oldest, generation))
+        except RouterStateFull as e:
+            raise config_mod.ConfigError(f"{cfg.path or '<defaults>'}: {e}") from None
 
     def _max_workers(self) -> int:
         """Workers the block was sized for; it has two slots each, so a reload's

@@ -89,6 +89,7 @@ class Due(IntEnum):
     ABORT = 3       # our output was left unread for send_timeout: abort
     PING = 4        # a silent stream: write frame(its idle ping), then pinged(now)
     EXPIRE = 5      # the answer (or a stream's next piece) is later than request_timeout
+    STALL = 6       # a streamed request body stopped coming (protocol/h1stream.py): stall()
 
 
 class Next(IntEnum):

@@ -41,6 +41,7 @@ CHAT = 1         # POST /v1/chat: "model" in the body, the default model without
 COMPLETIONS = 2  # POST /v1/chat/completions: "model" in the body
 SOCKET = 3       # GET /v1/ws: one request (its prompts' tokens are charged as used)
 MODEL = 4        # GET /v1/models/NAME: the models check only
+METERED = 5      # a path under a plugin's mount (openai_proxy): counted against rpm, any method
 _KINDS = {"/v1/chat": ("POST", CHAT), "/v1/chat/completions": ("POST", COMPLETIONS),
           "/v1/ws": ("GET", SOCKET)}
 _MODELS_PREFIX = "/v1/models/"
@@ -108,6 +109,9 @@ class Gate:
         self._rules: dict[bytes, Rule] = {}
         for k in ring.keys:
             k.rate_format = rate_format(k.limits)
+        # App.mounted: a path a plugin's mount takes is admitted against the key's
+        # rpm like a model route (its body is not read: no model check)
+        self.metered: Callable[[str], Any] | None = None
 
     # ------------------------------------------------------------ routing rules
     def rule(self, req: Request) -> Rule:
@@ -120,6 +124,8 @@ class Gate:
             method, kind = _KINDS.get(path, (None, 0))
             if kind == 0 and path.startswith(_MODELS_PREFIX):
                 method, kind = "GET", MODEL
+            elif kind == 0 and self.metered is not None and self.metered(path):
+                method, kind = None, METERED
             r = Rule(protected, method, kind)
             if len(self._rules) >= 4096:  # a bound: paths are whatever clients send
                 self._rules.clear()
@@ -145,9 +151,9 @@ class Gate:
         req.key = key
         assert isinstance(key, ApiKey)
         kind = rule.kind
-        if not kind or req.method != rule.method:
+        if not kind or req.method != rule.method and kind != METERED:
             return self.finish(req, key, None, dispatch(req), True)
-        if key.models is not None and kind != SOCKET:
+        if key.models is not None and kind != SOCKET and kind != METERED:
             model = self._model(req, kind)
             if model is not None and model not in key.models:
                 return self.forbidden(req, key, model)

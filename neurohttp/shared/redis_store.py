@@ -237,6 +237,11 @@ class RedisStore:
         v = await self.r.get(self.prefix + key)
         return int(v) if v is not None else 0
 
+    async def set(self, key: str, value: int) -> int:
+        """Set an exact counter; returns the value before (SET ... GET)."""
+        v = await self.r.set(self.prefix + key, value, get=True)
+        return int(v) if v is not None else 0
+
 
 def connect(url: str, timeout_s: float) -> Any:
     """A redis.asyncio client for `url` whose every wait is bounded by

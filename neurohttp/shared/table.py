@@ -301,6 +301,28 @@ class KeyTable:
             unlock(a)
         return value
 
+    def set(self, key: str, value: int) -> int:
+        """Set an exact counter (a plugin's gauge); returns the value before."""
+        h1 = hash(key) or 1
+        h2 = hash(key + "\0")
+        self._lock()
+        try:
+            w = self.w
+            e = self._entry(h1, h2, int(_time() * 1_000_000))
+            if e < 0:
+                self._full()
+                raise TableFull(f"shared state {self.name} is full: counter {key!r} not set")
+            old = w[e + E_V0]
+            if value:
+                w[e + E_EXP] = NEVER
+                w[e + E_V0] = value
+            else:
+                w[e + E_V0] = 0
+                w[e + E_EXP] = 0
+        finally:
+            unlock(self.addr)
+        return old
+
     def get(self, key: str) -> int:
         h1 = hash(key) or 1
         h2 = hash(key + "\0")

@@ -14,6 +14,8 @@ import time
 from array import array
 from multiprocessing import resource_tracker, shared_memory
 
+from ..shared.deployments import DeploymentTable
+from ..shared.mutex import buffer_address
 from ..shared.state import SharedState
 from . import layout as L
 from .window import fold_window
@@ -70,6 +72,7 @@ class StatsBlock:
         self.words = self._buf.cast("Q")
         self._read_geometry()
         self._state: SharedState | None = None
+        self._router: DeploymentTable | None = None
 
     @property
     def _buf(self) -> memoryview:
@@ -107,6 +110,8 @@ class StatsBlock:
         w = blk.words
         geo.write(w)
         SharedState.init(blk._state_buf(), geo.named_keys, geo.open_keys)
+        buf = blk._router_buf(geo)
+        DeploymentTable.init(buf.cast("q"), buffer_address(buf), geo.deployments, geo.nslots)
         w[L.H_VERSION] = L.LAYOUT_VERSION
         w[L.H_MASTER_PID] = os.getpid()
         w[L.H_STARTED] = int(time.time())
@@ -139,10 +144,26 @@ class StatsBlock:
             self._state = SharedState(self._state_buf(), g.named_keys, g.open_keys)
         return self._state
 
+    def _router_buf(self, geo: L.Geometry | None = None) -> memoryview:
+        geo = geo or self.geometry
+        return self._buf[geo.router_off * 8:(geo.router_off + geo.router_words) * 8]
+
+    @property
+    def router(self) -> DeploymentTable:
+        """The router's records (shared/deployments.py), for any process the
+        master forked after creating the block."""
+        if self._router is None:
+            buf = self._router_buf()
+            self._router = DeploymentTable(buf.cast("q"), buffer_address(buf))
+        return self._router
+
     def close(self) -> None:
         if self._state is not None:
             self._state.release()
             self._state = None
+        if self._router is not None:
+            self._router.w.release()
+            self._router = None
         try:
             self.words.release()
             self.shm.close()

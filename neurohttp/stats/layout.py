@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..shared.deployments import area_words
 from ..shared.table import table_words
 
 MAGIC = 0x4E455552_4F485454  # "NEUROHTT"
-LAYOUT_VERSION = 3     # 3: sizes from the config in the header, the shared-state area
+LAYOUT_VERSION = 4     # 3: sizes from the config in the header, the shared-state area; 4: the router's area
 PAGE_WORDS = 512       # slots and the state area start on a page: a freed slot's pages are dropped
 
 # ---- header words
@@ -43,6 +44,7 @@ H_STATE_OFF = 14       # word offset of the shared-state area (neurohttp/shared/
 H_STATE_WORDS = 15
 H_NAMED_KEYS = 16      # capacity of the named-key table (keys known from the config)
 H_OPEN_KEYS = 17       # capacity of the open-key table ([state] max_keys: IPs, header values)
+H_DEPLOYMENTS = 18     # records of the router's area (shared/deployments.py), after the tables
 HEADER_WORDS = 64
 
 # ---- slot words: identity (never folded)
@@ -171,6 +173,7 @@ class Geometry:
     max_workers: int = 8    # live workers at once; the block has twice as many slots
     named_keys: int = 1024  # shared-state table of keys known from the config
     open_keys: int = 16384  # shared-state table of open-ended keys (client IPs, ...)
+    deployments: int = 64   # router records: one per deployment and per model
 
     @cached_property
     def nslots(self) -> int:
@@ -202,8 +205,16 @@ class Geometry:
         return table_words(self.named_keys) + table_words(self.open_keys)
 
     @cached_property
-    def block_words(self) -> int:
+    def router_off(self) -> int:
         return self.state_off + self.state_words
+
+    @cached_property
+    def router_words(self) -> int:
+        return area_words(self.deployments, self.nslots)
+
+    @cached_property
+    def block_words(self) -> int:
+        return self.router_off + self.router_words
 
     def cell_spans(self, base: int, nroutes: int, nmodels: int) -> list[tuple[int, int]]:
         """The word ranges of the cell at `base` that a writer using `nroutes`
@@ -226,12 +237,13 @@ class Geometry:
         header[H_STATE_WORDS] = self.state_words
         header[H_NAMED_KEYS] = self.named_keys
         header[H_OPEN_KEYS] = self.open_keys
+        header[H_DEPLOYMENTS] = self.deployments
 
     @classmethod
     def read(cls, header: memoryview) -> Geometry:
         return cls(routes=header[H_ROUTES], models=header[H_MODELS],
                    max_workers=header[H_MAX_WORKERS], named_keys=header[H_NAMED_KEYS],
-                   open_keys=header[H_OPEN_KEYS])
+                   open_keys=header[H_OPEN_KEYS], deployments=header[H_DEPLOYMENTS])
 
 
 def slot_offset(slot: int, slot_words: int) -> int:

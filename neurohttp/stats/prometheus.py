@@ -200,7 +200,50 @@ def metrics_text(snap: Snapshot, doc: dict[str, Any]) -> str:
                  "Connections and requests the firewall refused, by rule (allow, deny: "
                  "403; conn_per_ip, rps_per_ip: 429; ua, path: 403).",
                  [({"rule": r}, n) for r, n in fw["refused"].items()])
+    router = doc.get("router")
+    if router is not None:
+        _router_metrics(w, router)
     return w.text()
+
+
+_BREAKER = ("closed", "open", "half_open")
+
+
+def _router_metrics(w: _Writer, router: dict[str, Any]) -> None:
+    """The router's figures (gateway/routing.py Routes.figures), summed over the
+    workers: per model and per deployment (its index in the model's list)."""
+    models = router.items()
+    deps = [({"model": m, "deployment": d["deployment"]}, d)
+            for m, r in models for d in r["deployments"]]
+    for name, key, help_text in (
+            ("retries", "retries", "Retries sent (before the first byte), by model."),
+            ("hedges", "hedges", "Hedged attempts sent (hedge_after_ms), by model."),
+            ("fallbacks", "fallbacks", "Requests that went on to a fallback model, by model."),
+            ("retries_refused", "retries_refused",
+             "Retries and hedges the model's retry budget refused."),
+            ("failed", "failed", "Requests that failed on every deployment and fallback.")):
+        w.family(f"neurohttp_router_{name}_total", "counter", help_text,
+                 [({"model": m}, r[key]) for m, r in models])
+    w.family("neurohttp_deployment_outstanding", "gauge",
+             "Requests in flight to a deployment, from every worker.",
+             [(lab, d["outstanding"]) for lab, d in deps])
+    for name, key, help_text in (
+            ("attempts", "requests", "Attempts sent to a deployment."),
+            ("attempt_errors", "errors", "Attempts that failed (before or during the answer)."),
+            ("retries", "retries", "Attempts that were retries."),
+            ("hedges", "hedges", "Attempts that were hedges."),
+            ("breaker_opened", "breaker_opened", "Times the circuit breaker opened."),
+            ("breaker_probes", "breaker_probes", "Half-open probes sent."),
+            ("breaker_closed", "breaker_closed", "Times a probe closed the breaker.")):
+        w.family(f"neurohttp_deployment_{name}_total", "counter", help_text,
+                 [(lab, d[key]) for lab, d in deps])
+    w.family("neurohttp_deployment_breaker_state", "gauge",
+             "The circuit breaker's state: 1 for the state it is in.",
+             [({**lab, "state": st}, int(d["breaker"] == st)) for lab, d in deps
+              for st in _BREAKER])
+    w.family("neurohttp_deployment_ttfb_ewma_seconds", "gauge",
+             "Recent time to first byte (an EWMA; lowest_latency chooses by it).",
+             [(lab, d["ttfb_ms"] / 1000) for lab, d in deps])
 
 
 def _auth_metrics(w: _Writer, auth: dict[str, Any]) -> None:
@@ -249,3 +292,16 @@ def _deployment_metrics(w: _Writer, deps: dict[str, Any]) -> None:
                  f"{what} quantiles since start, by deployment.",
                  [({**lab(n, d), "quantile": q}, d[key][k] / 1000)
                   for n, d in deps.items() for q, k in _QUANTILES])
+
+
+def plugin_metrics_text(figures: dict[str, dict[str, int]],
+                        kinds: dict[tuple[str, str], tuple[str, str]]) -> str:
+    """The plugins' figures (app.metric): neurohttp_plugin_<plugin>_<name>, with
+    `_total` for counters (plugin and metric names are [a-z0-9_] already)."""
+    w = _Writer()
+    for plugin, values in figures.items():
+        for name, value in values.items():
+            kind, help_text = kinds.get((plugin, name), ("gauge", name))
+            metric = f"neurohttp_plugin_{plugin}_{name}" + ("_total" if kind == "counter" else "")
+            w.one(metric, kind, help_text.replace("\n", " "), value)
+    return w.text() if w.lines else ""

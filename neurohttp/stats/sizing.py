@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..shared.deployments import records_needed
 from ..shared.table import table_capacity
 from .layout import Geometry
 
@@ -35,9 +36,19 @@ def geometry_for(cfg: Any) -> Geometry:
     models = stats.max_models or 1 + _room(nmodels, 8)
     routes = stats.max_routes or 1 + CORE_ROUTES + models + PLUGIN_ROUTES
     max_workers = stats.max_workers or _room(cfg.worker_count, 8)
+    # the router's records: a reload's config and the old one live side by side
+    # (config.py refuses a max_deployments below what the config needs)
+    deployments = stats.max_deployments or 2 * records_needed(cfg.models) + 16
     return Geometry(routes=routes, models=models, max_workers=max_workers,
-                    named_keys=table_capacity(NAMED_KEYS_ROOM + 4 * _known_keys(cfg)),
-                    open_keys=table_capacity(cfg.state.max_keys))
+                    named_keys=table_capacity(NAMED_KEYS_ROOM + _plugin_keys(cfg)
+                                              + 4 * _known_keys(cfg)),
+                    open_keys=table_capacity(cfg.state.max_keys), deployments=deployments)
+
+
+def _plugin_keys(cfg: Any) -> int:
+    """Room for the plugins' shared counters and figures ([plugins] max_state_keys)."""
+    plugins = getattr(cfg, "plugins", None)
+    return int(getattr(plugins, "max_state_keys", 0) or 0)
 
 
 def _known_keys(cfg: Any) -> int:

@@ -107,7 +107,8 @@ class Snapshot:
     """
 
     def __init__(self, block: StatsBlock, routes: list[str] | None = None,
-                 models: list[str] | None = None, now: float | None = None) -> None:
+                 models: list[str] | None = None, now: float | None = None,
+                 since: int | None = None) -> None:
         self.now = time.time() if now is None else now
         sec = self.sec = int(self.now)
         geo = block.geometry
@@ -131,9 +132,10 @@ class Snapshot:
         self.hist = [retired[k] + sum(s[k] for _, s in self.live)
                      for k in range(L.S_HIST, L.HIST_END)]
 
-        # ---- windowed figures: the closed seconds sec-60 .. sec-1
+        # ---- windowed figures: the closed seconds sec-60 .. sec-1 (from `since`
+        # if it is later: a plugin's interval, e.g. logstats')
         self.window_seconds = L.WINDOW_SECONDS
-        first = sec - L.WINDOW_SECONDS
+        first = sec - L.WINDOW_SECONDS if since is None else max(since, sec - L.WINDOW_SECONDS)
         self.stamps = list(range(first, sec))
         n = len(self.stamps)
         self.conn_series = [0] * n

@@ -35,11 +35,12 @@ class UpstreamClient:
         return pool
 
     async def request(self, method: str, url: str, *, headers: Headers = None,
-                      body: Body = None, timeouts: Timeouts | None = None) -> Response:
+                      body: Body = None, timeouts: Timeouts | None = None,
+                      length: int | None = None) -> Response:
         """One request to an absolute URL, through the default-settings pool of its origin."""
         _, target = split_url(url)
         return await self.pool(url).request(method, target, headers=headers, body=body,
-                                            timeouts=timeouts)
+                                            timeouts=timeouts, length=length)
 
     def stats(self) -> list[dict[str, Any]]:
         return [p.stats() for p in self._pools.values()]

@@ -20,9 +20,15 @@ import asyncio
 from collections.abc import AsyncIterable
 from typing import Protocol, cast
 
-from ..protocol.serialize import LAST_CHUNK, chunk
 from .errors import ErrorKind, UpstreamError
-from .h1_client import EndOfMessage, Event, ProtocolError, ResponseHead, ResponseParser
+from .h1_client import (
+    BodyFramer,
+    EndOfMessage,
+    Event,
+    ProtocolError,
+    ResponseHead,
+    ResponseParser,
+)
 from .response import Response
 from .settings import Timeouts
 
@@ -102,8 +108,10 @@ class UpstreamConnection(asyncio.Protocol):
         return resp
 
     async def send_streamed(self, head: bytes, body: AsyncIterable[bytes], head_request: bool,
-                            timeouts: Timeouts, total_at: float) -> Response:
-        """Write a request with a chunked body taken from `body` as the upstream takes it."""
+                            timeouts: Timeouts, total_at: float,
+                            length: int | None = None) -> Response:
+        """Write a request whose body is taken from `body` as the upstream takes
+        it: chunked, or raw when the head declared `length` bytes."""
         resp = self._begin(head_request, timeouts, total_at)
         tr = self.transport
         assert tr is not None
@@ -111,7 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.body_taken = False
         try:
             tr.write(head)
-            await self._upload(resp, body)
+            await self._upload(resp, body, BodyFramer(length))
         except BaseException:
             # cancelled, or the caller's body failed: the upstream must not take
             # a truncated body for a whole one, so the connection goes
@@ -120,8 +128,9 @@ class UpstreamConnection(asyncio.Protocol):
             raise
         return resp
 
-    async def _upload(self, resp: Response, body: AsyncIterable[bytes]) -> None:
-        """A chunked request body, one piece in flight: wait while the upstream
+    async def _upload(self, resp: Response, body: AsyncIterable[bytes],
+                      framer: BodyFramer) -> None:
+        """A streamed request body, one piece in flight: wait while the upstream
         does not take our bytes (bounded by the idle timeout)."""
         tr = self.transport
         assert tr is not None
@@ -130,11 +139,13 @@ class UpstreamConnection(asyncio.Protocol):
             if self.closed or resp.status:
                 return  # failed, or answered early: the request stays incomplete (no reuse)
             if piece:
-                tr.write(chunk(piece))
+                tr.write(framer.piece(piece))
                 if self.write_paused:
                     await self._drain()
         if not self.closed:
-            tr.write(LAST_CHUNK)
+            tail = framer.end()
+            if tail:
+                tr.write(tail)
             self.request_sent = True
             if not resp.status:
                 self._start_wait(FIRST_BYTE)

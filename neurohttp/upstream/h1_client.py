@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 
 import httptools
 
+from ..protocol.serialize import LAST_CHUNK, chunk
 from .errors import ErrorKind, UpstreamError
 
 MAX_HEAD_BYTES = 65536
@@ -499,6 +500,37 @@ def check_target(target: str | bytes) -> bytes:
 def request_line(method: bytes, target: bytes, host: bytes) -> bytes:
     """Request line and Host field: the part a pool caches per (method, target)."""
     return b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host)
+
+
+class BodyFramer:
+    """A streamed request body's framing: chunked (`length` None), or the raw
+    pieces of a body whose Content-Length was declared, held to that length
+    (a body that runs over or ends short would desynchronise the connection:
+    ValueError, and the caller closes it)."""
+
+    __slots__ = ("length", "sent")
+
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+        self.sent = 0
+
+    def piece(self, data: bytes) -> bytes:
+        """The bytes to write for `data` (not empty)."""
+        if self.length is None:
+            return chunk(data)
+        self.sent += len(data)
+        if self.sent > self.length:
+            raise ValueError(f"streamed request body over its Content-Length ({self.length})")
+        return data
+
+    def end(self) -> bytes:
+        """The bytes that end the body."""
+        if self.length is None:
+            return LAST_CHUNK
+        if self.sent != self.length:
+            raise ValueError(f"streamed request body ended at {self.sent} of its "
+                             f"Content-Length ({self.length}) bytes")
+        return b""
 
 
 def request_head(line: bytes, fields: bytes, length: int | None) -> bytes:

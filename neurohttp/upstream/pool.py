@@ -95,7 +95,8 @@ class Pool:
 
     # ------------------------------------------------------------ requests
     async def request(self, method: str, target: str | bytes, *, headers: Headers = None,
-                      body: Body = None, timeouts: Timeouts | None = None) -> Response:
+                      body: Body = None, timeouts: Timeouts | None = None,
+                      length: int | None = None) -> Response:
         """Send a request, return the Response once its head has arrived.
 
         target   origin-form: "/v1/chat/completions?x=1"
@@ -103,6 +104,9 @@ class Pool:
                  a mapping / pairs; Host, framing and connection fields are ours
         body     bytes (Content-Length), an async iterator of chunks (chunked,
                  sent with back-pressure), or None (no body)
+        length   with an async iterator: its total size, sent as Content-Length
+                 with the pieces unframed (an iterator that yields more or less
+                 than that fails the request with ValueError)
         timeouts per-request override of the pool's Timeouts
 
         Use the response with `async with`, or read it to its end, or close it.
@@ -128,7 +132,9 @@ class Pool:
             head = request_head(line, fields, len(data))
         else:
             streamed = body
-            head = request_head(line, fields, None)
+            if length is not None and length < 0:
+                raise ValueError("length must be >= 0")
+            head = request_head(line, fields, length)
         is_head = method == "HEAD"
         total_at = self.loop.time() + to.total if to.total else 0.0
         self.requests += 1
@@ -146,7 +152,8 @@ class Pool:
                 if streamed is None:
                     resp = conn.send(head, data, is_head, to, total_at)
                 else:
-                    resp = await conn.send_streamed(head, streamed, is_head, to, total_at)
+                    resp = await conn.send_streamed(head, streamed, is_head, to, total_at,
+                                                    length)
                 while not resp.status:  # (Response._wait, inlined: this runs for every request)
                     if resp._error is not None:
                         raise resp._error

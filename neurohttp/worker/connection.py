@@ -20,10 +20,11 @@ from time import monotonic
 from typing import Any
 
 from ..errors import error_response
-from ..messages import Request, Response, StreamingResponse, WebSocketUpgrade
+from ..messages import Request, Response, StreamedRequest, StreamingResponse, WebSocketUpgrade
 from ..protocol import serialize as ser
 from ..protocol.h1conn import Cancel, Due, H1Connection, Next
 from ..protocol.h1conn import Conn as _Conn
+from ..protocol.h1stream import BodyError, BodyReader, StreamingConnection
 from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from . import websocket
@@ -116,7 +117,16 @@ class HttpConnection(ClientConnection):
         now = monotonic()
         peer = transport.get_extra_info("peername")
         client = peer[0] if peer else ""
-        self.sm = H1Connection(self.settings, client, Request, now)
+        app = self.app
+        max_upload = app.max_upload
+        if max_upload:
+            # a route streams its body: this connection parses for it (h1stream.py)
+            sm = StreamingConnection(self.settings, client, StreamedRequest, now,
+                                     app.upload_limit, max_upload)
+            sm.parser.pulled = self._body_pulled
+            self.sm = sm  # (a subclass, over StreamedRequest)
+        else:
+            self.sm = H1Connection(self.settings, client, Request, now)
         transport.set_write_buffer_limits(high=self.settings.write_buffer_bytes)
         if host.draining:
             # accepted while draining (it was queued on a socket that may be closing
@@ -175,6 +185,18 @@ class HttpConnection(ClientConnection):
             self._pump()  # answers held back while the client was not reading
         else:
             self._sync_reading()
+
+    def _body_pulled(self, reader: BodyReader) -> None:
+        """The handler takes (or waits for) a piece of its streamed body: send the
+        100 Continue its client may wait for, and read on below the bound."""
+        if self.closed:
+            return
+        sm: StreamingConnection[StreamedRequest] = self.sm  # type: ignore[assignment]
+        reader.progress_at = monotonic()
+        if sm.continue_due(reader):
+            self.transport.write(ser.CONTINUE)
+        if self.read_paused and sm.should_read():
+            self._resume_reading()
 
     # ------------------------------------------------------------ dispatch
     def _pump(self) -> None:
@@ -240,6 +262,10 @@ class HttpConnection(ClientConnection):
                                 req.method, req.path, self.settings.request_timeout)
                     result = error_response(req, 504, "the server did not produce an answer "
                                             "in time (request_timeout)")
+                except BodyError as e:
+                    # its streamed body could not be read (too slow, too large, bad
+                    # framing, the client's EOF): that is the answer, and the last
+                    result = error_response(req, e.status, e.message)
                 except Exception:
                     log.exception("handler for %s %s failed", req.method, req.path)
                     result = error_response(req, 500, "internal server error")
@@ -498,6 +524,9 @@ class HttpConnection(ClientConnection):
             if self.task is not None and not self.task.done():
                 sm.cancel(Cancel.EXPIRED)
                 self.task.cancel()
+        elif due is Due.STALL:
+            # a streamed body stopped coming: its handler gets a BodyError (408)
+            self.sm.stall()  # type: ignore[attr-defined]  # (only a StreamingConnection says STALL)
 
     def _drop(self) -> None:
         """Close now; abort if output is still unsent (its reader is gone or stuck)."""

@@ -40,8 +40,13 @@ class Dispatcher(Protocol):
     """The application as a connection uses it (app.App)."""
 
     route_index: dict[str | bytes, int]
+    @property
+    def max_upload(self) -> int:
+        """> 0: a route streams its body (protocol/h1stream.py)."""
 
     def handle(self, req: Request) -> Any: ...
+
+    def upload_limit(self, req: Any) -> int: ...
 
 
 class RouteCells(Protocol):

@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
 from types import FrameType
@@ -24,19 +25,21 @@ from typing import Any
 
 from .. import fdlimit, handlers
 from ..ai.models import ModelRegistry
-from ..app import App
+from ..app import App, RouteConflict
 from ..config import Config
 from ..context import Counters, Services, Settings, StatsReader, UsageSink
 from ..logs import AccessLog
 from ..master.sockets import accept_queue_length
 from ..messages import Request, Response
-from ..plugins import load_configured
+from ..pluginkit.state import StateRuntime
+from ..plugins import PluginError, PluginRuntime, load_configured
 from ..protocol.serialize import clock
 from ..protocol.settings import ConnectionSettings
 from ..stats import layout as L
 from ..stats.block import StatsBlock
 from ..stats.window import Meter
 from ..tlsconfig import server_kwargs
+from ..upstream import UpstreamClient
 from .acceptor import Gate
 from .connection import HttpConnection, busy_response, count_refusal
 from .host import Connection
@@ -106,15 +109,33 @@ class Worker:
         self.access_log: AccessLog | None = AccessLog(cfg.log.access_log) \
             if cfg.log.access_log else None
         self.app = App(block.geometry.routes)
-        # Plugins first: the providers they add must exist when the models are built.
-        load_configured(self.app, cfg)  # and no [models] provider that no plugin adds
-        # openai models: one upstream client per worker (made here, after the fork;
-        # closed at the end of the drain); their deployments' figures follow the models'
+        self.app.max_upload_bytes = srv.max_upload_bytes
+        # The upstream client (pools per origin, this process's loop, made after
+        # the fork): one per worker, shared by the openai models and the plugins
+        # (app.upstream); closed after the drain and the on_shutdown hooks.
+        self.upstream = self.app.upstream = UpstreamClient()
+        # The plugins' shared state, timers and figures (plugins.py); the plugins
+        # themselves load in build(), once the signal handlers and heartbeat run.
+        self.plugins = PluginRuntime(plugin_state(cfg, block))
+        self.setup_timeout = float(cfg.plugins.setup_timeout)
+        self.models: ModelRegistry = None  # type: ignore[assignment]  # build()
+        self.meter: Meter = None  # type: ignore[assignment]
+        self.services: Services = None  # type: ignore[assignment]
+        self.firewall: Any = None
+
+    def build(self) -> None:
+        """Load the plugins, then build what serves requests: the models (with
+        the providers plugins add), the services, the core routes (a plugin
+        route colliding with one is an error naming the plugin), the security."""
+        cfg, block, slot_index = self.cfg, self.block, self.slot_index
+        srv = cfg.server
+        load_configured(self.app, cfg, self.plugins, on_plugin=self._loading)
+        self._loading("")
+        # their deployments' figures follow the models'
         from ..gateway import GatewayFigures, stat_names
-        from ..upstream import UpstreamClient
-        self.upstream = UpstreamClient()
         gw_figures = GatewayFigures(None, block.state.named)
-        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures)
+        self.models = ModelRegistry(cfg.models, self.app.providers, self.upstream, gw_figures,
+                                    block.router, slot_index)
         # windowed + per-model figures, for the routes the App numbers
         public = self.models.names()
         self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
@@ -131,28 +152,87 @@ class Worker:
             stats=StatsReader(block, self.app.route_names,
                               self.meter.model_names[:1 + len(public)]),
             clock=clock, usage=UsageSink(counters), filters=self.app.token_filters)
-        self.pipeline = handlers.register(self.app, self.services)
+        try:
+            self.pipeline = handlers.register(self.app, self.services)
+        except RouteConflict as e:
+            raise PluginError(str(e)) from None
+        self.plugins.stats_reader = self.services.stats
         deps = [d for p in self.models.models.values() for d in getattr(p, "deployments", ())]
         if deps:  # /stats "deployments" (gateway/figures.py)
             from ..gateway.figures import deployments_section
             self.services.stats.add_section("deployments", deployments_section(
                 block, self.meter.model_names, deps, block.state.named))
+        if self.plugins.metrics:
+            from ..stats.prometheus import plugin_metrics_text
+            plugins = self.plugins
+            self.services.stats.add_section("plugins", plugins.figures)
+            self.services.stats.metric_texts.append(
+                lambda doc: plugin_metrics_text(doc.get("plugins", {}), plugins.metric_kinds()))
         # The firewall ([firewall]; None when it sets no rule): register/forget
         # consult it at accept and close, the admission step its request rules.
         from ..security import build_firewall, build_gate
         from ..security.firewall import figures as firewall_figures
         fw = build_firewall(cfg, block.state, slot_index)
-        self.firewall: Any = fw if fw is not None and fw.at_accept else None
+        self.firewall = fw if fw is not None and fw.at_accept else None
         named = block.state.named
         self.services.stats.add_section("firewall", lambda: firewall_figures(named.get))
+        if self.models.routes is not None:  # per deployment: breaker, outstanding, retries, ...
+            self.services.stats.add_section("router", self.models.routes.figures)
         if cfg.auth.enabled or (fw is not None and fw.at_request):
             # the admission step: firewall rules, keys, models, quotas (security/)
             gate = self.app.gate = build_gate(cfg, block.state, self.models.default,
                                               fw if fw is not None and fw.at_request else None)
+            gate.metered = self.app.mounted  # mounts' requests count against a key's rpm
             if cfg.auth.enabled:
                 self.services.usage.subscribe(gate)  # tpm and the day charged as tokens stream
                 self.services.stats.add_section(
                     "auth", lambda: gate.figures(named.get))
+
+    def _loading(self, plugin: str) -> None:
+        self._plugin_loading = plugin
+
+    async def _start_watched(self) -> None:
+        """build() and the plugins' on_startup hooks, with the heartbeat stamped
+        from a thread meanwhile (a plugin's setup() may block the loop for a
+        while: that is not a hung worker), bounded by [plugins] setup_timeout:
+        past it the worker logs the plugin it was loading and exits (the
+        master backs off and retries, as for any failed start)."""
+        done = threading.Event()
+        self._plugin_loading = ""
+        stage = ["setup"]
+
+        def watch() -> None:
+            deadline = time.monotonic() + self.setup_timeout
+            while not done.wait(TICK):
+                if time.monotonic() > deadline:
+                    plugin = self._plugin_loading
+                    what = (f"plugin {plugin!r} {stage[0]} took longer than [plugins] "
+                            f"setup_timeout ({self.setup_timeout:g} s)" if plugin else
+                            f"starting took longer than [plugins] setup_timeout "
+                            f"({self.setup_timeout:g} s)")
+                    self.block.write_text(self.slot_index, what)
+                    log.error("worker %d (pid %d): %s; exiting", self.worker_id, os.getpid(), what)
+                    sys.stderr.flush()
+                    os._exit(1)
+                self.slot[L.S_HEARTBEAT] = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
+
+        watcher = threading.Thread(target=watch, name="plugin-setup-watch", daemon=True)
+        watcher.start()
+        try:
+            self.build()
+            stage[0] = "on_startup"
+            for owner, fn in self.app.startup:
+                self._plugin_loading = owner
+                try:
+                    await fn()
+                except Exception as e:
+                    raise PluginError(f"plugin {owner!r} on_startup hook "
+                                      f"{getattr(fn, '__qualname__', fn)} failed: "
+                                      f"{type(e).__name__}: {e}") from e
+            self._plugin_loading = ""
+        finally:
+            done.set()
+            watcher.join()
 
     # ------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -175,6 +255,8 @@ class Worker:
         signal.signal(signal.SIGUSR2, self._dump_stuck)
         for sig in (signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)  # meant for the master; default would stop us
+        self.plugins.loop = loop
+        await self._start_watched()
         settings = self.conn_settings
         await self.gate.listen(loop, self.sockets, lambda: HttpConnection(settings, self),
                                self.backlog,
@@ -183,12 +265,28 @@ class Worker:
         s[L.S_PID] = os.getpid()
         s[L.S_STATE] = L.STATE_READY
         self._tick()
+        self.plugins.timers.start(loop, self.block.state.named)
         log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
         await self._stopped
+        drain_start = time.monotonic()
         await self._drain()
+        await self._shutdown_hooks(drain_start + self.graceful_timeout + CUT_FLUSH)
+        self.upstream.close()  # after its users: requests drained, on_shutdown hooks run
         if self.access_log is not None:
             self.access_log.flush()
         return 0
+
+    async def _shutdown_hooks(self, deadline: float) -> None:
+        """The plugins' timers' last runs and on_shutdown hooks, until `deadline`
+        (the master kills a draining worker KILL_GRACE after graceful_timeout)."""
+        await self.plugins.timers.wait_running(deadline - time.monotonic())
+        for owner, fn in self.app.shutdown:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
+                    await fn()
+            except Exception as e:
+                log.error("plugin %r: on_shutdown hook %s failed: %s: %s", owner,
+                          getattr(fn, "__qualname__", fn), type(e).__name__, e, exc_info=e)
 
     def _tick(self) -> None:
         """Heartbeat, Date refresh and timeout sweep, every TICK seconds."""
@@ -227,6 +325,7 @@ class Worker:
             return
         self.draining = True
         self.slot[L.S_STATE] = L.STATE_DRAINING
+        self.plugins.timers.stop()
         for conn in list(self.connections):
             conn.shutdown()
         if self._stopped is not None and not self._stopped.done():
@@ -255,7 +354,6 @@ class Worker:
                 await asyncio.sleep(0.02)
         for conn in list(self.connections):
             conn.abort()
-        self.upstream.close()
         await asyncio.sleep(0)
 
     # ------------------------------------------------------------ connections' host
@@ -284,6 +382,12 @@ class Worker:
         logs.reopen()
         if self.access_log is not None:
             self.access_log.reopen()
+        for owner, fn in self.app.reopen:
+            try:
+                fn()
+            except Exception as e:
+                log.error("plugin %r: on_reopen hook %s failed: %s: %s", owner,
+                          getattr(fn, "__qualname__", fn), type(e).__name__, e, exc_info=e)
 
     def quick_exit(self) -> None:
         if self.access_log is not None:
@@ -309,6 +413,17 @@ class Worker:
         log.error("worker %d (pid %d) loop blocked, stuck on %s; stack:\n%s",
                   self.worker_id, os.getpid(), where, stack.rstrip())
         sys.stderr.flush()
+
+
+def plugin_state(cfg: Config, block: StatsBlock) -> StateRuntime:
+    """The plugins' shared state over [state]'s backend (Redis only when set)."""
+    st = cfg.state
+    redis = None
+    if st.backend == "redis":
+        from ..shared.redis_store import RedisStore, connect
+        redis = RedisStore(connect(st.url, st.timeout_ms / 1000))
+    return StateRuntime(block.state.named, block.state.open, redis, st.timeout_ms / 1000,
+                        st.on_redis_error == "fail_open", cfg.plugins.max_state_keys)
 
 
 def connection_settings(cfg: Config) -> ConnectionSettings:
