@@ -130,6 +130,7 @@ def main() -> None:
         try:
             idx = block.reserve_slot(1, 1)
             w = Worker(cfg, block, idx, 1, [], 0)
+            w.build()  # plugins, models, services, routes (the worker's start does this)
             loop = w.loop = new_event_loop("auto")  # uvloop, as the worker runs
             asyncio.set_event_loop(loop)
             from neurohttp.ai import tokenizer

@@ -74,6 +74,11 @@ MAX_STOP_CHARS = 4096
 # The finish reasons of answers the response cache keeps (not "content_filter":
 # a plugin's filter cut it, maybe for this request alone).
 _KEPT = frozenset({"stop", "length", "tool_calls"})
+# An upstream chunk with only these top-level fields and a choice-0 delta of
+# only these is plain text (Generation._chunk's fast path): the server's own
+# id, object, created and model replace the upstream's.
+_PLAIN_TOP = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_PLAIN_DELTA = frozenset({"role", "content"})
 
 # The last event of a stream the server ends at its shutdown deadline.
 SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
@@ -561,6 +566,8 @@ class Generation:
 
     def _item(self, item: Any) -> str | Delta | None:
         """Everything but a plain str (the slow path)."""
+        if item.__class__ is Chunk:  # (an upstream's stream: first, one test per event)
+            return self._chunk(item.data, item.tokens)
         if isinstance(item, Delta):
             return self._delta(item)
         if isinstance(item, Chunk):
@@ -661,6 +668,40 @@ class Generation:
         if type(data) is not dict:
             raise BadOutput(f"{self._who()} yielded a Chunk of "
                             f"{type(data).__name__}, not a dict")
+        choices = data.get("choices")
+        if (self.rules is None and choices.__class__ is list and len(choices) <= 1
+                and data.keys() <= _PLAIN_TOP):
+            # The common chunks (one choice, text or role only, or the usage
+            # chunk; nothing else to keep): plain text for the framer's cheap
+            # path, no Delta, no dicts built. The same figures as the Delta it
+            # would be (a provider-counted piece is charged, kept for a whole
+            # answer, not tokenized).
+            c = choices[0] if choices else None
+            delta = c.get("delta") if c.__class__ is dict else None
+            if c is None or (delta.__class__ is dict and delta.keys() <= _PLAIN_DELTA
+                             and not c.get("logprobs") and c.get("index", 0) == 0):
+                content = delta.get("content") if delta is not None else None
+                if content is None or (content.__class__ is str and (
+                        tokens is None or (tokens.__class__ is int and tokens >= 0))):
+                    u = data.get("usage")
+                    if u.__class__ is dict:
+                        self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+                    if c is None:
+                        return None
+                    reason = c.get("finish_reason")
+                    if reason.__class__ is str:
+                        self.finish_reason = reason
+                    if not content:
+                        return None
+                    if tokens is None:
+                        return self._feed(content)
+                    if self.parts:
+                        self._settle(everything=True)
+                    if not self.streaming:
+                        self.kept.append(content)
+                    self.other_tokens += tokens
+                    self._charge(tokens)
+                    return content
         u = data.get("usage")
         if type(u) is dict:
             self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
@@ -945,8 +986,39 @@ class Generation:
     async def run_to_end(self) -> None:
         """Produce a whole answer from a paced model (or what run_now left);
         a failure is in `failure`, a cancellation counts what was made."""
-        async for _ in self.frames(COLLECT):
-            pass
+        if self.rest is not None or not self.probed or self.agen is not None:
+            async for _ in self.frames(COLLECT):
+                pass
+            return
+        # Nothing was ready (an upstream's answer): the provider's events are fed
+        # here, as frames(COLLECT) would, without a frames layer to resume per
+        # event nor a frame made per piece only to be dropped.
+        self.streaming = False
+        try:
+            agen = self.agen = self._open()
+            feed = self._feed
+            settle_at = self.started + SETTLE_S
+            try:
+                async for item in agen:
+                    if feed(item) is not None and self.ttft is None:
+                        self.ttft = monotonic() - self.started
+                    if self.done:
+                        break
+                    t = monotonic()
+                    if t > settle_at:
+                        settle_at = t + SETTLE_S
+                        self._settle()
+            finally:
+                await self._aclose()
+            if self.rules is not None and not self.done:
+                rest = self.rules.flush()
+                if rest:
+                    self.parts.append(rest)
+        except Exception as e:
+            self.fail(e)
+        except BaseException:
+            self.close(True)
+            raise
 
     # ------------------------------------------------------------ results
     @property
@@ -971,20 +1043,26 @@ class Generation:
         if self.counted:
             return
         self.counted = True
+        more = 0  # completion tokens still to charge
         if self.reported_completion is not None:
             # the provider's count replaces the server's: the text not counted
             # yet stays uncounted (it is still in `parts` for `text`)
             completion = max(self.reported_completion, self.charged)
-            self._charge(completion - self.charged)
+            more = completion - self.charged
         else:
             self._settle(everything=True)
             completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
-        if self.prompt_deferred:  # charged now, with the provider's own count if it gave one
+        if self.prompt_deferred:
+            # the prompt is charged now, with the provider's own count if it gave
+            # one, together with the last completion tokens (one charge)
             if self.reported_prompt is not None:
                 self.prompt_tokens = self.reported_prompt
-            self.usage_sink.charge(self.model, self.key, self.prompt_tokens)
-        elif self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
+            self.charged += more
+            self.usage_sink.charge(self.model, self.key, self.prompt_tokens, more)
+            return
+        self._charge(more)
+        if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
             self.prompt_tokens = self.reported_prompt
 

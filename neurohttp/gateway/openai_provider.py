@@ -177,7 +177,7 @@ class OpenAIProvider:
             finally:
                 resp.close()
             for item in _whole_events(dep, doc):
-                if item.__class__ is Usage:
+                if item.__class__ is Usage or item.__class__ is Chunk:
                     usage = doc.get("usage")
                 yield item
         except AttemptError as e:
@@ -222,7 +222,11 @@ def _stream_error(dep: Deployment, err: Any, started: bool) -> AttemptError:
 
 
 def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
-    """A chat.completion as provider events: one Delta, its Usage, its Finish."""
+    """A chat.completion as provider events: one Delta, its Usage, its Finish;
+    a text-only answer as one Chunk (the pipeline's cheap path, same figures)."""
+    plain = _plain_answer(doc)
+    if plain is not None:
+        return [plain]
     if type(doc) is not dict:
         raise bad_event(dep, "the upstream's answer is not a JSON object", False)
     if "error" in doc and not doc.get("choices"):
@@ -259,3 +263,30 @@ def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
     if type(reason) is str:
         out.append(Finish(reason))
     return out
+
+
+# the message fields of a text-only answer (annotations are not kept either way)
+_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
+
+
+def _plain_answer(doc: Any) -> Chunk | None:
+    """A text-only chat.completion (one choice, content a string, no tool calls,
+    refusal or logprobs) as one chunk: its text, usage and finish reason."""
+    if type(doc) is not dict or "error" in doc:
+        return None
+    choices = doc.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    c0 = choices[0]
+    msg = c0.get("message") if type(c0) is dict else None
+    if type(msg) is not dict or not msg.keys() <= _PLAIN_MESSAGE or c0.get("logprobs") \
+            or msg.get("refusal") is not None:
+        return None
+    content = msg.get("content")
+    if type(content) is not str:
+        return None
+    u = doc.get("usage")
+    counted = type(u) is dict and type(u.get("completion_tokens")) is int
+    return Chunk({"choices": [{"delta": {"content": content},
+                               "finish_reason": c0.get("finish_reason")}],
+                  "usage": u if type(u) is dict else None}, 0 if counted else None)

@@ -31,7 +31,7 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class SSEEvent:
-    __slots__ = ("data", "event", "id", "retry")
+    __slots__ = ("data", "event", "id", "retry", "done")
 
     def __init__(self, data: bytes, event: str = "", id: str | None = None,
                  retry: int | None = None) -> None:
@@ -39,11 +39,8 @@ class SSEEvent:
         self.event = event    # "" for the default type "message"
         self.id = id
         self.retry = retry
-
-    @property
-    def done(self) -> bool:
-        """The OpenAI end-of-stream marker `data: [DONE]`."""
-        return self.data == DONE
+        # the OpenAI end-of-stream marker `data: [DONE]` (an attribute: read twice per event)
+        self.done = data == DONE
 
     @property
     def text(self) -> str:
@@ -70,6 +67,19 @@ class SSEDecoder:
         self._skip_lf = False
 
     def feed(self, data: bytes) -> list[SSEEvent]:
+        if (data[-2:] == b"\n\n" and self._started and not self._rest and not self._data
+                and not self._skip_lf and not self._event and self._retry is None
+                and b"\r" not in data):
+            # The common read (OpenAI's streams): whole events of one `data: ` line
+            # each, nothing pending. Anything else takes the general way below.
+            events: list[SSEEvent] = []
+            limit = self.max_event_bytes
+            for block in data[:-2].split(b"\n\n"):
+                if block[:6] != b"data: " or b"\n" in block or len(block) > limit:
+                    break
+                events.append(SSEEvent(block[6:], "", self._id))
+            else:
+                return events
         if self._skip_lf:  # the LF of a CRLF whose CR ended the previous read
             self._skip_lf = False
             if data[:1] == b"\n":
@@ -90,7 +100,7 @@ class SSEDecoder:
         self._rest = rest = lines.pop()
         if len(rest) + self._size > self.max_event_bytes:
             raise self._too_big()
-        events: list[SSEEvent] = []
+        events = []
         for line in lines:
             if not line:
                 if self._data:
@@ -140,12 +150,16 @@ async def sse_events(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EV
     async for data in it:
         for event in decoder.feed(data):
             if event.done:
-                try:
-                    async with asyncio.timeout(done_grace_s):
-                        async for _ in it:
-                            pass
-                except TimeoutError:
-                    pass  # the consumer's close() cuts what the upstream still holds open
+                if getattr(chunks, "complete", False):
+                    async for _ in it:  # all there already (usual): no timer needed
+                        pass
+                else:
+                    try:
+                        async with asyncio.timeout(done_grace_s):
+                            async for _ in it:
+                                pass
+                    except TimeoutError:
+                        pass  # the consumer's close() cuts what the upstream still holds open
                 yield event
                 return
             yield event
