@@ -75,6 +75,25 @@ def retryable(e: ProviderError) -> bool:
     return e.kind in RETRYABLE or _broken(e)
 
 
+def _next(route: Any, tried: set[int], started: int, last: ProviderError | None,
+          now: int) -> tuple[int, ProviderError | None]:
+    """The deployment to try next, or -1 to stop, and the error to answer with
+    then: no more than `retries` retries, none after an error that is not
+    retryable, none the shared budget refuses, and -1 when every deployment
+    is out (tried, breaker open, Retry-After)."""
+    if started > route.retries or (last is not None and not retryable(last)):
+        return -1, last
+    if started and not route.budget.spend(now):
+        return -1, last  # the budget says no more retries now
+    i = route.pick(tried, now)
+    if i < 0:
+        if started:
+            route.budget.refund()
+        if last is None:
+            last = route.unavailable(now)
+    return i, last
+
+
 def counts_against(e: ProviderError) -> bool:
     return e.kind in BREAKER_FAILURES or _broken(e)
 
@@ -381,16 +400,8 @@ class Routes:
         last: ProviderError | None = None
         while True:
             now = _mono_ns() // 1000
-            if started > route.retries or (last is not None and not retryable(last)):
-                break
-            if started and not route.budget.spend(now):
-                break  # the budget says no more retries now
-            i = route.pick(tried, now)
+            i, last = _next(route, tried, started, last, now)
             if i < 0:
-                if started:
-                    route.budget.refund()
-                if last is None:
-                    last = route.unavailable(now)
                 break
             s = route.states[i]
             s.begin(started > 0, False)
@@ -463,19 +474,8 @@ class Routes:
         try:
             while True:
                 if not live:
-                    now = D.now_us()
-                    if started > route.retries:
-                        break
-                    if started and last is not None and not retryable(last):
-                        break
-                    if started and not route.budget.spend(now):
-                        break  # the budget says no more retries now
-                    i = route.pick(tried, now)
+                    i, last = _next(route, tried, started, last, D.now_us())
                     if i < 0:
-                        if started:
-                            route.budget.refund()
-                        if last is None:
-                            last = route.unavailable(now)
                         break
                     start(i, retry=started > 0, hedge=False)
                     started += 1
