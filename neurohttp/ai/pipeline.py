@@ -464,7 +464,7 @@ class Generation:
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
                  "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
-                 "cache", "prompt_deferred")
+                 "cache", "prompt_deferred", "batching")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -526,6 +526,7 @@ class Generation:
         # the response cache's ticket of a non-streaming request to a model that
         # caches (Pipeline.begin); None: no cache, no x-neurohttp-cache header
         self.cache: Ticket | None = None
+        self.batching = False  # inside _feed_all: charges add up for one call at its end
 
     def _who(self) -> str:
         """The provider as error messages name it (with its plugin, if a plugin's)."""
@@ -565,15 +566,26 @@ class Generation:
         return self._item(item)
 
     def _feed_all(self, batch: Batch) -> list[str | Delta]:
-        """A provider's Batch -> what to send of it, in order."""
+        """A provider's Batch -> what to send of it, in order. Its tokens are
+        charged once for the batch, not per item."""
         out: list[str | Delta] = []
         feed = self._feed
-        for item in batch:
-            piece = feed(item)
-            if piece is not None:
-                out.append(piece)
-            if self.done:
-                break
+        chunk = self._chunk
+        charged = self.charged
+        self.batching = True
+        try:
+            for item in batch:
+                piece = (chunk(item.data, item.tokens) if item.__class__ is Chunk
+                         else feed(item))
+                if piece is not None:
+                    out.append(piece)
+                if self.done:
+                    break
+        finally:
+            self.batching = False
+            n = self.charged - charged
+            if n:
+                self.usage_sink.charge(self.model, self.key, 0, n)
         return out
 
     def _writes(self, f: Framer, pieces: list[str | Delta]) -> list[bytes]:
@@ -768,7 +780,8 @@ class Generation:
     def _charge(self, n: int) -> None:
         if n > 0:
             self.charged += n
-            self.usage_sink.charge(self.model, self.key, 0, n)
+            if not self.batching:  # (_feed_all charges a batch's tokens at its end)
+                self.usage_sink.charge(self.model, self.key, 0, n)
 
     def _settle(self, everything: bool = False) -> None:
         """Count the text so far up to a place where counts add up (all of it

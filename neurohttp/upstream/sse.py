@@ -68,7 +68,17 @@ class SSEDecoder:
         self._skip_lf = False
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        if (data[-2:] == b"\n\n" and self._started and not self._rest and not self._data
+        if not self._started:  # the optional BOM, then never again
+            if self._rest:
+                data = self._rest + data
+                self._rest = b""
+            if len(data) < 3 and _BOM.startswith(data):
+                self._rest = data
+                return []
+            self._started = True
+            if data.startswith(_BOM):
+                data = data[3:]
+        if (data[-2:] == b"\n\n" and not self._rest and not self._data
                 and not self._skip_lf and not self._event and self._retry is None
                 and b"\r" not in data):
             # The common read (OpenAI's streams): whole events of one `data: ` line
@@ -86,13 +96,6 @@ class SSEDecoder:
             if data[:1] == b"\n":
                 data = data[1:]
         buf = self._rest + data if self._rest else data
-        if not self._started:
-            if len(buf) < 3 and _BOM.startswith(buf):
-                self._rest = buf
-                return []
-            self._started = True
-            if buf.startswith(_BOM):
-                buf = buf[3:]
         if b"\r" in buf:
             if buf.endswith(b"\r"):
                 self._skip_lf = True
