@@ -81,6 +81,11 @@ REQUESTS = {
     "proxied stream /v1/chat/completions": post("/v1/chat/completions",
                                                 {"model": "up", "messages": ASK,
                                                  "stream": True}),
+    # 20 content events (23 with role, finish and usage) arriving in one read,
+    # as from nginx in gateway_bench.py
+    "proxied stream, 20 events in one read": post("/v1/chat/completions",
+                                                  {"model": "up-burst", "messages": ASK,
+                                                   "stream": True}),
 }
 
 
@@ -106,7 +111,10 @@ def main() -> None:
         cfg = config.from_dict({"models": {
             "echo": {"provider": "echo"},
             "up": {"provider": "openai", "base_url": up.url + "/v1", "model": "bench",
-                   "api_key_env": "MICRO_GW_KEY"}}})
+                   "api_key_env": "MICRO_GW_KEY"},
+            "up-burst": {"provider": "openai", "base_url": up.url + "/v1",
+                         "model": "fake:stream;count=20;burst=1",
+                         "api_key_env": "MICRO_GW_KEY"}}})
         block = StatsBlock.create(f"neurohttp-microgw-{os.getpid()}", geometry_for(cfg))
         try:
             idx = block.reserve_slot(1, 1)

@@ -30,7 +30,9 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 `content`), `delay_ms` apart (default 0), a finish chunk, a
                 usage chunk when the body asks stream_options.include_usage,
                 then `data: [DONE]`. `fragment=N` writes every event in N-byte
-                pieces (one chunk each, flushed); `pings=1` adds ": ping" lines.
+                pieces (one chunk each, flushed); `pings=1` adds ": ping" lines;
+                `burst=1` writes the whole stream as one chunk (one read);
+                `error_at=N` sends an error event in place of event N and ends.
     tools       a tool call (get_weather) as message.tool_calls, or streamed as
                 tool-call deltas (arguments in 3 pieces) when the body streams.
     status      an OpenAI error: `code` (default 500), `retry_after` seconds.
@@ -320,6 +322,11 @@ async def answer_stream(c: Conn, req: Request, opts: dict[str, str], tools: bool
     events.append(sse(b"[DONE]"))
     c.watch_eof()
     await c.start_chunked()
+    if "error_at" in opts:  # an OpenAI error event in place of event N, then the end
+        at = int(opts["error_at"])
+        events = events[:at] + [sse({"error": {"message": "overloaded", "type": "server_error"}})]
+    if opts.get("burst") == "1":  # the whole stream in one write (as nginx sends a file)
+        events = [b"".join(events)]
     try:
         for i, ev in enumerate(events):
             if i == cut_after:

@@ -35,6 +35,8 @@ def upstream_models(url: str, down: str) -> dict:
         "echo": {"provider": "echo"},
         "up": m("fake:chat", headers={"x-team": "blue"}),
         "up-tools": m("fake:tools"),
+        "up-burst": m("fake:stream;count=20;burst=1"),
+        "up-burst-error": m("fake:stream;count=5;burst=1;error_at=3"),
         "up-slow": m("fake:stream;count=100;delay_ms=100", max_connections=256),
         "up-429": m("fake:status;code=429;retry_after=7"),
         # a 429 without Retry-After: every request asks it again (the router
@@ -167,6 +169,52 @@ def test_seed_api_and_websocket_chat_with_an_upstream_model(srv):
         while not msgs or "done" not in msgs[-1]:
             msgs.append(json.loads(ws.recv(timeout=10)))
     assert "".join(m.get("token", "") for m in msgs) == "tok0 tok1 tok2 tok3 tok4 "
+
+
+def test_the_events_of_one_upstream_read_leave_in_one_write(srv):
+    """An upstream that sends its whole stream at once (as nginx sends a fixed
+    body): the 23 events go to the client as one chunk of the response body,
+    not one chunk (one write) each; every event is still there, in order, and
+    a WebSocket chat still gets one message per token."""
+    s = RawStream(srv.host, srv.port, "/v1/chat/completions",
+                  {"model": "up-burst", "messages": ASK, "stream": True})
+    try:
+        chunks = list(s.chunks())
+    finally:
+        s.close()
+    body = b"".join(chunks).decode()
+    events = data_events([e for e in body.split("\n\n") if e])
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                   if e["choices"])
+    assert text == "".join(f"tok{i} " for i in range(20))
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    # the head's role chunk may go alone, then the upstream's read, then [DONE]
+    assert len(chunks) <= 4, [c[:60] for c in chunks]
+    with connect(f"ws://{srv.host}:{srv.port}/v1/ws") as ws:
+        ws.send(json.dumps({"prompt": "yo", "model": "up-burst"}))
+        msgs = []
+        while not msgs or "done" not in msgs[-1]:
+            msgs.append(json.loads(ws.recv(timeout=10)))
+    assert [m["token"] for m in msgs[:-1]] == [f"tok{i} " for i in range(20)]
+
+
+def test_an_error_event_inside_one_read_comes_after_the_events_before_it(srv):
+    """The events before an upstream's error event in the same read reach the
+    client, then the stream ends with an error event (not a retry: bytes went).
+    (Passes on the code before batching too: it guards the batch's order.)"""
+    s = RawStream(srv.host, srv.port, "/v1/chat/completions",
+                  {"model": "up-burst-error", "messages": ASK, "stream": True})
+    try:
+        events = data_events(list(s.events()))
+    finally:
+        s.close()
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+    assert text == "tok0 tok1 "
+    errors = [e for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and "overloaded" in errors[0]["error"]["message"]
+    assert events.index(errors[0]) >= len(events) - 2  # the last event (or before [DONE])
 
 
 def test_models_lists_the_public_names(srv):

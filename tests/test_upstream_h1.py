@@ -306,6 +306,19 @@ def test_bytes_after_the_response_forbid_reuse(extra):
     assert run(chunked + extra)[-1] == ("end", False)
 
 
+def test_bytes_after_a_response_behind_an_interim_one_forbid_reuse():
+    # (found by test_upstream_fuzz) A 100 then a response whose body is shorter
+    # than what follows, in one read: the interim response is parsed again the
+    # exact way, and the second message's error used to escape as a raw
+    # httptools error (the replay ran inside an except clause, which hid its
+    # cause) instead of ending the response with the connection not reused.
+    data = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Reason\r\nContent-Length: 1\r\n"
+            b"Server:\r\n\r\n fake\r\nContent-Type: application/json\r\n\r\nx")
+    want = [(200, b"HTTP/1.1 200 Reason\r\nContent-Length: 1\r\nServer:\r\n"), b" ",
+            ("end", False)]
+    assert run(data) == want
+
+
 def test_expect_while_a_response_is_in_progress_is_a_bug():
     p = ResponseParser()
     p.expect()

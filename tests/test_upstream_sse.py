@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from neurohttp.upstream import ErrorKind, SSEDecoder, UpstreamError, sse_events
+from neurohttp.upstream import ErrorKind, SSEDecoder, UpstreamError, sse_batches, sse_events
 
 
 def events(*chunks: bytes) -> list[tuple[bytes, str, str | None, int | None]]:
@@ -117,3 +117,12 @@ def test_sse_events_does_not_wait_forever_after_done():
 
 def test_an_incomplete_event_at_the_end_is_dropped():
     assert collect(sse_events(chunks(b"data: 1\n\ndata: 2"))) == [b"1"]
+
+
+def test_sse_batches_are_the_events_each_chunk_completed_and_end_at_done():
+    async def main() -> list:
+        return [[e.data for e in batch] async for batch in sse_batches(chunks(
+            b"data: 1\n\ndata: 2\n\ndata: 3", b"\n\n", b": ping\n\n",
+            b"data: 4\n\ndata: [DONE]\n\ndata: after\n\n"))]
+    # a chunk that completes nothing (a comment) makes no batch; nothing after [DONE]
+    assert asyncio.run(main()) == [[b"1", b"2"], [b"3"], [b"4", b"[DONE]"]]

@@ -48,7 +48,7 @@ from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
 from .cache import HIT, MISS, Answer, ResponseCache, Ticket, deterministic, figures, request_key
 from .models import UnknownModel
-from .providers import STATUS, Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
+from .providers import STATUS, Batch, Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
 
 if TYPE_CHECKING:
     from ..context import UsageSink
@@ -464,7 +464,7 @@ class Generation:
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
                  "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
-                 "cache", "prompt_deferred")
+                 "cache", "prompt_deferred", "batching")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -520,12 +520,13 @@ class Generation:
         self.logprobs: dict[str, list[Any]] | None = None
         # prime(): the provider's iterator, opened, and its first output
         self.agen: AsyncIterator[Any] | None = None
-        self.first: str | Delta | None = None
+        self.first: str | Delta | list[str | Delta] | None = None  # (a list: from a Batch)
         self.exhausted = False
         self.probed = False  # the provider was asked for a ready answer (_ready)
         # the response cache's ticket of a non-streaming request to a model that
         # caches (Pipeline.begin); None: no cache, no x-neurohttp-cache header
         self.cache: Ticket | None = None
+        self.batching = False  # inside _feed_all: charges add up for one call at its end
 
     def _who(self) -> str:
         """The provider as error messages name it (with its plugin, if a plugin's)."""
@@ -563,6 +564,47 @@ class Generation:
                 self._settle()
             return item
         return self._item(item)
+
+    def _feed_all(self, batch: Batch) -> list[str | Delta]:
+        """A provider's Batch -> what to send of it, in order. Its tokens are
+        charged once for the batch, not per item."""
+        out: list[str | Delta] = []
+        feed = self._feed
+        chunk = self._chunk
+        charged = self.charged
+        self.batching = True
+        try:
+            for item in batch:
+                piece = (chunk(item.data, item.tokens) if item.__class__ is Chunk
+                         else feed(item))
+                if piece is not None:
+                    out.append(piece)
+                if self.done:
+                    break
+        finally:
+            self.batching = False
+            n = self.charged - charged
+            if n:
+                self.usage_sink.charge(self.model, self.key, 0, n)
+        return out
+
+    def _writes(self, f: Framer, pieces: list[str | Delta]) -> list[bytes]:
+        """The frames of pieces that came together: one write for a framer
+        that batches (HTTP bodies), one per piece for one that cannot
+        (WebSocket messages, f.batch 1)."""
+        pre, post = f.pre, f.post
+        dumps = orjson.dumps
+        out: list[bytes] = []
+        for p in pieces:
+            if p.__class__ is str:
+                out.append(pre + dumps(p) + post)
+            else:
+                frame = f.delta(self, p)  # type: ignore[arg-type]
+                if frame is not None:
+                    out.append(frame)
+        if f.batch > 1 and len(out) > 1:
+            return [b"".join(out)]
+        return out
 
     def _item(self, item: Any) -> str | Delta | None:
         """Everything but a plain str (the slow path)."""
@@ -738,7 +780,8 @@ class Generation:
     def _charge(self, n: int) -> None:
         if n > 0:
             self.charged += n
-            self.usage_sink.charge(self.model, self.key, 0, n)
+            if not self.batching:  # (_feed_all charges a batch's tokens at its end)
+                self.usage_sink.charge(self.model, self.key, 0, n)
 
     def _settle(self, everything: bool = False) -> None:
         """Count the text so far up to a place where counts add up (all of it
@@ -836,7 +879,7 @@ class Generation:
             agen = self.agen = self._open()
             feed = self._feed
             async for item in agen:
-                out = feed(item)
+                out = feed(item) if item.__class__ is not Batch else self._feed_all(item) or None
                 if out is not None:
                     self.ttft = monotonic() - self.started
                     self.first = out
@@ -912,6 +955,9 @@ class Generation:
                         self.first = None
                         if first.__class__ is str:
                             yield pre + dumps(first) + post
+                        elif first.__class__ is list:
+                            for data in self._writes(f, first):
+                                yield data
                         else:
                             frame = f.delta(self, first)  # type: ignore[arg-type]
                             if frame is not None:
@@ -921,7 +967,16 @@ class Generation:
                     settle_at = self.started + SETTLE_S
                     try:
                         async for item in agen:
-                            piece = feed(item)
+                            if item.__class__ is Batch:  # the events of one upstream read
+                                pieces = self._feed_all(item)
+                                if pieces:
+                                    if self.ttft is None:
+                                        self.ttft = monotonic() - self.started
+                                    for data in self._writes(f, pieces):
+                                        yield data
+                                piece = None
+                            else:
+                                piece = feed(item)
                             if piece is not None:
                                 if self.ttft is None:
                                     self.ttft = monotonic() - self.started
@@ -1000,7 +1055,8 @@ class Generation:
             settle_at = self.started + SETTLE_S
             try:
                 async for item in agen:
-                    if feed(item) is not None and self.ttft is None:
+                    out = feed(item) if item.__class__ is not Batch else self._feed_all(item)
+                    if out and self.ttft is None:
                         self.ttft = monotonic() - self.started
                     if self.done:
                         break

@@ -13,8 +13,9 @@ decide: handlers/openai.py).
 
 Stream: each upstream event becomes one `Chunk` (the parsed chunk, every
 field kept: tool-call deltas, refusals, logprobs, finish reasons), yielded as
-it arrives; the pipeline forwards it with the server's id and the public
-model name. Each chunk that carries a delta counts as one completion token
+it arrives (the events of one upstream read together, as a `Batch`, so they
+leave in one client write); the pipeline forwards it with the server's id
+and the public model name. Each chunk that carries a delta counts as one completion token
 while it streams (so quotas and per-second figures follow the stream); the
 upstream's usage replaces those counts at the end. An upstream that reports
 no usage has its text counted with cl100k instead.
@@ -33,7 +34,7 @@ from typing import Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.providers import Chunk, Delta, Finish, ToolCallDelta, Usage
+from ..ai.providers import Batch, Chunk, Delta, Finish, ToolCallDelta, Usage
 from ..upstream import UpstreamClient, UpstreamError
 from .deployment import Deployment
 from .errors import AttemptError, bad_event, from_status, from_upstream, no_key
@@ -115,40 +116,54 @@ class OpenAIProvider:
         fail: AttemptError | None = None
         usage: Any = None
         texts: list[str] = []
+        sent = False  # an event was yielded: a failure now is past the first byte
         try:
             resp = await self._send(dep, body)
             try:
                 loads = orjson.loads
-                async for ev in resp.sse():
-                    if ev.done:
-                        break
-                    try:
-                        data = loads(ev.data)
-                    except orjson.JSONDecodeError:
-                        raise bad_event(dep, "the upstream sent an event that is not JSON",
-                                        ttfb is not None) from None
-                    if data.__class__ is not dict:
-                        raise bad_event(dep, "the upstream sent an event that is not an object",
-                                        ttfb is not None)
-                    if "error" in data:
-                        raise _stream_error(dep, data["error"], ttfb is not None)
-                    u = data.get("usage")
-                    if u:
-                        usage = u
-                    choices = data.get("choices")
-                    if choices:
-                        c0 = choices[0]
-                        if c0.__class__ is dict:
-                            d = c0.get("delta")
-                            if d.__class__ is dict:
-                                text = d.get("content")
-                                if text and text.__class__ is str:
-                                    texts.append(text)
+                # The events of one upstream read go on as one Batch (one client
+                # write); a lone event as itself (a paced stream: no list built).
+                async for evs in resp.sse_batches():
                     if ttfb is None:
                         ttfb = monotonic() - t0
-                    yield Chunk(data, 1)
+                    out: list[Any] = []
+                    bad: AttemptError | None = None
+                    for ev in evs:
+                        if ev.done:
+                            break
+                        try:
+                            data = loads(ev.data)
+                        except orjson.JSONDecodeError:
+                            bad = bad_event(dep, "the upstream sent an event that is not JSON",
+                                            sent or bool(out))
+                            break
+                        if data.__class__ is not dict:
+                            bad = bad_event(dep, "the upstream sent an event that is not "
+                                            "an object", sent or bool(out))
+                            break
+                        if "error" in data:
+                            bad = _stream_error(dep, data["error"], sent or bool(out))
+                            break
+                        u = data.get("usage")
+                        if u:
+                            usage = u
+                        choices = data.get("choices")
+                        if choices:
+                            c0 = choices[0]
+                            if c0.__class__ is dict:
+                                d = c0.get("delta")
+                                if d.__class__ is dict:
+                                    text = d.get("content")
+                                    if text and text.__class__ is str:
+                                        texts.append(text)
+                        out.append(Chunk(data, 1))
+                    if out:
+                        sent = True
+                        yield out[0] if len(out) == 1 else Batch(out)
+                    if bad is not None:
+                        raise bad
             except UpstreamError as e:
-                raise from_upstream(dep, e, started=ttfb is not None) from None
+                raise from_upstream(dep, e, started=sent) from None
             finally:
                 resp.close()
             if usage is None and texts:  # no usage from the upstream: count the text

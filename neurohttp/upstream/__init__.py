@@ -24,8 +24,8 @@ from .origin import Origin, split_url
 from .pool import Pool
 from .response import Response
 from .settings import PoolLimits, Timeouts, tls_context
-from .sse import SSEDecoder, SSEEvent, sse_events
+from .sse import SSEDecoder, SSEEvent, sse_batches, sse_events
 
 __all__ = ["NOT_SENT", "TIMEOUTS", "ErrorKind", "HeaderBlock", "Origin", "Pool", "PoolLimits",
            "Response", "SSEDecoder", "SSEEvent", "Timeouts", "UpstreamClient", "UpstreamError",
-           "split_url", "sse_events", "tls_context"]
+           "split_url", "sse_batches", "sse_events", "tls_context"]

@@ -187,18 +187,23 @@ class ResponseParser:
                     and self._head_bytes + len(data) <= self.max_head_bytes:
                 self.received = True
                 self._fast = True
+                reparse = False
                 try:
                     self._p.feed_data(data)
                 except httptools.HttpParserError as e:
                     self._fast = False
-                    if isinstance(e.__context__, _Reparse):
-                        self._replay(data)
-                        return events
-                    head = self._head
-                    if head is not None:  # the error came in the body: keep its head
-                        self._head = None
-                        head._buf = b"".join(self._seen) + data if self._seen else data
-                    raise
+                    if not isinstance(e.__context__, _Reparse):
+                        head = self._head
+                        if head is not None:  # the error came in the body: keep its head
+                            self._head = None
+                            head._buf = b"".join(self._seen) + data if self._seen else data
+                        raise
+                    reparse = True
+                if reparse:
+                    # outside the except clause: the replay's own errors keep their
+                    # cause as __context__ (read below), not this HttpParserError
+                    self._replay(data)
+                    return events
                 self._fast = False
                 head = self._head
                 if head is not None:

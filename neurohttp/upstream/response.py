@@ -27,7 +27,7 @@ import orjson
 from ..messages import Headers
 from .errors import ErrorKind, UpstreamError
 from .h1_client import ResponseHead, parse_fields, parse_reason
-from .sse import MAX_EVENT_BYTES, SSEEvent, sse_events
+from .sse import MAX_EVENT_BYTES, SSEEvent, sse_batches, sse_events
 
 HIGH_WATER = 65536
 LOW_WATER = 16384
@@ -123,7 +123,14 @@ class Response:
         while True:
             chunks = self._chunks
             if chunks:
-                data = chunks.popleft()
+                # Everything that arrived meanwhile, as one chunk (chunk borders mean
+                # nothing in HTTP): a consumer that forwards it writes once, not per
+                # upstream chunk (an SSE upstream sends one per event).
+                if len(chunks) == 1:
+                    data = chunks.popleft()
+                else:
+                    data = b"".join(chunks)
+                    chunks.clear()
                 self._buffered -= len(data)
                 src = self._source
                 if src is not None and src.read_paused and self._buffered <= LOW_WATER:
@@ -161,6 +168,10 @@ class Response:
     def sse(self, max_event_bytes: int = 0) -> AsyncIterator[SSEEvent]:
         """The body as Server-Sent Events (see sse.py)."""
         return sse_events(self, max_event_bytes or MAX_EVENT_BYTES)
+
+    def sse_batches(self, max_event_bytes: int = 0) -> AsyncIterator[list[SSEEvent]]:
+        """The body as lists of Server-Sent Events, one per read (see sse.py)."""
+        return sse_batches(self, max_event_bytes or MAX_EVENT_BYTES)
 
     # ------------------------------------------------------------ closing
     def close(self) -> None:

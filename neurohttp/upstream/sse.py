@@ -8,8 +8,9 @@ data. A UTF-8 BOM at the very start is dropped. Nothing but the incomplete
 line and the current event's data is held, bounded by `max_event_bytes`
 (kind "protocol" beyond it), so a long stream never grows a buffer.
 
-`sse_events(chunks)` does the same over an async iterator of chunks (a
-Response). OpenAI-style streams end with `data: [DONE]`: that event
+`sse_batches(chunks)` does the same over an async iterator of chunks (a
+Response), a list of events per chunk; `sse_events(chunks)` one event at a
+time. OpenAI-style streams end with `data: [DONE]`: that event
 (`event.done`) comes last; the rest of the body is read first (for at most
 `done_grace_s`), so the connection goes back to the pool instead of being cut
 by a consumer that stops at [DONE].
@@ -67,7 +68,17 @@ class SSEDecoder:
         self._skip_lf = False
 
     def feed(self, data: bytes) -> list[SSEEvent]:
-        if (data[-2:] == b"\n\n" and self._started and not self._rest and not self._data
+        if not self._started:  # the optional BOM, then never again
+            if self._rest:
+                data = self._rest + data
+                self._rest = b""
+            if len(data) < 3 and _BOM.startswith(data):
+                self._rest = data
+                return []
+            self._started = True
+            if data.startswith(_BOM):
+                data = data[3:]
+        if (data[-2:] == b"\n\n" and not self._rest and not self._data
                 and not self._skip_lf and not self._event and self._retry is None
                 and b"\r" not in data):
             # The common read (OpenAI's streams): whole events of one `data: ` line
@@ -85,13 +96,6 @@ class SSEDecoder:
             if data[:1] == b"\n":
                 data = data[1:]
         buf = self._rest + data if self._rest else data
-        if not self._started:
-            if len(buf) < 3 and _BOM.startswith(buf):
-                self._rest = buf
-                return []
-            self._started = True
-            if buf.startswith(_BOM):
-                buf = buf[3:]
         if b"\r" in buf:
             if buf.endswith(b"\r"):
                 self._skip_lf = True
@@ -139,16 +143,23 @@ class SSEDecoder:
                              response_started=True)
 
 
-async def sse_events(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EVENT_BYTES,
-                     done_grace_s: float = 1.0) -> AsyncIterator[SSEEvent]:
-    """The events of a streamed body, one at a time; `[DONE]` last (see the module doc).
+async def sse_batches(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EVENT_BYTES,
+                      done_grace_s: float = 1.0) -> AsyncIterator[list[SSEEvent]]:
+    """The events of a streamed body, in lists: the events each chunk of the
+    body completed (a Response hands over everything that arrived in one read
+    as one chunk), so a consumer can forward them with one write instead of
+    one per event. `[DONE]` ends the last list (see the module doc); nothing
+    after it is passed on.
 
     An event left incomplete when the body ends is dropped, as the standard says.
     """
     decoder = SSEDecoder(max_event_bytes)
     it = aiter(chunks)
     async for data in it:
-        for event in decoder.feed(data):
+        events = decoder.feed(data)
+        if not events:
+            continue
+        for i, event in enumerate(events):
             if event.done:
                 if getattr(chunks, "complete", False):
                     async for _ in it:  # all there already (usual): no timer needed
@@ -160,6 +171,14 @@ async def sse_events(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EV
                                 pass
                     except TimeoutError:
                         pass  # the consumer's close() cuts what the upstream still holds open
-                yield event
+                yield events if i == len(events) - 1 else events[:i + 1]
                 return
+        yield events
+
+
+async def sse_events(chunks: AsyncIterable[bytes], max_event_bytes: int = MAX_EVENT_BYTES,
+                     done_grace_s: float = 1.0) -> AsyncIterator[SSEEvent]:
+    """The events of a streamed body, one at a time; `[DONE]` last (sse_batches)."""
+    async for events in sse_batches(chunks, max_event_bytes, done_grace_s):
+        for event in events:
             yield event

@@ -15,7 +15,9 @@ iterator (an `async def` generator, or any object with `__anext__`) of:
 - `Usage(prompt_tokens, completion_tokens)`: the counts an upstream
   reported; they become the generation's figures (see the pipeline);
 - `ProviderError(kind, ...)`, yielded or raised: the request fails with the
-  status its kind maps to (STATUS below).
+  status its kind maps to (STATUS below);
+- `Batch([...])`: several of the above that arrived together (the events of
+  one upstream read), forwarded to the client in one write.
 
 Anything else (bytes, None, a dict...) stops the request with an error that
 names the provider. A provider may also offer `complete_now(messages, params)`
@@ -172,6 +174,18 @@ class Chunk:
 
     def __repr__(self) -> str:
         return f"Chunk({self.data!r:.200})"
+
+
+class Batch(list[Any]):
+    """Several of the items above that arrived together (the events of one
+    upstream read): the server forwards them in one write, not one each. A
+    provider that yields them one by one gets the same answer, with a write
+    per item."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Batch({len(self)} items)"
 
 
 # A ProviderError's kind -> the HTTP status the client gets (DESIGN.md §4:
