@@ -456,3 +456,11 @@ def test_a_reload_that_reorders_deployments_keeps_each_ones_figures_and_breaker(
         ("fake:chat;id=c", 0, 0, {})
     assert st["router"]["m"]["deployments"][0]["breaker"] == "closed"
     assert st["deployments"]["m#1"]["requests"] == before[up.url][0] + 1
+
+    # b's workers are gone now: d is given b's figure blocks, cleared first
+    d = dep(up, "chat;id=d")
+    reload(srv, cfg(d, a))
+    new = srv.stats()["deployments"]["m#0"]
+    assert (new["upstream_model"], new["requests"], new["errors"], new["errors_by_kind"]) == \
+        ("fake:chat;id=d", 0, 0, {})
+    assert new["window"]["requests"] == 0
