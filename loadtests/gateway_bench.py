@@ -20,6 +20,12 @@ name: every gateway calls the same path, /v1/chat/completions.
 
 Columns (--only picks some; direct is the baseline of the "added" figures):
   direct     the client calls the upstreams (the CPU shown is nginx's)
+  nginx-proxy  nginx (Debian's, 2 workers) as a plain reverse proxy in front of
+             the same upstreams: upstream {} blocks with keepalive 64, HTTP/1.1,
+             proxy_buffering off for the streams, access log off. Not a gateway:
+             nginx cannot read or rewrite the JSON `model`, so it listens on one
+             port per upstream (same path, same bodies). The floor of one extra
+             HTTP hop over loopback, in C, in the same run
   neurohttp  neurohttpd -w 2 with the openai provider (DESIGN.md §5 models)
   litellm    LiteLLM's proxy, --num_workers 2, with the settings its "Best
              Practices for Production" page gives (LITELLM_SETTINGS below)
@@ -75,11 +81,11 @@ sys.path.insert(0, str(ROOT / "loadtests"))
 
 from bench import SHARED_BENCH  # noqa: E402
 from metrics_cost import children, cpu_seconds  # noqa: E402
-from nginx_server import Nginx, chat_stream_body, free_port  # noqa: E402
+from nginx_server import NGINX, Nginx, chat_stream_body, free_port  # noqa: E402
 from stream_bench import DONE, TOKEN, gather_bounded, pct  # noqa: E402
 from stream_bench import run as run_on_uvloop  # noqa: E402
 
-COLUMNS = ("direct", "neurohttp", "litellm", "echo")
+COLUMNS = ("direct", "nginx-proxy", "neurohttp", "litellm", "echo")
 LITELLM = "/work/venvs/litellm/bin/litellm"
 MASTER_KEY = "sk-gateway-bench-master"  # LiteLLM refuses to start without one
 UPSTREAM_KEY = "sk-gateway-bench-upstream"  # what the gateways send upstream (nginx ignores it)
@@ -264,6 +270,54 @@ def litellm_yaml(ports: dict[str, int]) -> str:
       api_key: os.environ/{KEY_ENV}
 """
     return out + LITELLM_SETTINGS
+
+
+def nginx_proxy_conf(d: Path, ports: dict[str, int], upstreams: dict[str, int],
+                     workers: int) -> str:
+    """The nginx-proxy column: the fastest sensible plain reverse proxy. One
+    server per upstream (`ports[m]` in front of `upstreams[m]`: nginx cannot
+    route on the JSON `model`), pooled keep-alive HTTP/1.1 upstream
+    connections, no buffering for the streams, no access log."""
+    servers = ""
+    for m in ("json", "sse", "paced"):
+        stream = m != "json"  # sse and paced stream: each event on as it comes
+        servers += f"""
+  upstream up_{m} {{
+    server 127.0.0.1:{upstreams[m]};
+    keepalive 64;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+  }}
+  server {{
+    listen 127.0.0.1:{ports[m]} reuseport;
+    location / {{
+      proxy_pass http://up_{m};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      {"proxy_buffering off;" if stream else ""}
+      proxy_read_timeout 600s;
+    }}
+  }}"""
+    return f"""
+worker_processes {workers};
+worker_rlimit_nofile 16384;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_timeout 75s;
+  keepalive_requests 1000000;
+{servers}
+}}
+"""
 
 
 # ------------------------------------------------------------ one request
@@ -494,6 +548,21 @@ def start_column(name: str, ups: dict[str, Any], workdir: Path,
         col = Column(name, ports, {m: [ups[m]["pid"]] for m in ports})
         col.results["start_s"] = ups["json"]["start_s"]
         return col
+    if name == "nginx-proxy":
+        d = workdir / "nginx-proxy"
+        d.mkdir(exist_ok=True)
+        front = {m: free_port() for m in ports}
+        conf = d / "nginx.conf"
+        conf.write_text(nginx_proxy_conf(d, front, ports, args.workers))
+        svc = Service(name, [NGINX, "-c", str(conf), "-p", str(d), "-e", str(d / "error.log")],
+                      workdir)
+        col = Column(name, front, dict.fromkeys(front, [svc.pid]), svc)
+        try:
+            col.results["start_s"] = first_answer(front["json"], svc.t0, svc, 10.0)
+        except BaseException:
+            svc.stop()
+            raise
+        return col
     port = free_port()
     if name == "litellm":
         cfg = workdir / "litellm.yaml"
@@ -591,8 +660,8 @@ def paced_at(res: dict[str, dict[str, Any]], col: str, streams: int) -> dict[str
 
 def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     cols = [c for c in COLUMNS if c in res]
-    label = {"direct": "direct", "neurohttp": "**NeuroHTTP**", "litellm": "LiteLLM",
-             "echo": "echo (no gateway)"}
+    label = {"direct": "direct", "nginx-proxy": "nginx proxy (a hop, no gateway)",
+             "neurohttp": "**NeuroHTTP**", "litellm": "LiteLLM", "echo": "echo (no gateway)"}
     out = ["| | " + " | ".join(label[c] for c in cols) + " |",
            "|---|" + "---:|" * len(cols)]
 
@@ -653,6 +722,9 @@ def report(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                     f"{num(r['gap_max_ms'], '.0f')} | {r['gateway_cores']:.2f}, "
                     f"{num(r.get('cpu_us_per_event'), '.1f')} | {r['client_cores']:.2f} |")
     out += ["", *targets(res, args)]
+    floor = beside_floor(res, args)
+    if floor:
+        out += ["", *floor]
     return "\n".join(out)
 
 
@@ -717,6 +789,49 @@ def targets(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[st
                      direct["first_p99_ms"] if direct else None)
         line(f"{n} streams: first event p99 ≤ direct's + 5 ms (ms)", first, "+.1f",
              check(first, 5))
+    return out
+
+
+def beside_floor(res: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """NeuroHTTP beside nginx-proxy, the floor of one extra HTTP hop over
+    loopback in C (same upstreams, same run): how much of its cost the hop
+    alone explains."""
+    s, f = "neurohttp", "nginx-proxy"
+    if s not in res or f not in res:
+        return []
+    out = ["NeuroHTTP beside nginx-proxy (the floor of one HTTP hop), same run:", "",
+           "| | NeuroHTTP | nginx-proxy | NeuroHTTP over nginx-proxy |", "|---|---:|---:|---:|"]
+
+    def line(what: str, mine: float | None, floor: float | None, spec: str,
+             how: str = "ratio") -> None:
+        rel = ratio(mine, floor) if how == "ratio" else diff(mine, floor)
+        out.append(f"| {what} | {num(mine, spec)} | {num(floor, spec)} | "
+                   f"{num(rel, '.2f') + ' ×' if how == 'ratio' else num(rel, '+.3f') + ' ms'} |")
+
+    if "wrk" in args.parts:
+        for load, what in (("json", "non-stream"), ("sse", "stream")):
+            line(f"{what}: CPU µs/request at 64 conns", get(res, s, f"{load}-64", "cpu_us"),
+                 get(res, f, f"{load}-64", "cpu_us"), ".1f")
+            line(f"{what}: req/s at 64 conns", get(res, s, f"{load}-64", "rps"),
+                 get(res, f, f"{load}-64", "rps"), ",.0f")
+            direct = get(res, "direct", f"{load}-1", "p50_ms")
+            line(f"{what}: added p50 at 1 conn vs direct (ms)",
+                 diff(get(res, s, f"{load}-1", "p50_ms"), direct),
+                 diff(get(res, f, f"{load}-1", "p50_ms"), direct), "+.3f", how="diff")
+    rss, frss = res[s].get("rss_mib"), res[f].get("rss_mib")
+    line("RSS per worker after load (MiB)", mean(rss) if rss else None,
+         mean(frss) if frss else None, ".1f")
+    if "paced" in args.parts:
+        for n in args.streams:
+            mine, floor = paced_at(res, s, n), paced_at(res, f, n)
+            if mine is None or floor is None:
+                continue
+            line(f"{n} paced streams: gap p99 (ms)",
+                 mine["gap_p99_ms"], floor["gap_p99_ms"], ".1f", how="diff")
+            line(f"{n} paced streams: first event p99 (ms)",
+                 mine["first_p99_ms"], floor["first_p99_ms"], ".1f", how="diff")
+            line(f"{n} paced streams: CPU µs/event", mine["cpu_us_per_event"],
+                 floor["cpu_us_per_event"], ".1f")
     return out
 
 

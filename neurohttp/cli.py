@@ -366,10 +366,13 @@ def _master_info(pid_path: str) -> dict[str, Any]:
                    "address from -c/--pid-file, else http://127.0.0.1:8080).")
 @click.option("-n", "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="Seconds between refreshes.")
-def top(config_path: str | None, pid_file: str | None, url: str | None, interval: float) -> None:
+@click.option("--once", is_flag=True,
+              help="Print one view and exit (status 1 if the server cannot be read).")
+def top(config_path: str | None, pid_file: str | None, url: str | None, interval: float,
+        once: bool) -> None:
     """A live terminal view of the server's figures, per worker (Ctrl-C quits)."""
     from .top import run
-    sys.exit(run(url or _default_url(config_path, pid_file), interval))
+    sys.exit(run(url or _default_url(config_path, pid_file), interval, once=once))
 
 
 @main.group()

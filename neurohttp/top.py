@@ -99,6 +99,22 @@ class CpuMeter:
         self.prev = nxt
 
 
+BREAKER_STYLES = {"closed": "green", "open": "bold red", "half-open": "yellow"}
+
+
+def breaker_name(state: str | None) -> str:
+    """/stats' "half_open" as people write it; "-" when unknown."""
+    return state.replace("_", "-") if state else "-"
+
+
+def router_state(router: dict[str, Any], dep: dict[str, Any]) -> dict[str, Any]:
+    """Deployment `dep`'s entry (of /stats "deployments") in /stats "router":
+    its breaker, outstanding requests, retries, hedges ({} when absent)."""
+    rows = router.get(dep.get("model", ""), {}).get("deployments", [])
+    i = dep.get("index", -1)
+    return rows[i] if 0 <= i < len(rows) else {}
+
+
 def render(doc: dict[str, Any] | None, url: str, cpu: CpuMeter, error: str | None = None) -> Group:
     """The whole screen for one /stats document."""
     if doc is None:
@@ -168,18 +184,34 @@ def render(doc: dict[str, Any] | None, url: str, cpu: CpuMeter, error: str | Non
                        _f(md["errors"]))
         parts += [Text(""), mt]
     deps = doc.get("deployments", {})
-    if deps:  # the gateway's upstreams (docs/ROUTING.md)
+    router = doc.get("router", {})
+    if deps:  # the gateway's upstreams (docs/ROUTING.md), with their router state
         dt = Table(title="deployments (last 60 s; counts since start)", title_justify="left",
                    box=None, padding=(0, 1))
-        for col in ("deployment", "origin", "req/s", "ttfb p50", "p99 ms", "requests",
-                    "errors", "tokens in", "tokens out"):
-            dt.add_column(col, justify="left" if col in ("deployment", "origin") else "right")
+        for col in ("deployment", "origin", "breaker", "out", "req/s", "ttfb p50", "p99 ms",
+                    "requests", "errors", "retries", "hedges", "tokens in", "tokens out"):
+            dt.add_column(col, justify="left" if col in ("deployment", "origin", "breaker")
+                          else "right")
         for name, d in deps.items():
             dw = d["window"]
-            dt.add_row(name, d["origin"], _f(dw["rps"], 2), _f(dw["ttfb_ms"]["p50"], 2),
+            r = router_state(router, d)
+            breaker = breaker_name(r.get("breaker"))
+            dt.add_row(name, d["origin"], Text(breaker, style=BREAKER_STYLES.get(breaker, "")),
+                       _f(r.get("outstanding")), _f(dw["rps"], 2), _f(dw["ttfb_ms"]["p50"], 2),
                        _f(dw["latency_ms"]["p99"], 2), _f(d["requests"]), _f(d["errors"]),
+                       _f(r.get("retries")), _f(r.get("hedges")),
                        _f(d["tokens_in"]), _f(d["tokens_out"]))
         parts += [Text(""), dt]
+    if router:  # per public model: what the router did (since start)
+        rt = Table(title="router (counts since start)", title_justify="left", box=None,
+                   padding=(0, 1))
+        for col in ("model", "requests", "failed", "retries", "hedges", "fallbacks",
+                    "retries refused"):
+            rt.add_column(col, justify="left" if col == "model" else "right")
+        for name, r in router.items():
+            rt.add_row(name, _f(r["requests"]), _f(r["failed"]), _f(r["retries"]),
+                       _f(r["hedges"]), _f(r["fallbacks"]), _f(r["retries_refused"]))
+        parts += [Text(""), rt]
     auth = doc.get("auth")
     if auth:  # [auth] on: per key since start; a 401 names no key, so by reason
         kt = Table(title="API keys (counts since start)", title_justify="left", box=None,
@@ -195,11 +227,24 @@ def render(doc: dict[str, Any] | None, url: str, cpu: CpuMeter, error: str | Non
     return Group(*parts)
 
 
-def run(url: str, interval: float = 1.0, console: Console | None = None) -> int:
-    """Show the view until Ctrl-C; returns the exit status (0)."""
+def run(url: str, interval: float = 1.0, console: Console | None = None,
+        once: bool = False) -> int:
+    """Show the view until Ctrl-C; returns the exit status (0). `once`: print
+    one frame and return (1 when /stats could not be read), for scripts."""
     client = StatsClient(url)
     cpu = CpuMeter()
     console = console or Console()
+    if once:
+        try:
+            doc = client.get()
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            console.print(render(None, client.url, cpu, str(e) or type(e).__name__))
+            return 1
+        finally:
+            client.close()
+        cpu.update(doc)
+        console.print(render(doc, client.url, cpu))
+        return 0
 
     def frame() -> Group:
         try:

@@ -130,3 +130,35 @@ def test_dashboard_shows_figures_per_api_key(make_server):
         assert browser.evaluate("document.getElementById('keys-card').hidden") is True
     finally:
         browser.close()
+
+
+def test_dashboard_shows_each_deployments_breaker(make_server, fake_upstream):
+    """The Deployments table shows each deployment's breaker (the down
+    upstream's open), in-flight requests, retries and hedges from /stats
+    "router", and the router table its counts per model."""
+    from test_top import breaker_server
+    srv, down = breaker_server(make_server, fake_upstream)
+    figs = srv.stats()["router"]["m"]
+    browser = Chromium()
+    try:
+        browser.open(srv.url + "/dashboard", 1280, 900)
+        browser.wait_for("window.nhDashboard && window.nhDashboard.updates >= 1", timeout=60)
+
+        def rows(table: str) -> list[list[str]]:
+            return browser.evaluate(f"Array.from(document.querySelectorAll('#{table} tr')).map("
+                                    "r => Array.from(r.children).map(c => c.textContent))")
+        deps = rows("deployments")
+        assert deps[0][:4] == ["deployment", "origin", "breaker", "in flight"]
+        assert "retries" in deps[0] and "hedges" in deps[0]
+        by_origin = {r[1]: r for r in deps[1:]}
+        assert by_origin[down][2] == "open" and by_origin[fake_upstream.url][2] == "closed"
+        assert by_origin[down][3] == "0"
+        router = rows("router")
+        assert router[0] == ["model", "requests", "failed", "retries", "hedges", "fallbacks",
+                             "retries refused"]
+        assert router[1] == ["m", *(str(figs[k]) for k in ("requests", "failed", "retries",
+                                                          "hedges", "fallbacks",
+                                                          "retries_refused"))]
+        assert browser.errors() == []
+    finally:
+        browser.close()

@@ -401,3 +401,66 @@ def test_router_state_sizes_follow_the_config_with_a_clear_error(make_server, up
     assert "raise [stats] max_deployments and restart" in srv.log()
     assert chat(srv, "m").status_code == 200  # the running config serves on
     assert chat(srv, "n").status_code == 404
+
+
+def test_a_reload_that_reorders_deployments_keeps_each_ones_figures_and_breaker(make_server, up):
+    """Per-deployment figures and breakers are keyed by the deployment, not by
+    its place in the list: a HUP that reverses the list keeps each one's
+    counts, errors by kind and breaker under its own origin, and a deployment
+    that replaces a removed one starts from zero."""
+    with socket.socket() as s:  # a port nobody listens on: connect refused
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    a = dep(up, "chat;id=a")
+    b = {"base_url": down + "/v1", "model": "down", "breaker_failures": 1,
+         "breaker_cooldown_s": 600.0}
+    c = dep(up, "chat;id=c")
+
+    def cfg(*ds: dict) -> dict:
+        return {"models": {"m": {"strategy": "round_robin", "deployments": list(ds)}}}
+
+    def by_origin(srv: Server) -> dict[str, tuple]:
+        st = srv.stats()
+        figs = {d["origin"]: (d["requests"], d["errors"], d["errors_by_kind"])
+                for d in st["deployments"].values()}
+        brk = {d["origin"]: d["breaker"] for d in st["router"]["m"]["deployments"]}
+        return {o: (*figs[o], brk[o]) for o in figs}
+
+    def reload(srv: Server, config: dict) -> None:
+        old = set(srv.worker_pids())
+        srv.write_config(config)
+        srv.send_signal(signal.SIGHUP)
+        wait_for(lambda: not (old & set(srv.worker_pids())) and srv.ready_workers() == 2, 30,
+                 what="the new generation")
+
+    srv = make_server(workers=2, config=cfg(a, b))
+    # until b's breaker opens, some requests go to b (502); then all go to a
+    codes = [chat(srv, "m").status_code for _ in range(9)]
+    assert set(codes) <= {200, 502} and 502 in codes
+    before = by_origin(srv)
+    assert before[down][3] == "open" and before[up.url][3] == "closed"
+    assert before[down][1] >= 1 and before[down][2] == {"connect": before[down][1]}
+    assert before[up.url][0] == codes.count(200) and before[up.url][1] == 0
+
+    reload(srv, cfg(b, a))  # reversed
+    after = by_origin(srv)
+    assert after == before
+    assert srv.stats()["deployments"]["m#0"]["origin"] == down
+    assert chat(srv, "m").status_code == 200  # b's breaker still open: a answers
+    assert by_origin(srv)[up.url][0] == before[up.url][0] + 1
+
+    reload(srv, cfg(c, a))  # b removed, c (another upstream model) in its place
+    st = srv.stats()
+    new = st["deployments"]["m#0"]
+    assert (new["upstream_model"], new["requests"], new["errors"], new["errors_by_kind"]) == \
+        ("fake:chat;id=c", 0, 0, {})
+    assert st["router"]["m"]["deployments"][0]["breaker"] == "closed"
+    assert st["deployments"]["m#1"]["requests"] == before[up.url][0] + 1
+
+    # b's workers are gone now: d is given b's figure blocks, cleared first
+    d = dep(up, "chat;id=d")
+    reload(srv, cfg(d, a))
+    new = srv.stats()["deployments"]["m#0"]
+    assert (new["upstream_model"], new["requests"], new["errors"], new["errors_by_kind"]) == \
+        ("fake:chat;id=d", 0, 0, {})
+    assert new["window"]["requests"] == 0

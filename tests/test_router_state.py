@@ -92,6 +92,27 @@ def test_assign_keeps_unchanged_records_and_reuses_retired_ones_only_when_free()
     assert t.sum(old12, D.C_REQUESTS) == 0 and t.w[t.base(old12) + D.R_RETIRED] == 0
 
 
+def test_figure_pairs_follow_the_records_and_are_given_back_only_when_free():
+    t, _m = area(capacity=8)
+
+    def pair(fp: int) -> int:
+        return t.figure_pair(t.find(fp))
+
+    assert t.assign([(11, D.KIND_DEPLOYMENT), (12, D.KIND_DEPLOYMENT), (1, D.KIND_MODEL)],
+                    1, 1, fig_pairs=3) == [0, 1]
+    assert (pair(11), pair(12), pair(1)) == (0, 1, -1)   # a model has no pair
+    # reversed, and 13 in place of 12 while generation 1 lives: 12 keeps its pair
+    assert t.assign([(13, D.KIND_DEPLOYMENT), (11, D.KIND_DEPLOYMENT)], 2, 1, 3) == [2]
+    assert (pair(11), pair(12), pair(13)) == (0, 1, 2)
+    # no pair left: 14 is not counted (and nothing else moves)
+    assert t.assign([(11, D.KIND_DEPLOYMENT), (13, D.KIND_DEPLOYMENT),
+                     (14, D.KIND_DEPLOYMENT)], 3, 1, 3) == []
+    assert pair(14) == -1 and (pair(11), pair(13)) == (0, 2)
+    # generations 1 to 3 gone: 12's record is free, its pair goes to the next new one
+    assert t.assign([(11, D.KIND_DEPLOYMENT), (15, D.KIND_DEPLOYMENT)], 4, 4, 3) == [1]
+    assert (pair(11), pair(15)) == (0, 1)
+
+
 def test_fold_keeps_counts_and_drops_outstanding():
     t, _m = area(nslots=4)
     assigned(t, 21)

@@ -189,3 +189,52 @@ def test_top_shows_figures_per_api_key(make_server):
     assert row_b == ["team-b", "1", str(kb["tokens_in"]), str(kb["tokens_out"]), "1", "0"]
     assert ka["tokens_out"] > 0 and kb["tokens_out"] > 0
     assert any("missing 1" in line and "invalid 1" in line for line in lines)
+
+
+def breaker_server(make_server, up) -> tuple:
+    """A model with two deployments: one on the fake upstream, one whose
+    upstream is down (connect refused; its breaker opens at the first failure),
+    after requests that opened it. Returns (server, the down origin)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    srv = make_server(workers=2, config={"models": {"m": {"deployments": [
+        {"base_url": up.url + "/v1", "model": "fake:chat"},
+        {"base_url": down + "/v1", "model": "x", "breaker_failures": 1,
+         "breaker_cooldown_s": 600.0}]}}})
+    with httpx.Client(base_url=srv.url, timeout=20) as c:
+        codes = [c.post("/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]}).status_code for _ in range(8)]
+    assert 502 in codes and 200 in codes
+    router = srv.stats()["router"]["m"]["deployments"]
+    assert [d["breaker"] for d in router] == ["closed", "open"]
+    return srv, down
+
+
+def test_top_once_shows_each_deployments_breaker(make_server, fake_upstream):
+    """`top --once` prints one view and exits: each deployment's breaker state,
+    in-flight requests, retries and hedges; the router's counts per model."""
+    srv, down = breaker_server(make_server, fake_upstream)
+    out = subprocess.run([sys.executable, "-m", "neurohttp", "top", "--once", "-u", srv.url],
+                         capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "220"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    head = next(x for x in lines if x.lstrip().startswith("deployment "))
+    assert head.split()[:4] == ["deployment", "origin", "breaker", "out"]
+    assert "retries" in head and "hedges" in head
+    ok = next(x for x in lines if x.lstrip().startswith("m#0")).split()
+    bad = next(x for x in lines if x.lstrip().startswith("m#1")).split()
+    assert (ok[1], ok[2]) == (fake_upstream.url, "closed")
+    assert (bad[1], bad[2]) == (down, "open")
+    figs = srv.stats()["router"]["m"]
+    at = next(i for i, x in enumerate(lines) if x.startswith("router "))
+    row = next(x for x in lines[at:] if x.lstrip().startswith("m ")).split()
+    assert row[1:] == [str(figs[k]) for k in ("requests", "failed", "retries", "hedges",
+                                              "fallbacks", "retries_refused")]
+    # a server that is not there: one error line, status 1
+    gone = subprocess.run([sys.executable, "-m", "neurohttp", "top", "--once", "-u",
+                           down], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert gone.returncode == 1 and "cannot read" in gone.stdout

@@ -80,10 +80,9 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self.models)
 
-    def deployments(self) -> list[tuple[str, int]]:
-        """(model, index) of every upstream deployment, in config order."""
-        return [(name, d.index) for name, p in self.models.items()
-                for d in getattr(p, "deployments", ())]
+    def deployments(self) -> list[Any]:
+        """Every upstream deployment (gateway/deployment.py), in config order."""
+        return [d for p in self.models.values() for d in getattr(p, "deployments", ())]
 
     def provider_name(self, model: str) -> str:
         """The provider `model` is served by, as [models.<name>] provider names it."""

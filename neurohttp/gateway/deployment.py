@@ -23,6 +23,9 @@ class Deployment:
     upstream    the upstream's own model name (what the body's "model" becomes)
     origin      "scheme://host:port" (what logs and /stats name it by)
     label       "<model>#<index>" , with `origin` its name in /stats
+    identity    the fingerprint of its table (shared/deployments.py): what its
+                router record, figure pair and error counters are found by, so
+                they follow it when a reload moves it in the list (set by the provider)
     weight, table  the weight and the whole checked config table (the router's keys)
     key_env     the api_key_env variable ("" when none)
     headers     the HeaderBlock sent with every request; None when api_key_env
@@ -31,7 +34,7 @@ class Deployment:
 
     __slots__ = ("model", "index", "upstream", "origin", "label", "weight", "table", "key_env",
                  "headers", "target", "timeouts", "limits", "ca_file", "_key", "_client",
-                 "_pool", "figures")
+                 "_pool", "figures", "identity")
 
     def __init__(self, model: str, index: int, table: dict[str, Any],
                  client: UpstreamClient, environ: Any = None) -> None:
@@ -43,6 +46,7 @@ class Deployment:
         origin, prefix = split_url(table["base_url"])
         self.origin = str(origin)
         self.label = f"{model}#{index}"
+        self.identity = 0
         self.weight: int = table["weight"]
         # "/v1" -> "/v1/chat/completions" (a trailing slash or not)
         self.target = prefix.rstrip("/") + "/chat/completions"

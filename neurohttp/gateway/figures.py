@@ -1,14 +1,22 @@
 """Per-deployment figures, summed across workers and kept across worker deaths.
 
 Each deployment has two entries in the stats block's per-model blocks
-(stats/window.py), after the public models': "<model>#<i>" counts every
-attempt with its total latency, errors, prompt and completion tokens, and
-"<model>#<i> ttfb" the time to the first event. So they cost what a model's
-figures cost (a few adds in the worker's own slot, no lock), the master
-folds them when a worker dies, and readers get the since-start and last-
-minute figures with percentiles like a model's. Errors by kind ("connect",
-"first_byte_timeout", "status_429", ...) are rare: they are exact counters
-in the shared named table (neurohttp/shared/), one locked add per error.
+(stats/window.py): "<model>#<i>" counts every attempt with its total latency,
+errors, prompt and completion tokens, and "<model>#<i> ttfb" the time to the
+first event. So they cost what a model's figures cost (a few adds in the
+worker's own slot, no lock), the master folds them when a worker dies, and
+readers get the since-start and last-minute figures with percentiles like a
+model's. Errors by kind ("connect", "first_byte_timeout", "status_429", ...)
+are rare: they are exact counters in the shared named table (neurohttp/shared/),
+one locked add per error.
+
+Both are keyed by the deployment, not by its place in the list: the pair of
+model indexes is the one the master gave the deployment's router record
+(shared/deployments.py R_FIG; from the top of the block's model room down, the
+public models taking it from the bottom), and the error counters are named by
+its identity (the fingerprint of its table). A reload that reorders or inserts
+deployments leaves each one's figures with it; a pair given to a new
+deployment is cleared first (StatsBlock.clear_models).
 
 The room they take is counted in the block's size (stats/sizing.py: two model
 indexes per deployment).
@@ -16,11 +24,14 @@ indexes per deployment).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
 from ..upstream import ErrorKind
+
+log = logging.getLogger("neurohttp")
 
 # error reasons that have a counter of their own (others count as "other")
 ERROR_REASONS = (*(k.value for k in ErrorKind if k is not ErrorKind.STATUS), "status_429",
@@ -31,18 +42,34 @@ def error_key(label: str, reason: str) -> str:
     return f"gw-err|{label}|{reason}"
 
 
+def error_label(dep: Any) -> str:
+    """What a deployment's error counters are named by: its identity."""
+    return f"{dep.model}@{dep.identity:016x}"
+
+
 def _reason_slot(reason: str) -> str:
     if reason.startswith("status_") and reason != "status_429":
         return "status_4xx" if reason.startswith("status_4") else "status_5xx"
     return reason if reason in ERROR_REASONS else "other"
 
 
-def stat_names(deployments: list[tuple[str, int]]) -> list[str]:
-    """The per-model-block names of (model, index) deployments, in block order."""
-    out = []
-    for model, i in deployments:
-        out += [f"{model}#{i}", f"{model}#{i} ttfb"]
-    return out
+def stat_names(public: list[str], deployments: list[Any], table: Any, geo: Any) -> list[str]:
+    """The Meter's model names (after "other"): the `public` models in config
+    order, then each deployment's two entries at the indexes of its figure
+    pair (its record's in router `table`); "" where nothing is counted."""
+    names = list(public)
+    for dep in deployments:
+        pair = table.figure_pair(table.find(dep.identity)) if table is not None else -1
+        m, t = geo.deployment_models(pair) if pair >= 0 else (0, 0)
+        if m <= len(public):
+            log.error("deployment %s (%s) is not counted in the stats: the stats block's "
+                      "model room is full (sized at start from the config); raise "
+                      "[stats] max_models and restart", dep.label, dep.origin)
+            continue
+        if len(names) < t:
+            names += [""] * (t - len(names))
+        names[m - 1], names[t - 1] = dep.label, dep.label + " ttfb"
+    return names
 
 
 class GatewayFigures:
@@ -59,7 +86,7 @@ class DeploymentFigures:
     __slots__ = ("label", "total", "ttfb", "sink")
 
     def __init__(self, dep: Any, sink: GatewayFigures | None) -> None:
-        self.label = dep.label
+        self.label = error_label(dep)
         self.total = dep.label
         self.ttfb = dep.label + " ttfb"
         self.sink = sink
@@ -123,7 +150,7 @@ def deployments_section(block: Any, model_names: list[str], deployments: list[An
             by_kind = {}
             if named is not None:
                 for reason in ERROR_REASONS:
-                    n = named.get(error_key(dep.label, reason))
+                    n = named.get(error_key(error_label(dep), reason))
                     if n:
                         by_kind[reason] = n
             window = _blk_doc(snap.model(m, True), snap.model(t, True))

@@ -35,6 +35,7 @@ import orjson
 
 from ..ai import tokenizer
 from ..ai.providers import Batch, Chunk, Delta, Finish, ToolCallDelta, Usage
+from ..shared.deployments import config_fingerprints
 from ..upstream import UpstreamClient, UpstreamError
 from .deployment import Deployment
 from .errors import AttemptError, bad_event, from_status, from_upstream, no_key
@@ -59,7 +60,9 @@ class OpenAIProvider:
         self.name = name
         self.deployments = [Deployment(name, i, t, client)
                             for i, t in enumerate(table["deployments"])]
+        identities = config_fingerprints({name: table})[1]  # what the master assigned by
         for dep in self.deployments:
+            dep.identity = identities[(name, dep.index)]
             dep.figures = DeploymentFigures(dep, figures)
         self.router = Router(name, self.deployments, table)
 

@@ -580,5 +580,5 @@ def private_table(model_fps: Mapping[str, int],
     D.DeploymentTable.init(buf.cast("q"), buffer_address(buf), n, 2)
     t = D.DeploymentTable(buf.cast("q"), buffer_address(buf))
     t.assign([(fp, D.KIND_MODEL) for fp in model_fps.values()]
-             + [(fp, D.KIND_DEPLOYMENT) for fp in dep_fps.values()], 1, 1)
+             + [(fp, D.KIND_DEPLOYMENT) for fp in dep_fps.values()], 1, 1, len(dep_fps))
     return t

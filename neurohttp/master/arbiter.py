@@ -779,16 +779,21 @@ class Master:
 
     def _assign_router(self, cfg: Config, generation: int) -> None:
         """Give each deployment and model of `cfg` its shared router record
-        (shared/deployments.py): unchanged ones keep theirs."""
+        (shared/deployments.py) and each deployment its figure pair in the
+        stats block: unchanged ones keep theirs."""
         assert self.block is not None
         model_fps, dep_fps = config_fingerprints(cfg.models)
         wanted = [(fp, KIND_MODEL) for fp in model_fps.values()]
         wanted += [(fp, KIND_DEPLOYMENT) for fp in dep_fps.values()]
         oldest = min((w.generation for w in self.workers.values()), default=generation)
+        geo = self.block.geometry
         try:
-            self.block.router.assign(wanted, generation, min(oldest, generation))
+            given = self.block.router.assign(wanted, generation, min(oldest, generation),
+                                             geo.figure_pairs)
         except RouterStateFull as e:
             raise config_mod.ConfigError(f"{cfg.path or '<defaults>'}: {e}") from None
+        # a deployment's figures start from zero, whatever held its pair before
+        self.block.clear_models([m for p in given for m in geo.deployment_models(p)])
 
     def _max_workers(self) -> int:
         """Workers the block was sized for; it has two slots each, so a reload's

@@ -19,7 +19,10 @@ to each deployment and model of the config by a fingerprint of its table
 record across a reload (its breaker, latency and counts); a changed one gets
 a fresh record; one that left the config keeps its record until every worker
 of the generations that used it has exited, and is then reused. Workers
-find their records by fingerprint (`find`). When a worker exits however it
+find their records by fingerprint (`find`). A deployment's record also names
+its figure pair (R_FIG): which two of the stats block's per-model blocks hold
+its figures (gateway/figures.py), given with the record and freed with it, so
+the figures follow the deployment, not its place in the list. When a worker exits however it
 exits, the master `fold`s its slot's words before the slot is used again:
 its counts go to word 0, its outstanding requests are dropped.
 """
@@ -59,6 +62,7 @@ R_RA_UNTIL = 9     # µs (monotonic): skipped until then (the upstream's Retry-A
 R_RA_STATUS = 10   # the status that said so (429, 503)
 R_TTFB_US = 11     # EWMA of the time to first byte, µs (0: none yet)
 R_TTFB_AT = 12     # µs (monotonic) of its last sample
+R_FIG = 13         # its figure pair + 1 (0: none), given by `assign`
 # model: the retry budget (gateway/budget.py)
 R_BUD_START = 3    # µs (monotonic) the window began
 R_BUD_BASE = 4     # the model's requests (column sum) when it began
@@ -185,14 +189,21 @@ class DeploymentTable:
         return -1
 
     def assign(self, wanted: Iterable[tuple[int, int]], generation: int,
-               oldest_live: int) -> None:
+               oldest_live: int, fig_pairs: int = 0) -> list[int]:
         """Master, before forking `generation`: give each (fingerprint, kind) of
         its config a record. Records of fingerprints no longer wanted are marked
         retired at `generation`; such a record is reused only once no worker
         older than that generation lives (`oldest_live`: the oldest generation
         among live workers, `generation` when there is none). Raises
-        RouterStateFull (changing nothing) if the config does not fit."""
+        RouterStateFull (changing nothing) if the config does not fit.
+
+        Each deployment record without a figure pair (a new one) gets the
+        lowest pair below `fig_pairs` that no record in use holds (none when
+        all are taken: its figures are not counted); records no live worker
+        uses give theirs back. Returns the pairs given, whose old figures the
+        caller clears."""
         want = dict(wanted)
+        given: list[int] = []
         self.lock()
         try:
             w = self.w
@@ -218,6 +229,8 @@ class DeploymentTable:
                 fp = w[b + R_FP]
                 if fp and fp not in want and not w[b + R_RETIRED]:
                     w[b + R_RETIRED] = generation
+            for i in free:  # records no live worker uses: their figure pairs are free
+                w[self.base(i) + R_FIG] = 0
             for fp, i in zip(new, free, strict=False):
                 b = self.base(i)
                 w[b + R_FP] = 0  # free while it is cleared
@@ -227,9 +240,24 @@ class DeploymentTable:
                 have[fp] = i
             for i in have.values():
                 w[self.base(i) + R_RETIRED] = 0
+            held = {w[self.base(i) + R_FIG] - 1 for i in range(self.cap)
+                    if w[self.base(i) + R_FP] and w[self.base(i) + R_FIG]}
+            pairs = (p for p in range(fig_pairs) if p not in held)
+            for fp, i in have.items():
+                b = self.base(i)
+                if want[fp] == KIND_DEPLOYMENT and not w[b + R_FIG]:
+                    pair = next(pairs, -1)
+                    if pair >= 0:
+                        w[b + R_FIG] = pair + 1
+                        given.append(pair)
             w[RH_USED] = len(want)
         finally:
             self.unlock()
+        return given
+
+    def figure_pair(self, index: int) -> int:
+        """The figure pair of deployment record `index` (-1: none, or no record)."""
+        return self.w[self.base(index) + R_FIG] - 1 if index >= 0 else -1
 
     def fold(self, slot: int) -> int:
         """Master, after the worker in stats slot `slot` exited (before the slot

@@ -240,10 +240,22 @@
       Object.entries(s.models).map(([name, m]) => [name, fmt(m.window.rps, 2),
         fmt(m.window.tokens_out_per_s, 1), fmt(m.tokens_in), fmt(m.tokens_out),
         fmt(m.window.latency_ms.p50, 2), fmt(m.window.latency_ms.p99, 2), fmt(m.errors)]));
-    table($("deployments"), ["deployment", "origin", "req/s", "ttfb p50 ms", "p99 ms", "requests", "errors", "tokens in", "tokens out"],
-      Object.entries(s.deployments || {}).map(([name, d]) => [name, d.origin, fmt(d.window.rps, 2),
-        fmt(d.window.ttfb_ms.p50, 2), fmt(d.window.latency_ms.p99, 2), fmt(d.requests),
-        fmt(d.errors), fmt(d.tokens_in), fmt(d.tokens_out)]));
+    // each deployment with its router state: /stats "router" lists a model's
+    // deployments in the order of their index
+    const router = s.router || {};
+    const routed = (d) => ((router[d.model] || {}).deployments || [])[d.index] || {};
+    table($("deployments"), ["deployment", "origin", "breaker", "in flight", "req/s", "ttfb p50 ms", "p99 ms",
+      "requests", "errors", "retries", "hedges", "tokens in", "tokens out"],
+      Object.entries(s.deployments || {}).map(([name, d]) => {
+        const r = routed(d);
+        return [name, d.origin, r.breaker ? r.breaker.replace("_", "-") : "–", fmt(r.outstanding),
+          fmt(d.window.rps, 2), fmt(d.window.ttfb_ms.p50, 2), fmt(d.window.latency_ms.p99, 2),
+          fmt(d.requests), fmt(d.errors), fmt(r.retries), fmt(r.hedges), fmt(d.tokens_in),
+          fmt(d.tokens_out)];
+      }));
+    table($("router"), ["model", "requests", "failed", "retries", "hedges", "fallbacks", "retries refused"],
+      Object.entries(router).map(([name, r]) => [name, fmt(r.requests), fmt(r.failed),
+        fmt(r.retries), fmt(r.hedges), fmt(r.fallbacks), fmt(r.retries_refused)]));
     table($("workers"), ["worker", "pid", "state", "req/s", "req/s 60 s", "p99 ms", "conns", "CPU %", "RSS MiB", "fds"],
       s.workers.map((w) => [String(w.id), String(w.pid), w.state, fmt(w.window.rps_last),
         fmt(w.window.rps, 1), fmt(w.window.latency_ms.p99, 2), fmt(w.active_connections),

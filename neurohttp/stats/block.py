@@ -236,6 +236,26 @@ class StatsBlock:
             w[L.H_SEQ] += 1
         self._clear_slot(index)
 
+    def clear_models(self, models: list[int]) -> None:
+        """Master: zero model indexes `models` in the retired slot (since start
+        and every cell), so that what a deployment that left counted is not
+        read as the figures of the one given its indexes next. Live slots
+        hold none of it: their writers use the indexes only once given."""
+        geo = self.geometry
+        dst = self.slot(0)
+        z = memoryview(bytes(L.MODEL_WORDS * 8)).cast("Q")
+        w = self.words
+        w[L.H_SEQ] += 1
+        try:
+            for c in range(-1, L.RING_CELLS):  # CUM, then the cells
+                base = geo.s_ring + c * geo.cell_words + geo.c_models
+                for m in models:
+                    if m < dst[L.S_WIN_MODELS]:  # (past it: never written)
+                        a = base + m * L.MODEL_WORDS
+                        dst[a:a + L.MODEL_WORDS] = z
+        finally:
+            w[L.H_SEQ] += 1
+
     def _clear_slot(self, index: int) -> None:
         """Zero a freed slot, handing its pages back to the system: a slot
         costs memory only while a worker uses it."""

@@ -223,6 +223,18 @@ class Geometry:
         m = base + self.c_models
         return [(base, base + C_ROUTES + nroutes * ROUTE_WORDS), (m, m + nmodels * MODEL_WORDS)]
 
+    @cached_property
+    def figure_pairs(self) -> int:
+        """Pairs of model indexes an upstream deployment's figures may take
+        (gateway/figures.py): from the top of the room down, the public models
+        filling it from the bottom (a worker counts no pair that reaches them)."""
+        return (self.models - 1) // 2
+
+    def deployment_models(self, pair: int) -> tuple[int, int]:
+        """The model indexes of figure pair `pair`: (its attempts, its time to first byte)."""
+        m = self.models - 2 * (pair + 1)
+        return m, m + 1
+
     def ring_cell(self, stamp: int) -> int:
         """Slot-relative word offset of the ring cell for Unix second `stamp`."""
         return self.s_ring + (stamp % RING_CELLS) * self.cell_words

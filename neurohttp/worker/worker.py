@@ -138,7 +138,10 @@ class Worker:
                                     block.router, slot_index)
         # windowed + per-model figures, for the routes the App numbers
         public = self.models.names()
-        self.meter = Meter(self.slot, public + stat_names(self.models.deployments()),
+        deps = self.models.deployments()
+        routes = self.models.routes  # (its table: the block's, or its own when unassigned)
+        self.meter = Meter(self.slot, stat_names(public, deps, routes and routes.table,
+                                                 block.geometry),
                            block.geometry, self.app.route_names)
         gw_figures.meter = self.meter
         # What handlers and the pipeline get instead of this Worker (context.py).
@@ -157,7 +160,6 @@ class Worker:
         except RouteConflict as e:
             raise PluginError(str(e)) from None
         self.plugins.stats_reader = self.services.stats
-        deps = [d for p in self.models.models.values() for d in getattr(p, "deployments", ())]
         if deps:  # /stats "deployments" (gateway/figures.py)
             from ..gateway.figures import deployments_section
             self.services.stats.add_section("deployments", deployments_section(
