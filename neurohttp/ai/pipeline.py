@@ -578,16 +578,20 @@ class Generation:
         if isinstance(item, str):  # a str subclass is text, as a plain str
             return self._feed(str(item))
         if isinstance(item, Usage):
-            if type(item.prompt_tokens) is int and item.prompt_tokens >= 0:
-                self.reported_prompt = item.prompt_tokens
-            if type(item.completion_tokens) is int and item.completion_tokens >= 0:
-                self.reported_completion = item.completion_tokens
+            self._usage(item.prompt_tokens, item.completion_tokens)
             return None
         if isinstance(item, ProviderError):
             raise item
         raise BadOutput(f"{self._who()} yielded {type(item).__name__}; "
                         "a provider yields str or the events of neurohttp.ai.providers "
                         "(Delta, Chunk, Finish, Usage, ProviderError)")
+
+    def _usage(self, prompt: Any, completion: Any) -> None:
+        """A provider's Usage (or a chunk's usage object): its counts, if counts."""
+        if type(prompt) is int and prompt >= 0:
+            self.reported_prompt = prompt
+        if type(completion) is int and completion >= 0:
+            self.reported_completion = completion
 
     def _delta(self, d: Delta) -> str | Delta | None:
         content = d.content
@@ -685,7 +689,7 @@ class Generation:
                         tokens is None or (tokens.__class__ is int and tokens >= 0))):
                     u = data.get("usage")
                     if u.__class__ is dict:
-                        self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+                        self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
                     if c is None:
                         return None
                     reason = c.get("finish_reason")
@@ -704,7 +708,7 @@ class Generation:
                     return content
         u = data.get("usage")
         if type(u) is dict:
-            self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+            self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
         choices = data.get("choices") or []
         choice = next((c for c in choices if type(c) is dict and c.get("index", 0) == 0), None)
         if choice is None:
