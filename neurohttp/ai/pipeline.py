@@ -1156,7 +1156,8 @@ class _Replay(Generation):
 
 
 def _nothing_now(messages: list[dict[str, Any]], params: dict[str, Any]) -> None:
-    """complete_now of a model that caches: its answers take Pipeline.begin."""
+    """complete_now of a model that caches, or that has none: its answers take
+    Pipeline.begin."""
     return None
 
 
@@ -1254,9 +1255,9 @@ class Pipeline:
             return None
         complete_now = self._complete_now.get(name)
         if complete_now is None:
-            complete_now = getattr(provider, "complete_now", None)
-            if complete_now is None:
-                return None
+            # looked up once per model; one that has none (an upstream's) answers
+            # "nothing at once" from then on, without the getattr
+            complete_now = getattr(provider, "complete_now", None) or _nothing_now
             self._complete_now[name] = complete_now
         answer = complete_now(messages, params)
         if answer is None:
