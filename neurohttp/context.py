@@ -114,12 +114,6 @@ class Counters:
         if meter is not None:
             meter.model_instant(model, tokens_in, tokens_out)
 
-    def model_done(self, model: str, started: float, error: bool) -> None:
-        """One finished request of `model` (its latency since `started`, a
-        time.monotonic()), its tokens already counted by tokens()."""
-        if self.meter is not None:
-            self.meter.model_request(model, started, error=error)
-
     def stream_started(self) -> None:
         s = self.slot
         s[L.S_STREAMS] += 1
@@ -244,10 +238,28 @@ class UsageSink:
         for sub in self.subscribers:
             sub.charge(model, key, prompt_tokens, completion_tokens)
 
-    def report(self, event: UsageEvent, request: Request | None, started: float) -> None:
+    def report(self, event: UsageEvent, request: Request | None, started: float,
+               owed: tuple[int, int] | None = None) -> None:
         """`started`: the generation's time.monotonic() at its start (the model's
-        latency histogram reads the clock itself)."""
-        self.counters.model_done(event.model, started, event.outcome == FAILED)
+        latency histogram reads the clock itself). `owed`: (prompt, completion)
+        tokens not charged yet, charged here first, as charge() would: a
+        provider that reports usage is charged at its end, and the tokens and
+        the finished request are then one write of the model's figures."""
+        meter = self._meter
+        if owed is None:
+            if meter is not None:
+                meter.model_request(event.model, started, error=event.outcome == FAILED)
+        else:
+            tin, tout = owed
+            s = self._slot
+            if tin:
+                s[_S_TOKENS_IN] += tin
+            if tout:
+                s[_S_TOKENS_OUT] += tout
+            if meter is not None:
+                meter.model_request(event.model, started, tin, tout, event.outcome == FAILED)
+            for sub in self.subscribers:
+                sub.charge(event.model, event.key, tin, tout)
         if request is not None:
             request.usage = event
         for sub in self.subscribers:

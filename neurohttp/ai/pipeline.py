@@ -1040,12 +1040,14 @@ class Generation:
             out["refusal"] = "".join(self.refusal)
         return out
 
-    def _count(self) -> None:
+    def _count(self) -> tuple[int, int] | None:
         """Settle the figures (once): the tail of the text counted and charged;
         an upstream's reported counts taken, never below what was charged (the
-        counters only go up), so usage == what was charged, exactly."""
+        counters only go up), so usage == what was charged, exactly. Returns
+        what a provider that reports usage still owes, (prompt, completion)
+        tokens, for _report to charge with its report (one sink call)."""
         if self.counted:
-            return
+            return None
         self.counted = True
         more = 0  # completion tokens still to charge
         if self.reported_completion is not None:
@@ -1058,22 +1060,22 @@ class Generation:
             completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
         if self.prompt_deferred:
-            # the prompt is charged now, with the provider's own count if it gave
-            # one, together with the last completion tokens (one charge)
+            # the prompt is charged at the end, with the provider's own count if it
+            # gave one, together with the last completion tokens (one charge)
             if self.reported_prompt is not None:
                 self.prompt_tokens = self.reported_prompt
             self.charged += more
-            self.usage_sink.charge(self.model, self.key, self.prompt_tokens, more)
-            return
+            return self.prompt_tokens, more
         self._charge(more)
         if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
             self.prompt_tokens = self.reported_prompt
+        return None
 
     def finish(self) -> dict[str, int]:
         """Count the completion and settle finish_reason; returns `usage`.
         Called before the last bytes of a response are sent; reports once."""
-        self._count()
+        owed = self._count()
         if self.finish_reason is None and self.tool_calls:
             self.finish_reason = "tool_calls"
         self.finish_reason = settle_finish(self.finish_reason, self.completion_tokens,
@@ -1084,7 +1086,7 @@ class Generation:
             # a whole answer that ended well is kept (once: finish reports once)
             ticket.keep(Answer(self.text, self.finish_reason, self.message_extras() or None,
                                self.logprobs, self.reported_prompt, self.completion_tokens))
-        self._report(LENGTH if self.finish_reason == "length" else FINISHED)
+        self._report(LENGTH if self.finish_reason == "length" else FINISHED, owed)
         return usage(self.prompt_tokens, self.completion_tokens)
 
     def fail(self, exc: BaseException) -> Failure:
@@ -1092,8 +1094,7 @@ class Generation:
         if self.failure is None:
             self.failure = failure_of(exc, self.model, self.provider_name,
                                       plugin_of(self.provider))
-        self._count()
-        self._report(FAILED)
+        self._report(FAILED, self._count())
         return self.failure
 
     def close(self, cancelled: bool = False) -> None:
@@ -1102,12 +1103,12 @@ class Generation:
         if self.reported:
             return
         if cancelled:
-            self._count()
-            self._report(CANCELLED)
+            self._report(CANCELLED, self._count())
         else:
             self.finish()
 
-    def _report(self, outcome: str) -> None:
+    def _report(self, outcome: str, owed: tuple[int, int] | None = None) -> None:
+        """Report once; `owed`: what _count left to charge with the report."""
         if self.reported:
             return
         self.reported = True
@@ -1118,7 +1119,7 @@ class Generation:
             self.model, self.key, self.prompt_tokens, self.completion_tokens,
             t - self.started, self.ttft, outcome, self.finish_reason,
             failure.kind if failure is not None else None, self.stream,
-            self.cache is not None and self.cache.status is HIT), self.req, self.started)
+            self.cache is not None and self.cache.status is HIT), self.req, self.started, owed)
 
 
 class _Replay(Generation):
