@@ -1012,6 +1012,8 @@ class Generation:
                     if t > settle_at:
                         settle_at = t + SETTLE_S
                         self._settle()
+                else:
+                    self.agen = None  # it ended: nothing to close
             finally:
                 await self._aclose()
             if self.rules is not None and not self.done:
