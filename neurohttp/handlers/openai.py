@@ -9,8 +9,8 @@ usage chunk with `choices: []`, then `data: [DONE]`.
 
 from __future__ import annotations
 
-import os
 import time
+from random import getrandbits as _getrandbits
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -122,7 +122,10 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
 
 
 def completion_id() -> str:
-    return "chatcmpl-" + os.urandom(12).hex()
+    # 96 random bits from the random module, not os.urandom: an id is not a
+    # secret, and urandom is a getrandom() system call per answer. The module
+    # reseeds itself in each forked worker (random.py registers at fork).
+    return "chatcmpl-" + _getrandbits(96).to_bytes(12, "little").hex()
 
 
 
