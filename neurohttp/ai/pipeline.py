@@ -480,7 +480,9 @@ class Generation:
         self.params = params
         self.key = key  # the API key's name (None until [auth] keys exist)
         self.stream = stream
-        self.prompt_tokens = prompt_tokens  # charged by Pipeline.begin
+        # charged by Pipeline.begin; -1: not counted (a provider that reports
+        # usage: _count counts the messages only if it does not say)
+        self.prompt_tokens = prompt_tokens
         # a provider whose Usage is the truth: the prompt is charged at the end (_count)
         self.prompt_deferred: bool = getattr(provider, "reports_usage", False)
         self.filters = filters
@@ -1066,6 +1068,8 @@ class Generation:
             # gave one, together with the last completion tokens (one charge)
             if self.reported_prompt is not None:
                 self.prompt_tokens = self.reported_prompt
+            elif self.prompt_tokens < 0:  # left to the provider, which did not count it
+                self.prompt_tokens = tokenizer.count_messages(self.messages)
             self.charged += more
             return self.prompt_tokens, more
         self._charge(more)
@@ -1210,7 +1214,9 @@ class Pipeline:
               messages: list[dict[str, Any]], params: dict[str, Any],
               prompt_tokens: int, key: str | None = None, stream: bool = False) -> Generation:
         """A completion for a model already looked up; charges the prompt tokens
-        (to the request's API key, when it was admitted with one)."""
+        (to the request's API key, when it was admitted with one). A provider
+        that reports usage is charged at the end; its `prompt_tokens` may be -1
+        (not counted: Generation._count counts it if the provider does not)."""
         if key is None and req is not None and req.key is not None:
             key = req.key.name
         if not getattr(provider, "reports_usage", False):  # (else charged when it ends)
@@ -1230,6 +1236,8 @@ class Pipeline:
         """A non-streaming generation of a model that caches: the kept answer
         (a hit), or a generation that keeps its answer if it ends well (a miss)."""
         assert self.cache is not None
+        if prompt_tokens < 0:  # left to the provider: a hit needs it now
+            prompt_tokens = tokenizer.count_messages(messages)
         ck = request_key(name, key, messages, params)
         answer = self.cache.get(ck)
         pname = self.models.provider_name(name)

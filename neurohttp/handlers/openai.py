@@ -235,13 +235,18 @@ class OpenAIHandlers:
                 return error_response(req, 400, too_many.message, param=too_many.param)
         if len(req.body) > _LONG:  # a long prompt: counted in slices, off the fast path
             return self._long(req, name, provider, messages, params, stream, include_usage)
-        prompt_tokens = tokenizer.count_messages(messages)
-        if not stream:
-            done = pipeline.instant(req, name, provider, messages, params, prompt_tokens)
-            if done is not None:  # the fast path: no Generation, no task
-                text, ev = done
-                return self._answer(name, text, ev.finish_reason or "stop",
-                                    usage(prompt_tokens, ev.completion_tokens))
+        if getattr(provider, "reports_usage", False):
+            # an upstream counts the prompt itself: counted here only if its
+            # answer does not say (Generation._count); nothing comes at once
+            prompt_tokens = -1
+        else:
+            prompt_tokens = tokenizer.count_messages(messages)
+            if not stream:
+                done = pipeline.instant(req, name, provider, messages, params, prompt_tokens)
+                if done is not None:  # the fast path: no Generation, no task
+                    text, ev = done
+                    return self._answer(name, text, ev.finish_reason or "stop",
+                                        usage(prompt_tokens, ev.completion_tokens))
         gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens,
                              stream=stream)
         if stream:
