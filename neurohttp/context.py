@@ -202,6 +202,37 @@ class UsageEvent:
         return self.prompt_tokens + self.completion_tokens
 
 
+class _Draft:
+    """A UsageEvent's slots, plainly writable: usage_event() fills one, then
+    makes it a UsageEvent (the same layout). A frozen dataclass's __init__
+    stores each field through object.__setattr__, ~1,500 instructions a field
+    (~17k an event, callgrind); this is ~3.8k."""
+
+    __slots__ = UsageEvent.__slots__  # (the dataclass's fields, in order)
+
+
+def usage_event(model: str, key: str | None, prompt_tokens: int, completion_tokens: int,
+                latency: float, ttft: float | None, outcome: str,
+                finish_reason: str | None = None, error: str | None = None,
+                stream: bool = False, cached: bool = False) -> UsageEvent:
+    """UsageEvent(...), made cheaply (each generation makes one): the same
+    frozen dataclass instance."""
+    ev: Any = _Draft()
+    ev.model = model
+    ev.key = key
+    ev.prompt_tokens = prompt_tokens
+    ev.completion_tokens = completion_tokens
+    ev.latency = latency
+    ev.ttft = ttft
+    ev.outcome = outcome
+    ev.finish_reason = finish_reason
+    ev.error = error
+    ev.stream = stream
+    ev.cached = cached
+    ev.__class__ = UsageEvent
+    return ev
+
+
 class UsageSubscriber(Protocol):
     """A reader of the usage sink (quotas, plugins). Both calls run on the
     request path: keep them cheap, never block."""

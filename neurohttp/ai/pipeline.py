@@ -42,7 +42,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent, plugin_of
+from ..context import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    LENGTH,
+    Services,
+    UsageEvent,
+    plugin_of,
+    usage_event,
+)
 from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
@@ -1121,7 +1130,7 @@ class Generation:
         self.outcome = outcome
         t = monotonic()
         failure = self.failure
-        self.usage_sink.report(UsageEvent(
+        self.usage_sink.report(usage_event(
             self.model, self.key, self.prompt_tokens, self.completion_tokens,
             t - self.started, self.ttft, outcome, self.finish_reason,
             failure.kind if failure is not None else None, self.stream,
@@ -1305,7 +1314,7 @@ class Pipeline:
             elif finish is None:
                 finish = "length"
         finish = finish or "stop"
-        return text, UsageEvent(name, key, prompt_tokens, completion, 0.0, 0.0,
+        return text, usage_event(name, key, prompt_tokens, completion, 0.0, 0.0,
                                 LENGTH if finish == "length" else FINISHED, finish)
 
     def max_tokens_error(self, name: str, params: dict[str, Any],
