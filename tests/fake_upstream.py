@@ -22,7 +22,8 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
 
     chat        a chat completion (or, with "stream": true in the body, a
                 stream as `stream`). The text is `content` (default "You said:
-                " + the last user message). The answer carries a "fake" object
+                " + the last user message); `usage=0`: no usage object. The
+                answer carries a "fake" object
                 echoing what was received: method, path, model, authorization,
                 headers (lower-case names), body (the parsed JSON).
     stream      SSE chat.completion.chunk events: a role delta, `count` content
@@ -280,6 +281,8 @@ async def answer_chat(c: Conn, req: Request, opts: dict[str, str], tools: bool =
            "usage": {"prompt_tokens": 5, "completion_tokens": len(text.split()),
                      "total_tokens": 5 + len(text.split())},
            "fake": echo(req)}
+    if opts.get("usage") == "0":  # an upstream that reports no usage
+        del doc["usage"]
     await c.respond(200, json.dumps(doc).encode())
 
 

@@ -51,6 +51,7 @@ def upstream_models(url: str, down: str) -> dict:
         "up-down": m("x", base_url=down + "/v1", connect_timeout_s=2.0),
         "up-nokey": m("fake:chat", api_key_env="NEUROHTTP_TEST_UNSET_KEY"),
         "up-cached": m("fake:chat", cache_ttl_s=60),
+        "up-nousage": m("fake:chat;usage=0"),
     }
 
 
@@ -111,6 +112,24 @@ def test_usage_chunk_only_when_the_client_asks_with_the_upstreams_counts(srv, cl
     usage = [c.usage for c in chunks if c.usage is not None]
     assert len(usage) == 1 and chunks[-1].choices == []
     assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (5, 5)
+
+
+def test_an_answer_without_usage_is_counted_here_prompt_included(srv, client):
+    """The prompt is counted here only when the upstream's answer does not say
+    (Generation._count): then usage, /stats and the model's figures have the
+    cl100k counts of the messages and of the text."""
+    from neurohttp.ai import tokenizer
+    ask = [{"role": "system", "content": "Be brief."},
+           {"role": "user", "content": f"count me {time.monotonic()}"}]
+    prompt = tokenizer.count_messages(ask)
+    before = srv.stats()["models"]["up-nousage"]
+    r = client.chat.completions.create(model="up-nousage", messages=ask)
+    text = r.choices[0].message.content
+    assert text == "You said: " + ask[1]["content"]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt, tokenizer.count(text))
+    after = srv.stats()["models"]["up-nousage"]
+    assert after["tokens_in"] - before["tokens_in"] == prompt
+    assert after["tokens_out"] - before["tokens_out"] == tokenizer.count(text)
 
 
 def test_fields_the_server_does_not_act_on_reach_the_upstream_unchanged(srv, up, client):

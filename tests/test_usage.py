@@ -28,6 +28,7 @@ from neurohttp.context import (
     Counters,
     UsageEvent,
     UsageSink,
+    usage_event,
 )
 from neurohttp.stats import layout as L
 
@@ -35,6 +36,21 @@ CHAT = "/v1/chat/completions"
 
 
 # ------------------------------------------------------------ in process
+def test_usage_event_made_cheaply_is_the_same_frozen_event():
+    """usage_event() (the pipeline's) gives what UsageEvent() gives: a frozen
+    dataclass instance with every field, compared by identity."""
+    import dataclasses
+    args = ("m", "k", 3, 4, 0.5, 0.25, FINISHED, "stop", None, True, False)
+    ev, ref = usage_event(*args), UsageEvent(*args)
+    assert type(ev) is UsageEvent and dataclasses.is_dataclass(ev)
+    assert dataclasses.astuple(ev) == dataclasses.astuple(ref) and ev.total_tokens == 7
+    assert ev != ref and ev == ev and hash(ev) != hash(ref)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.model = "x"  # type: ignore[misc]
+    assert dataclasses.replace(ev, model="z").model == "z"
+    assert usage_event("m", None, 1, 2, 0.0, None, FAILED).error is None
+
+
 class Recorder:
     """A usage subscriber that keeps what it is told."""
 

@@ -42,7 +42,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from ..context import CANCELLED, FAILED, FINISHED, LENGTH, Services, UsageEvent, plugin_of
+from ..context import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    LENGTH,
+    Services,
+    UsageEvent,
+    plugin_of,
+    usage_event,
+)
 from ..errors import BadInput, error_body, error_response
 from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
@@ -480,7 +489,9 @@ class Generation:
         self.params = params
         self.key = key  # the API key's name (None until [auth] keys exist)
         self.stream = stream
-        self.prompt_tokens = prompt_tokens  # charged by Pipeline.begin
+        # charged by Pipeline.begin; -1: not counted (a provider that reports
+        # usage: _count counts the messages only if it does not say)
+        self.prompt_tokens = prompt_tokens
         # a provider whose Usage is the truth: the prompt is charged at the end (_count)
         self.prompt_deferred: bool = getattr(provider, "reports_usage", False)
         self.filters = filters
@@ -620,16 +631,20 @@ class Generation:
         if isinstance(item, str):  # a str subclass is text, as a plain str
             return self._feed(str(item))
         if isinstance(item, Usage):
-            if type(item.prompt_tokens) is int and item.prompt_tokens >= 0:
-                self.reported_prompt = item.prompt_tokens
-            if type(item.completion_tokens) is int and item.completion_tokens >= 0:
-                self.reported_completion = item.completion_tokens
+            self._usage(item.prompt_tokens, item.completion_tokens)
             return None
         if isinstance(item, ProviderError):
             raise item
         raise BadOutput(f"{self._who()} yielded {type(item).__name__}; "
                         "a provider yields str or the events of neurohttp.ai.providers "
                         "(Delta, Chunk, Finish, Usage, ProviderError)")
+
+    def _usage(self, prompt: Any, completion: Any) -> None:
+        """A provider's Usage (or a chunk's usage object): its counts, if counts."""
+        if type(prompt) is int and prompt >= 0:
+            self.reported_prompt = prompt
+        if type(completion) is int and completion >= 0:
+            self.reported_completion = completion
 
     def _delta(self, d: Delta) -> str | Delta | None:
         content = d.content
@@ -727,7 +742,7 @@ class Generation:
                         tokens is None or (tokens.__class__ is int and tokens >= 0))):
                     u = data.get("usage")
                     if u.__class__ is dict:
-                        self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+                        self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
                     if c is None:
                         return None
                     reason = c.get("finish_reason")
@@ -746,7 +761,7 @@ class Generation:
                     return content
         u = data.get("usage")
         if type(u) is dict:
-            self._item(Usage(u.get("prompt_tokens"), u.get("completion_tokens")))
+            self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
         choices = data.get("choices") or []
         choice = next((c for c in choices if type(c) is dict and c.get("index", 0) == 0), None)
         if choice is None:
@@ -1064,6 +1079,8 @@ class Generation:
                     if t > settle_at:
                         settle_at = t + SETTLE_S
                         self._settle()
+                else:
+                    self.agen = None  # it ended: nothing to close
             finally:
                 await self._aclose()
             if self.rules is not None and not self.done:
@@ -1092,12 +1109,14 @@ class Generation:
             out["refusal"] = "".join(self.refusal)
         return out
 
-    def _count(self) -> None:
+    def _count(self) -> tuple[int, int] | None:
         """Settle the figures (once): the tail of the text counted and charged;
         an upstream's reported counts taken, never below what was charged (the
-        counters only go up), so usage == what was charged, exactly."""
+        counters only go up), so usage == what was charged, exactly. Returns
+        what a provider that reports usage still owes, (prompt, completion)
+        tokens, for _report to charge with its report (one sink call)."""
         if self.counted:
-            return
+            return None
         self.counted = True
         more = 0  # completion tokens still to charge
         if self.reported_completion is not None:
@@ -1110,22 +1129,24 @@ class Generation:
             completion = self.tokens_before + self.other_tokens
         self.completion_tokens = completion
         if self.prompt_deferred:
-            # the prompt is charged now, with the provider's own count if it gave
-            # one, together with the last completion tokens (one charge)
+            # the prompt is charged at the end, with the provider's own count if it
+            # gave one, together with the last completion tokens (one charge)
             if self.reported_prompt is not None:
                 self.prompt_tokens = self.reported_prompt
+            elif self.prompt_tokens < 0:  # left to the provider, which did not count it
+                self.prompt_tokens = tokenizer.count_messages(self.messages)
             self.charged += more
-            self.usage_sink.charge(self.model, self.key, self.prompt_tokens, more)
-            return
+            return self.prompt_tokens, more
         self._charge(more)
         if self.reported_prompt is not None and self.reported_prompt > self.prompt_tokens:
             self.usage_sink.charge(self.model, self.key, self.reported_prompt - self.prompt_tokens)
             self.prompt_tokens = self.reported_prompt
+        return None
 
     def finish(self) -> dict[str, int]:
         """Count the completion and settle finish_reason; returns `usage`.
         Called before the last bytes of a response are sent; reports once."""
-        self._count()
+        owed = self._count()
         if self.finish_reason is None and self.tool_calls:
             self.finish_reason = "tool_calls"
         self.finish_reason = settle_finish(self.finish_reason, self.completion_tokens,
@@ -1136,7 +1157,7 @@ class Generation:
             # a whole answer that ended well is kept (once: finish reports once)
             ticket.keep(Answer(self.text, self.finish_reason, self.message_extras() or None,
                                self.logprobs, self.reported_prompt, self.completion_tokens))
-        self._report(LENGTH if self.finish_reason == "length" else FINISHED)
+        self._report(LENGTH if self.finish_reason == "length" else FINISHED, owed)
         return usage(self.prompt_tokens, self.completion_tokens)
 
     def fail(self, exc: BaseException) -> Failure:
@@ -1144,8 +1165,7 @@ class Generation:
         if self.failure is None:
             self.failure = failure_of(exc, self.model, self.provider_name,
                                       plugin_of(self.provider))
-        self._count()
-        self._report(FAILED)
+        self._report(FAILED, self._count())
         return self.failure
 
     def close(self, cancelled: bool = False) -> None:
@@ -1154,23 +1174,23 @@ class Generation:
         if self.reported:
             return
         if cancelled:
-            self._count()
-            self._report(CANCELLED)
+            self._report(CANCELLED, self._count())
         else:
             self.finish()
 
-    def _report(self, outcome: str) -> None:
+    def _report(self, outcome: str, owed: tuple[int, int] | None = None) -> None:
+        """Report once; `owed`: what _count left to charge with the report."""
         if self.reported:
             return
         self.reported = True
         self.outcome = outcome
         t = monotonic()
         failure = self.failure
-        self.usage_sink.report(UsageEvent(
+        self.usage_sink.report(usage_event(
             self.model, self.key, self.prompt_tokens, self.completion_tokens,
             t - self.started, self.ttft, outcome, self.finish_reason,
             failure.kind if failure is not None else None, self.stream,
-            self.cache is not None and self.cache.status is HIT), self.req, self.started)
+            self.cache is not None and self.cache.status is HIT), self.req, self.started, owed)
 
 
 class _Replay(Generation):
@@ -1208,7 +1228,8 @@ class _Replay(Generation):
 
 
 def _nothing_now(messages: list[dict[str, Any]], params: dict[str, Any]) -> None:
-    """complete_now of a model that caches: its answers take Pipeline.begin."""
+    """complete_now of a model that caches, or that has none: its answers take
+    Pipeline.begin."""
     return None
 
 
@@ -1258,7 +1279,9 @@ class Pipeline:
               messages: list[dict[str, Any]], params: dict[str, Any],
               prompt_tokens: int, key: str | None = None, stream: bool = False) -> Generation:
         """A completion for a model already looked up; charges the prompt tokens
-        (to the request's API key, when it was admitted with one)."""
+        (to the request's API key, when it was admitted with one). A provider
+        that reports usage is charged at the end; its `prompt_tokens` may be -1
+        (not counted: Generation._count counts it if the provider does not)."""
         if key is None and req is not None and req.key is not None:
             key = req.key.name
         if not getattr(provider, "reports_usage", False):  # (else charged when it ends)
@@ -1278,6 +1301,8 @@ class Pipeline:
         """A non-streaming generation of a model that caches: the kept answer
         (a hit), or a generation that keeps its answer if it ends well (a miss)."""
         assert self.cache is not None
+        if prompt_tokens < 0:  # left to the provider: a hit needs it now
+            prompt_tokens = tokenizer.count_messages(messages)
         ck = request_key(name, key, messages, params)
         answer = self.cache.get(ck)
         pname = self.models.provider_name(name)
@@ -1306,9 +1331,9 @@ class Pipeline:
             return None
         complete_now = self._complete_now.get(name)
         if complete_now is None:
-            complete_now = getattr(provider, "complete_now", None)
-            if complete_now is None:
-                return None
+            # looked up once per model; one that has none (an upstream's) answers
+            # "nothing at once" from then on, without the getattr
+            complete_now = getattr(provider, "complete_now", None) or _nothing_now
             self._complete_now[name] = complete_now
         answer = complete_now(messages, params)
         if answer is None:
@@ -1345,7 +1370,7 @@ class Pipeline:
             elif finish is None:
                 finish = "length"
         finish = finish or "stop"
-        return text, UsageEvent(name, key, prompt_tokens, completion, 0.0, 0.0,
+        return text, usage_event(name, key, prompt_tokens, completion, 0.0, 0.0,
                                 LENGTH if finish == "length" else FINISHED, finish)
 
     def max_tokens_error(self, name: str, params: dict[str, Any],

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from time import monotonic
 from typing import Any
 
 from ..upstream import ErrorKind
@@ -107,9 +106,8 @@ class DeploymentFigures:
             tin = p if type(p) is int and p > 0 else 0
             tout = c if type(c) is int and c > 0 else 0
         if meter is not None and self.total in meter.models:  # (not past the block's room)
-            meter.model_request(self.total, started, tin, tout, error=fail is not None)
-            if ttfb is not None:
-                meter.model_request(self.ttfb, monotonic() - ttfb)
+            meter.model_attempt(self.total, self.ttfb, started, ttfb, tin, tout,
+                                fail is not None)
         if fail is not None and sink.named is not None:
             try:
                 sink.named.add(error_key(self.label, _reason_slot(fail.reason)))

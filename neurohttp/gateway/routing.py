@@ -30,6 +30,7 @@ import logging
 import math
 import mmap
 import time
+import types
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -174,6 +175,7 @@ class _Running:
 
 
 EMPTY = object()  # an attempt that ended without any event
+_AsyncGen = types.AsyncGeneratorType
 
 
 async def _first_event(it: AsyncIterator[Any]) -> Any:
@@ -242,6 +244,8 @@ class _Routed:
             item = await it.__anext__()
         except StopAsyncIteration:
             self._end()
+            if it.__class__ is _AsyncGen:  # ended: nothing left for aclose() to close
+                self.it = None
             raise
         except ProviderError as e:
             if counts_against(e):  # cut mid-answer: the deployment's fault

@@ -9,8 +9,8 @@ usage chunk with `choices: []`, then `data: [DONE]`.
 
 from __future__ import annotations
 
-import os
 import time
+from random import getrandbits as _getrandbits
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -122,7 +122,10 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
 
 
 def completion_id() -> str:
-    return "chatcmpl-" + os.urandom(12).hex()
+    # 96 random bits from the random module, not os.urandom: an id is not a
+    # secret, and urandom is a getrandom() system call per answer. The module
+    # reseeds itself in each forked worker (random.py registers at fork).
+    return "chatcmpl-" + _getrandbits(96).to_bytes(12, "little").hex()
 
 
 
@@ -232,13 +235,18 @@ class OpenAIHandlers:
                 return error_response(req, 400, too_many.message, param=too_many.param)
         if len(req.body) > _LONG:  # a long prompt: counted in slices, off the fast path
             return self._long(req, name, provider, messages, params, stream, include_usage)
-        prompt_tokens = tokenizer.count_messages(messages)
-        if not stream:
-            done = pipeline.instant(req, name, provider, messages, params, prompt_tokens)
-            if done is not None:  # the fast path: no Generation, no task
-                text, ev = done
-                return self._answer(name, text, ev.finish_reason or "stop",
-                                    usage(prompt_tokens, ev.completion_tokens))
+        if getattr(provider, "reports_usage", False):
+            # an upstream counts the prompt itself: counted here only if its
+            # answer does not say (Generation._count); nothing comes at once
+            prompt_tokens = -1
+        else:
+            prompt_tokens = tokenizer.count_messages(messages)
+            if not stream:
+                done = pipeline.instant(req, name, provider, messages, params, prompt_tokens)
+                if done is not None:  # the fast path: no Generation, no task
+                    text, ev = done
+                    return self._answer(name, text, ev.finish_reason or "stop",
+                                        usage(prompt_tokens, ev.completion_tokens))
         gen = pipeline.begin(req, name, provider, messages, params, prompt_tokens,
                              stream=stream)
         if stream:
