@@ -196,6 +196,7 @@ class UsageEvent:
     error: str | None = None     # the failure's kind (ai/providers: ProviderError.kind)
     stream: bool = False
     cached: bool = False         # answered from the response cache (ai/cache.py)
+    deployment: str | None = None  # the upstream that answered ("origin model"; gateway models)
 
     @property
     def total_tokens(self) -> int:
@@ -214,7 +215,8 @@ class _Draft:
 def usage_event(model: str, key: str | None, prompt_tokens: int, completion_tokens: int,
                 latency: float, ttft: float | None, outcome: str,
                 finish_reason: str | None = None, error: str | None = None,
-                stream: bool = False, cached: bool = False) -> UsageEvent:
+                stream: bool = False, cached: bool = False,
+                deployment: str | None = None) -> UsageEvent:
     """UsageEvent(...), made cheaply (each generation makes one): the same
     frozen dataclass instance."""
     ev: Any = _Draft()
@@ -229,6 +231,7 @@ def usage_event(model: str, key: str | None, prompt_tokens: int, completion_toke
     ev.error = error
     ev.stream = stream
     ev.cached = cached
+    ev.deployment = deployment
     ev.__class__ = UsageEvent
     return ev
 

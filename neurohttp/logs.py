@@ -142,11 +142,18 @@ class AccessLog:
                     "model": usage.model if usage is not None else None,
                     "tokens": usage.prompt_tokens + usage.completion_tokens
                     if usage is not None else None}
+            if usage is not None:
+                line["prompt_tokens"] = usage.prompt_tokens
+                line["completion_tokens"] = usage.completion_tokens
+                line["deployment"] = usage.deployment
+            else:
+                line["prompt_tokens"] = line["completion_tokens"] = line["deployment"] = None
         else:
             line = {"time": self._prefix + _MILLIS[int((now - sec) * 1000)],
                     "client": None, "method": None, "path": None, "status": status,
                     "bytes": nbytes, "duration": int((_monotonic() - t0) * 1e6) / 1000,
-                    "model": None, "tokens": None}
+                    "model": None, "tokens": None, "prompt_tokens": None,
+                    "completion_tokens": None, "deployment": None}
         # the API key's name (never the key), when the request was admitted with one
         key = getattr(req, "key", None)
         line["key"] = key.name if key is not None else None

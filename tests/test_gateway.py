@@ -236,6 +236,39 @@ def test_an_error_event_inside_one_read_comes_after_the_events_before_it(srv):
     assert events.index(errors[0]) >= len(events) - 2  # the last event (or before [DONE])
 
 
+def test_the_access_log_names_the_deployment_and_the_upstreams_counts(tmp_path, up):
+    """Each proxied request's access line: the public model, the deployment that
+    answered (origin and upstream model, never the key), the upstream's prompt
+    and completion counts; whole and streamed."""
+    path = tmp_path / "access.log"
+    srv = Server(tmp_path / "srv", workers=1, env={"UP_KEY": KEY}, config={
+        "log": {"access_log": str(path)},
+        "models": {"up": {"provider": "openai", "base_url": up.url + "/v1",
+                          "model": "fake:chat", "api_key_env": "UP_KEY"}}})
+    srv.start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="k", max_retries=0, timeout=20)
+        c.chat.completions.create(model="up", messages=ASK)
+        list(c.chat.completions.create(model="up", messages=ASK, stream=True))
+
+        def lines():
+            if not path.exists():
+                return None
+            got = [json.loads(x) for x in path.read_text().splitlines()]
+            got = [x for x in got if x["path"] == "/v1/chat/completions"]
+            return got if len(got) >= 2 else None
+        whole, stream = wait_for(lines, 10, what="two access lines")[:2]
+    finally:
+        srv.stop()
+    origin = up.url.rstrip("/")
+    for x in (whole, stream):
+        assert x["model"] == "up" and x["deployment"] == f"{origin} fake:chat"
+        assert KEY not in json.dumps(x)
+    assert (whole["prompt_tokens"], whole["completion_tokens"]) == (5, 3)  # the upstream's
+    assert (stream["prompt_tokens"], stream["completion_tokens"]) == (5, 5)
+    assert whole["tokens"] == 8
+
+
 def test_models_lists_the_public_names(srv):
     names = [m["id"] for m in srv.get_json("/v1/models")["data"]]
     assert "up" in names and "up-tools" in names and "echo" in names

@@ -207,10 +207,13 @@ def test_access_log_lines(make_server, tmp_path):
     chat, stream, missing, bad = rest[:4]
     for x in lines:
         assert set(x) == {"time", "client", "method", "path", "status", "bytes", "duration",
-                          "model", "tokens", "key"}
+                          "model", "tokens", "prompt_tokens", "completion_tokens",
+                          "deployment", "key"}
+        assert x["deployment"] is None  # the echo model: no upstream
         assert x["key"] is None  # no [auth]: no key name (tests/test_auth.py has them)
     assert chat["method"] == "POST" and chat["status"] == 200 and chat["client"] == "127.0.0.1"
     assert chat["model"] == "echo" and chat["tokens"] == 2 + 5  # prompt + completion
+    assert (chat["prompt_tokens"], chat["completion_tokens"]) == (2, 5)
     assert chat["bytes"] > 100 and chat["duration"] >= 0 and chat["time"].endswith("Z")
     assert stream["model"] == "echo" and stream["tokens"] == 1 + 5 and stream["bytes"] > 100
     assert missing["status"] == 404 and missing["model"] is None

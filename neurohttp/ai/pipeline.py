@@ -473,7 +473,7 @@ class Generation:
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
                  "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
-                 "cache", "prompt_deferred", "batching")
+                 "cache", "prompt_deferred", "batching", "served_by")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -538,6 +538,7 @@ class Generation:
         # caches (Pipeline.begin); None: no cache, no x-neurohttp-cache header
         self.cache: Ticket | None = None
         self.batching = False  # inside _feed_all: charges add up for one call at its end
+        self.served_by: str | None = None  # the deployment that answered (a gateway model)
 
     def _who(self) -> str:
         """The provider as error messages name it (with its plugin, if a plugin's)."""
@@ -916,6 +917,7 @@ class Generation:
         agen = self.agen
         if agen is not None:
             self.agen = None
+            self.served_by = getattr(agen, "served_by", None)  # (a gateway model's deployment)
             aclose = getattr(agen, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -1079,8 +1081,9 @@ class Generation:
                     if t > settle_at:
                         settle_at = t + SETTLE_S
                         self._settle()
-                else:
-                    self.agen = None  # it ended: nothing to close
+                else:  # it ended: nothing to close
+                    self.served_by = getattr(agen, "served_by", None)
+                    self.agen = None
             finally:
                 await self._aclose()
             if self.rules is not None and not self.done:
@@ -1190,7 +1193,8 @@ class Generation:
             self.model, self.key, self.prompt_tokens, self.completion_tokens,
             t - self.started, self.ttft, outcome, self.finish_reason,
             failure.kind if failure is not None else None, self.stream,
-            self.cache is not None and self.cache.status is HIT), self.req, self.started, owed)
+            self.cache is not None and self.cache.status is HIT, self.served_by),
+            self.req, self.started, owed)
 
 
 class _Replay(Generation):

@@ -39,7 +39,8 @@ class DeploymentState:
     stats slot (its words of each column)."""
 
     __slots__ = ("table", "w", "index", "b", "slot", "failures", "cooldown_us", "lease_us",
-                 "c_out", "c_req", "c_err", "c_retry", "c_hedge", "o_state", "o_fails", "o_ra")
+                 "c_out", "c_req", "c_err", "c_retry", "c_hedge", "o_state", "o_fails", "o_ra",
+                 "name")
 
     def __init__(self, table: D.DeploymentTable, index: int, slot: int,
                  breaker_failures: int, breaker_cooldown_s: float, probe_lease_s: float) -> None:
@@ -48,6 +49,7 @@ class DeploymentState:
         self.index = index
         self.b = table.base(index)
         self.slot = slot
+        self.name: str | None = None  # what the access log calls it (ModelRoute sets it)
         self.failures = breaker_failures
         self.cooldown_us = int(breaker_cooldown_s * 1e6)
         self.lease_us = int(max(probe_lease_s, breaker_cooldown_s) * 1e6)

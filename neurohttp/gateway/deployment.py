@@ -23,6 +23,7 @@ class Deployment:
     upstream    the upstream's own model name (what the body's "model" becomes)
     origin      "scheme://host:port" (what logs and /stats name it by)
     label       "<model>#<index>" , with `origin` its name in /stats
+    log_name    "<origin> <upstream>": the access log's `deployment`
     identity    the fingerprint of its table (shared/deployments.py): what its
                 router record, figure pair and error counters are found by, so
                 they follow it when a reload moves it in the list (set by the provider)
@@ -34,7 +35,7 @@ class Deployment:
 
     __slots__ = ("model", "index", "upstream", "origin", "label", "weight", "table", "key_env",
                  "headers", "target", "timeouts", "limits", "ca_file", "_key", "_client",
-                 "_pool", "figures", "identity")
+                 "_pool", "figures", "identity", "log_name")
 
     def __init__(self, model: str, index: int, table: dict[str, Any],
                  client: UpstreamClient, environ: Any = None) -> None:
@@ -46,6 +47,7 @@ class Deployment:
         origin, prefix = split_url(table["base_url"])
         self.origin = str(origin)
         self.label = f"{model}#{index}"
+        self.log_name = f"{self.origin} {self.upstream}"
         self.identity = 0
         self.weight: int = table["weight"]
         # "/v1" -> "/v1/chat/completions" (a trailing slash or not)

@@ -125,6 +125,8 @@ class ModelRoute:
         self.hedge_s = float(_opt(table, "hedge_after_ms")) / 1000.0
         self.budget = budget
         self.names = [str(i) for i in range(len(tables))]
+        for s, d in zip(states, self.deployments, strict=False):
+            s.name = getattr(d, "log_name", None)
 
     def pick(self, tried: set[int], now: int, others_only: bool = False) -> int:
         """The deployment for the next attempt, or -1. A deployment whose
@@ -258,6 +260,12 @@ class _Routed:
         if isinstance(item, ProviderError) and counts_against(item):
             self.state.failure(_mono_ns() // 1000)  # type: ignore[union-attr]
         return item
+
+    @property
+    def served_by(self) -> str | None:
+        """The deployment whose answer this is (its log name), once one began."""
+        state = self.state
+        return state.name if state is not None else None
 
     def _end(self) -> None:
         if not self.ended:
