@@ -162,3 +162,30 @@ def test_reasoning_annotations_and_fingerprint_round_trip_streamed(srv, client):
     assert {c.service_tier for c in chunks if c.service_tier} == {"default"}
     assert {c.model for c in chunks} == {"up-rich"}
 
+
+
+def test_n_above_1_is_refused_while_a_plugin_filters_tokens(tmp_path, up):
+    """A token filter sees one text: choices 1..n-1 would pass it unfiltered."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "shout.py").write_text(
+        "def setup(app, options):\n"
+        "    app.on_token(lambda request, token: token.upper())\n")
+    s = Server(tmp_path / "srv", workers=1, config={
+        "plugins": {"paths": [str(plugins)], "enabled": ["shout"]},
+        "models": {"up-n": {"provider": "openai", "base_url": up.url + "/v1",
+                            "model": "fake:chat;echo=0", "api_key_env": "UP_KEY"}}},
+        env={"UP_KEY": "sk-fields-key"})
+    s.start()
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0, timeout=20)
+        sent = up.state()["requests"]
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="up-n", messages=ASK, n=2, stream=stream)
+            assert e.value.param == "n" and "on_token" in e.value.message
+        assert up.state()["requests"] == sent  # nothing went upstream
+        r = client.chat.completions.create(model="up-n", messages=ASK)
+        assert r.choices[0].message.content == "YOU SAID: HELLO"
+    finally:
+        s.stop()
