@@ -38,8 +38,8 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 pieces (one chunk each, flushed); `pings=1` adds ": ping" lines.
                 With "n": N, each event is sent for every choice (index i,
                 its words ending "#i" for i > 0); the usage covers them all.
-                `rich=1`: a reasoning_content delta first, annotations on the
-                last content delta, system_fingerprint and service_tier on
+                `rich=1`: a reasoning_content delta first (each choice),
+                annotations on choice 0's last content delta, system_fingerprint and service_tier on
                 every chunk.
     tools       a tool call (get_weather) as message.tool_calls, or streamed as
                 tool-call deltas (arguments in 3 pieces) when the body streams.
@@ -344,8 +344,9 @@ async def answer_stream(c: Conn, req: Request, opts: dict[str, str], tools: bool
                                                      "finish_reason": None}]})
                            for i in range(n)]
     if rich:
-        events.append(sse({**base, "choices": [{"index": 0, "delta": {
-            "reasoning_content": RICH["reasoning_content"]}, "finish_reason": None}]}))
+        events += [sse({**base, "choices": [{"index": i, "delta": {
+            "reasoning_content": RICH["reasoning_content"]}, "finish_reason": None}]})
+                   for i in range(n)]
     if tools:
         args = ['{"city', '": "Par', 'is"}']
         events.append(sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [

@@ -122,7 +122,8 @@ def test_an_n_2_answer_is_cached_with_every_choice(srv, up, client):
 
 
 # ------------------------------------------------------------ fields kept
-def test_reasoning_annotations_logprobs_and_fingerprint_round_trip_whole(srv, client):
+def test_reasoning_annotations_logprobs_and_fingerprint_round_trip_whole_and_streamed(
+        srv, client):
     r = client.chat.completions.create(model="up-rich", messages=ASK)
     msg = r.choices[0].message
     assert msg.content == "You said: hello"
@@ -148,8 +149,8 @@ def test_reasoning_annotations_logprobs_and_fingerprint_round_trip_whole(srv, cl
     assert doc["choices"][1]["message"]["annotations"] == RICH["annotations"]
     assert doc["choices"][1]["logprobs"] == RICH["logprobs"]
 
-
-def test_reasoning_annotations_and_fingerprint_round_trip_streamed(srv, client):
+    # streamed: the same fields, as streams already kept them, and with n=2
+    # each choice's reasoning
     chunks = list(client.chat.completions.create(model="up-rich", messages=ASK, stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == \
@@ -161,7 +162,12 @@ def test_reasoning_annotations_and_fingerprint_round_trip_streamed(srv, client):
     assert {c.system_fingerprint for c in chunks if c.system_fingerprint} == {"fp_fake_rich"}
     assert {c.service_tier for c in chunks if c.service_tier} == {"default"}
     assert {c.model for c in chunks} == {"up-rich"}
-
+    chunks = list(client.chat.completions.create(model="up-rich", messages=ASK, stream=True,
+                                                 n=2))
+    reasoning = {ch.index: getattr(ch.delta, "reasoning_content", None)
+                 for c in chunks for ch in c.choices
+                 if getattr(ch.delta, "reasoning_content", None)}
+    assert reasoning == {0: RICH["reasoning_content"], 1: RICH["reasoning_content"]}
 
 
 def test_n_above_1_is_refused_while_a_plugin_filters_tokens(tmp_path, up):
