@@ -17,7 +17,7 @@ import pytest
 from fake_upstream import RICH, FakeUpstream
 from server import Server
 
-ASK = [{"role": "user", "content": "hello"}]
+ASK: Any = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_reasoning_annotations_logprobs_and_fingerprint_round_trip_whole_and_str
     r = client.chat.completions.create(model="up-rich", messages=ASK)
     msg = r.choices[0].message
     assert msg.content == "You said: hello"
-    assert msg.reasoning_content == RICH["reasoning_content"]  # type: ignore[attr-defined]
+    assert msg.reasoning_content == RICH["reasoning_content"]
     assert [a.url_citation.url for a in msg.annotations] == ["https://example.com/a"]
     assert r.choices[0].logprobs.content[0].token == "You"
     assert r.system_fingerprint == "fp_fake_rich" and r.service_tier == "default"

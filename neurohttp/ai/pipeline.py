@@ -90,7 +90,6 @@ _PLAIN_TOP = frozenset({"id", "object", "created", "model", "choices", "usage"})
 _PLAIN_DELTA = frozenset({"role", "content"})
 
 
-
 def _says(choice: dict[str, Any]) -> bool:
     """Whether a streamed choice (n > 1) carries a piece of the answer: a delta
     with more than its role (an upstream's role and finish chunks are not)."""

@@ -36,7 +36,8 @@ whole answer (an upstream asked without streaming), used instead of
 `Usage` is the truth: the prompt is then charged once, with the reported
 count (the server's estimate when none comes), when the generation ends;
 `supports_n = True` when it answers OpenAI's `n` > 1 itself (the choices
-other than 0 in `Delta.choices`, their tokens in its `Usage`): without it,
+other than 0 in `Delta.choices`, their tokens in its `Usage`; the server's
+stop cutter and max_tokens guard see choice 0 only): without it,
 /v1/chat/completions refuses `n` > 1 with a 400 naming `n`.
 """
 
