@@ -327,8 +327,8 @@ def _plain_answer(doc: Any) -> Chunk | None:
     counted = type(u) is dict and type(u.get("completion_tokens")) is int
     data = {"choices": [{"delta": {"content": content}, "finish_reason": c0.get("finish_reason")}],
             "usage": u if type(u) is dict else None}
-    top = _top_fields(doc)
-    if msg.keys() <= _MESSAGE_OWN and top is None:
+    if msg.keys() <= _MESSAGE_OWN and doc.keys() <= _TOP_OWN:  # nothing else to keep
         return Chunk(data, 0 if counted else None)
     return Completion(data, 0 if counted else None,
-                      {k: v for k, v in msg.items() if k not in _MESSAGE_OWN} or None, top)
+                      {k: v for k, v in msg.items() if k not in _MESSAGE_OWN} or None,
+                      _top_fields(doc))

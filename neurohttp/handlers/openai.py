@@ -295,10 +295,7 @@ class OpenAIHandlers:
     def _answer(self, model: str, text: str, finish: str, usage: dict[str, int],
                 gen: Generation | None = None) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
-        doc = {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
-               "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
-        headers = None
+        logprobs = headers = more = top = None
         if gen is not None:
             if gen.cache is not None:  # a model that caches: hit or miss
                 headers = {CACHE_HEADER: gen.cache.status}
@@ -309,11 +306,16 @@ class OpenAIHandlers:
                     message.get("tool_calls") or message.get("function_call")
                     or message.get("audio")):
                 message["content"] = None  # OpenAI's shape for an answer that is not text
-            choices[0]["logprobs"] = gen.logprobs
-            if gen.choices:  # n > 1: the upstream's other choices, as they came
-                choices.extend(gen.choices)
-            if gen.top:
-                _upstream_fields(doc, gen.top)
+            logprobs = gen.logprobs
+            more = gen.choices  # n > 1: the upstream's other choices, as they came
+            top = gen.top
+        choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]
+        if more:
+            choices += more
+        doc = {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
+               "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
+        if top:
+            _upstream_fields(doc, top)
         return Response(orjson.dumps(doc), 200, headers, "application/json")
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
