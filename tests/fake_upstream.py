@@ -25,7 +25,12 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 " + the last user message); `usage=0`: no usage object. The
                 answer carries a "fake" object
                 echoing what was received: method, path, model, authorization,
-                headers (lower-case names), body (the parsed JSON).
+                headers (lower-case names), body (the parsed JSON); `echo=0`
+                leaves it out. With "n": N in the body, N choices: choice i > 0
+                says the text + " #i". `rich=1` adds what reasoning models and
+                OpenAI send beside the text: message.reasoning_content,
+                message.annotations, the choice's logprobs, top-level
+                system_fingerprint and service_tier (see RICH).
     stream      SSE chat.completion.chunk events: a role delta, `count` content
                 deltas (default 5: "tok0 ", "tok1 ", ...; or the words of
                 `content`), `delay_ms` apart (default 0), a finish chunk, a
@@ -34,6 +39,11 @@ default set by set_behaviour (initially "chat"). Syntax: MODE;key=value;...
                 pieces (one chunk each, flushed); `pings=1` adds ": ping" lines;
                 `burst=1` writes the whole stream as one chunk (one read);
                 `error_at=N` sends an error event in place of event N and ends.
+                With "n": N, each event is sent for every choice (index i,
+                its words ending "#i" for i > 0); the usage covers them all.
+                `rich=1`: a reasoning_content delta first (each choice),
+                annotations on choice 0's last content delta, system_fingerprint and service_tier on
+                every chunk.
     tools       a tool call (get_weather) as message.tool_calls, or streamed as
                 tool-call deltas (arguments in 3 pieces) when the body streams.
     status      an OpenAI error: `code` (default 500), `retry_after` seconds.
@@ -260,9 +270,29 @@ def echo(req: Request) -> dict[str, Any]:
             "body": req.json}
 
 
-def completion_base(req: Request) -> dict[str, Any]:
+def completion_base(req: Request, opts: dict[str, str] | None = None) -> dict[str, Any]:
     model = req.json.get("model", "fake") if isinstance(req.json, dict) else "fake"
-    return {"id": "chatcmpl-fake", "created": int(time.time()), "model": model}
+    base = {"id": "chatcmpl-fake", "created": int(time.time()), "model": model}
+    if opts is not None and opts.get("rich") == "1":
+        base.update(RICH["top"])
+    return base
+
+
+def choices_asked(req: Request) -> int:
+    n = req.json.get("n") if isinstance(req.json, dict) else None
+    return n if isinstance(n, int) and n > 1 else 1
+
+
+# What rich=1 adds (what reasoning models, OpenAI's search models and
+# logprobs add to an answer).
+RICH: dict[str, Any] = {
+    "top": {"system_fingerprint": "fp_fake_rich", "service_tier": "default"},
+    "reasoning_content": "Let me think about it.",
+    "annotations": [{"type": "url_citation", "url_citation": {
+        "url": "https://example.com/a", "title": "A", "start_index": 0, "end_index": 3}}],
+    "logprobs": {"content": [{"token": "You", "logprob": -0.25, "bytes": [89, 111, 117],
+                              "top_logprobs": []}], "refusal": None},
+}
 
 
 async def answer_chat(c: Conn, req: Request, opts: dict[str, str], tools: bool = False) -> None:
@@ -270,17 +300,29 @@ async def answer_chat(c: Conn, req: Request, opts: dict[str, str], tools: bool =
     if isinstance(req.json, dict) and req.json.get("stream"):
         await answer_stream(c, req, opts, tools=tools)
         return
-    msg: dict[str, Any] = {"role": "assistant", "content": None if tools else text}
-    finish = "stop"
-    if tools:
-        msg["tool_calls"] = [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
-        finish = "tool_calls"
-    doc = {**completion_base(req), "object": "chat.completion",
-           "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
-           "usage": {"prompt_tokens": 5, "completion_tokens": len(text.split()),
-                     "total_tokens": 5 + len(text.split())},
-           "fake": echo(req)}
+    rich = opts.get("rich") == "1"
+    choices = []
+    words = 0
+    for i in range(choices_asked(req)):
+        said = text if i == 0 else f"{text} #{i}"
+        msg: dict[str, Any] = {"role": "assistant", "content": None if tools else said}
+        finish = "stop"
+        if tools:
+            msg["tool_calls"] = [{"id": "call_1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+            finish = "tool_calls"
+        choice: dict[str, Any] = {"index": i, "message": msg, "finish_reason": finish}
+        if rich:
+            msg["reasoning_content"] = RICH["reasoning_content"]
+            msg["annotations"] = RICH["annotations"]
+            choice["logprobs"] = RICH["logprobs"]
+        choices.append(choice)
+        words += len(said.split())
+    doc = {**completion_base(req, opts), "object": "chat.completion", "choices": choices,
+           "usage": {"prompt_tokens": 5, "completion_tokens": words,
+                     "total_tokens": 5 + words}}
+    if opts.get("echo") != "0":
+        doc["fake"] = echo(req)
     if opts.get("usage") == "0":  # an upstream that reports no usage
         del doc["usage"]
     await c.respond(200, json.dumps(doc).encode())
@@ -292,7 +334,9 @@ def sse(obj: Any) -> bytes:
 
 async def answer_stream(c: Conn, req: Request, opts: dict[str, str], tools: bool = False,
                         cut_after: int = -1) -> None:
-    base = {**completion_base(req), "object": "chat.completion.chunk"}
+    base = {**completion_base(req, opts), "object": "chat.completion.chunk"}
+    rich = opts.get("rich") == "1"
+    n = choices_asked(req)
     count = int(opts.get("count", "5"))
     delay = float(opts.get("delay_ms", "0")) / 1000
     fragment = int(opts.get("fragment", "0"))
@@ -301,8 +345,13 @@ async def answer_stream(c: Conn, req: Request, opts: dict[str, str], tools: bool
         words = [w + " " for w in opts["content"].split()]
     else:
         words = [f"tok{i} " for i in range(count)]
-    events: list[bytes] = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant"},
-                                                     "finish_reason": None}]})]
+    events: list[bytes] = [sse({**base, "choices": [{"index": i, "delta": {"role": "assistant"},
+                                                     "finish_reason": None}]})
+                           for i in range(n)]
+    if rich:
+        events += [sse({**base, "choices": [{"index": i, "delta": {
+            "reasoning_content": RICH["reasoning_content"]}, "finish_reason": None}]})
+                   for i in range(n)]
     if tools:
         args = ['{"city', '": "Par', 'is"}']
         events.append(sse({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
@@ -313,15 +362,22 @@ async def answer_stream(c: Conn, req: Request, opts: dict[str, str], tools: bool
                 {"index": 0, "function": {"arguments": a}}]}, "finish_reason": None}]}))
         finish = "tool_calls"
     else:
-        for w in words:
-            events.append(sse({**base, "choices": [{"index": 0, "delta": {"content": w},
-                                                    "finish_reason": None}]}))
+        for k, w in enumerate(words):
+            for i in range(n):
+                delta: dict[str, Any] = {"content": w if i == 0 else f"{w.strip()}#{i} "}
+                if rich and i == 0 and k == len(words) - 1:
+                    delta["annotations"] = RICH["annotations"]
+                events.append(sse({**base, "choices": [{"index": i, "delta": delta,
+                                                        "finish_reason": None}]}))
         finish = "stop"
-    events.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
+    for i in range(n):
+        events.append(sse({**base, "choices": [{"index": i, "delta": {},
+                                                "finish_reason": finish}]}))
     so = req.json.get("stream_options") if isinstance(req.json, dict) else None
     if isinstance(so, dict) and so.get("include_usage"):
         events.append(sse({**base, "choices": [], "usage": {
-            "prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}}))
+            "prompt_tokens": 5, "completion_tokens": n * len(words),
+            "total_tokens": 5 + n * len(words)}}))
     events.append(sse(b"[DONE]"))
     c.watch_eof()
     await c.start_chunked()

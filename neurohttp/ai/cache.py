@@ -61,25 +61,32 @@ def deterministic(params: dict[str, Any]) -> bool:
 
 class Answer:
     """A whole answer as the cache keeps it: what the handlers frame (text,
-    finish_reason, tool_calls/refusal, logprobs) and its completion tokens; the
+    finish_reason, tool_calls/refusal, logprobs; the upstream's other message
+    fields, top-level fields and choices 1..n-1 as they came: an n > 1 answer
+    is kept whole) and its completion tokens (of every choice); the
     prompt tokens only when the provider reported them (else each request's
     own count is used, which depends on the API it came through)."""
 
     __slots__ = ("text", "finish_reason", "extras", "logprobs", "prompt_tokens",
-                 "completion_tokens", "size")
+                 "completion_tokens", "fields", "top", "choices", "size")
 
     def __init__(self, text: str, finish_reason: str, extras: dict[str, Any] | None,
-                 logprobs: dict[str, list[Any]] | None, prompt_tokens: int | None,
-                 completion_tokens: int) -> None:
+                 logprobs: dict[str, Any] | None, prompt_tokens: int | None,
+                 completion_tokens: int, fields: dict[str, Any] | None = None,
+                 top: dict[str, Any] | None = None,
+                 choices: list[dict[str, Any]] | None = None) -> None:
         self.text = text
         self.finish_reason = finish_reason
         self.extras = extras
         self.logprobs = logprobs
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
+        self.fields = fields
+        self.top = top
+        self.choices = choices
         size = len(text.encode()) if not text.isascii() else len(text)
-        if extras or logprobs:
-            size += len(orjson.dumps([extras, logprobs]))
+        if extras or logprobs or fields or top or choices:
+            size += len(orjson.dumps([extras, logprobs, fields, top, choices]))
         self.size = size + KEY_BYTES
 
 

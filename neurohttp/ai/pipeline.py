@@ -57,7 +57,17 @@ from ..messages import Request, Response, StreamingResponse
 from . import tokenizer
 from .cache import HIT, MISS, Answer, ResponseCache, Ticket, deterministic, figures, request_key
 from .models import UnknownModel
-from .providers import STATUS, Batch, Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
+from .providers import (
+    STATUS,
+    Batch,
+    Chunk,
+    Completion,
+    Delta,
+    Finish,
+    ProviderError,
+    ToolCallDelta,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from ..context import UsageSink
@@ -88,6 +98,14 @@ _KEPT = frozenset({"stop", "length", "tool_calls"})
 # id, object, created and model replace the upstream's.
 _PLAIN_TOP = frozenset({"id", "object", "created", "model", "choices", "usage"})
 _PLAIN_DELTA = frozenset({"role", "content"})
+
+
+def _says(choice: dict[str, Any]) -> bool:
+    """Whether a streamed choice (n > 1) carries a piece of the answer: a delta
+    with more than its role (an upstream's role and finish chunks are not)."""
+    delta = choice.get("delta")
+    return type(delta) is dict and any(v for k, v in delta.items() if k != "role")
+
 
 # The last event of a stream the server ends at its shutdown deadline.
 SHUTDOWN_ERROR = error_body(503, "the server is shutting down; the stream was cut short",
@@ -473,7 +491,8 @@ class Generation:
                  "other_tokens", "charged", "reported_prompt", "reported_completion",
                  "streaming", "started", "ttft", "done", "failure", "counted", "reported", "outcome",
                  "tool_calls", "refusal", "logprobs", "stream", "agen", "first", "exhausted", "probed",
-                 "cache", "prompt_deferred", "batching", "served_by")
+                 "cache", "prompt_deferred", "batching", "served_by", "fields", "top",
+                 "choices")
 
     def __init__(self, usage_sink: UsageSink, req: Request | None, model: str, provider: Any,
                  messages: list[dict[str, Any]], params: dict[str, Any], prompt_tokens: int,
@@ -528,7 +547,12 @@ class Generation:
         # a whole answer's structured parts (None until a Delta brings one)
         self.tool_calls: dict[int, _ToolCall] | None = None
         self.refusal: list[str] | None = None
-        self.logprobs: dict[str, list[Any]] | None = None
+        self.logprobs: dict[str, Any] | None = None
+        # ... and the upstream's fields kept as they came (_keep_fields): the
+        # message's other fields, the answer's top-level fields, choices 1..n-1
+        self.fields: dict[str, Any] | None = None
+        self.top: dict[str, Any] | None = None
+        self.choices: list[dict[str, Any]] | None = None
         # prime(): the provider's iterator, opened, and its first output
         self.agen: AsyncIterator[Any] | None = None
         self.first: str | Delta | list[str | Delta] | None = None  # (a list: from a Batch)
@@ -625,6 +649,8 @@ class Generation:
         if isinstance(item, Delta):
             return self._delta(item)
         if isinstance(item, Chunk):
+            if isinstance(item, Completion) and not self.streaming:
+                self._keep_fields(item.message, item.top, None)
             return self._chunk(item.data, item.tokens)
         if isinstance(item, Finish):
             self.finish_reason = item.reason
@@ -691,15 +717,18 @@ class Generation:
             self._keep(d)
         if content is d.content:
             return d if (content or d.tool_calls or d.refusal is not None or d.logprobs
-                         or d.extra or d.chunk) else None
+                         or d.extra or d.chunk or d.choices) else None
         # the rules changed the text: send what they let through
-        if not content and not (d.tool_calls or d.refusal is not None or d.logprobs or d.extra):
+        if not content and not (d.tool_calls or d.refusal is not None or d.logprobs or d.extra
+                                or d.choices):
             return None
         return Delta(content or None, d.tool_calls, d.refusal, d.logprobs, d.extra, d.chunk,
-                     d.tokens)
+                     d.tokens, d.choices)
 
     def _keep(self, d: Delta) -> None:
-        """A whole answer's tool calls, refusal and logprobs."""
+        """A whole answer's tool calls, refusal, logprobs and other fields."""
+        if d.extra or d.chunk or d.choices:
+            self._keep_fields(d.extra, d.chunk, d.choices)
         if d.tool_calls:
             calls = self.tool_calls
             if calls is None:
@@ -716,9 +745,40 @@ class Generation:
         if d.logprobs:
             if self.logprobs is None:
                 self.logprobs = {}
+            lp = self.logprobs
             for k, v in d.logprobs.items():
-                if type(v) is list:
-                    self.logprobs.setdefault(k, []).extend(v)
+                if type(v) is list:  # the token lists are joined piece by piece
+                    old = lp.get(k)
+                    if type(old) is list:
+                        old.extend(v)
+                    else:
+                        lp[k] = list(v)
+                elif k not in lp:  # the rest as it first came ("refusal": null)
+                    lp[k] = v
+
+    def _keep_fields(self, message: dict[str, Any] | None, top: dict[str, Any] | None,
+                     choices: list[dict[str, Any]] | None) -> None:
+        """A whole answer's other fields, as the upstream sent them: message
+        fields (text ones joined when they come in pieces, as a streamed
+        `reasoning_content` does), top-level fields (the last one wins) and
+        choices 1..n-1."""
+        if message:
+            fields = self.fields
+            if fields is None:
+                self.fields = dict(message)
+            else:
+                for k, v in message.items():
+                    old = fields.get(k)
+                    fields[k] = old + v if type(old) is str and type(v) is str else v
+        if top:
+            if self.top is None:
+                self.top = dict(top)
+            else:
+                self.top.update(top)
+        if choices:
+            if self.choices is None:
+                self.choices = []
+            self.choices.extend(choices)
 
     def _chunk(self, data: Any, tokens: int | None = None) -> str | Delta | None:
         """A whole OpenAI chunk: choice 0's delta (every field kept), its finish
@@ -763,18 +823,33 @@ class Generation:
         u = data.get("usage")
         if type(u) is dict:
             self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
-        choices = data.get("choices") or []
-        choice = next((c for c in choices if type(c) is dict and c.get("index", 0) == 0), None)
-        if choice is None:
+        # choice 0 goes through the pipeline; the others (n > 1) are forwarded
+        # as they came
+        choice = None
+        others: list[dict[str, Any]] | None = None
+        for c in data.get("choices") or ():
+            if type(c) is not dict:
+                continue
+            if choice is None and c.get("index", 0) == 0:
+                choice = c
+            elif others is None:
+                others = [c]
+            else:
+                others.append(c)
+        if choice is None and others is None:
             return None
+        top = {k: v for k, v in data.items()
+               if k not in ("id", "object", "created", "model", "choices", "usage")} or None
+        if choice is None:
+            if tokens and not any(_says(c) for c in others):  # type: ignore[union-attr]
+                tokens = 0  # a role or finish chunk is no token (as choice 0's are not)
+            return self._delta(Delta(None, None, None, None, None, top, tokens, others))
         delta = choice.get("delta") or {}
         if type(delta) is not dict:
             raise BadOutput(f"{self._who()} yielded a Chunk whose delta is "
                             f"{type(delta).__name__}")
         extra = {k: v for k, v in delta.items()
                  if k not in ("role", "content", "tool_calls", "refusal")} or None
-        top = {k: v for k, v in data.items()
-               if k not in ("id", "object", "created", "model", "choices", "usage")} or None
         try:
             calls = [ToolCallDelta.from_dict(t) for t in delta.get("tool_calls") or ()] or None
         except ValueError as e:
@@ -783,10 +858,14 @@ class Generation:
         out = None
         content = delta.get("content")
         refusal = delta.get("refusal")
-        if (content or calls or refusal is not None or choice.get("logprobs") or extra):
+        if (content or calls or refusal is not None or choice.get("logprobs") or extra
+                or others):
+            if tokens and not (content or calls or refusal or extra) and others \
+                    and not any(_says(c) for c in others):
+                tokens = 0
             out = self._delta(Delta(content if type(content) is str else None, calls,
                                     refusal if type(refusal) is str else None,
-                                    choice.get("logprobs") or None, extra, top, tokens))
+                                    choice.get("logprobs") or None, extra, top, tokens, others))
         reason = choice.get("finish_reason")
         if type(reason) is str:
             self.finish_reason = reason
@@ -1159,7 +1238,8 @@ class Generation:
                 and self.finish_reason in _KEPT:
             # a whole answer that ended well is kept (once: finish reports once)
             ticket.keep(Answer(self.text, self.finish_reason, self.message_extras() or None,
-                               self.logprobs, self.reported_prompt, self.completion_tokens))
+                               self.logprobs, self.reported_prompt, self.completion_tokens,
+                               self.fields, self.top, self.choices))
         self._report(LENGTH if self.finish_reason == "length" else FINISHED, owed)
         return usage(self.prompt_tokens, self.completion_tokens)
 
@@ -1218,6 +1298,9 @@ class _Replay(Generation):
         self.reported_completion = answer.completion_tokens
         self.finish_reason = answer.finish_reason
         self.logprobs = answer.logprobs
+        self.fields = answer.fields
+        self.top = answer.top
+        self.choices = answer.choices
         self.ttft = 0.0
 
     def run_now(self) -> bool:

@@ -22,7 +22,12 @@ no usage has its text counted with cl100k instead.
 
 Whole answer (`complete`, used when the client does not stream): one
 non-streaming upstream request; its message becomes one Delta (content, tool
-calls, refusal, logprobs), then its Usage and Finish.
+calls, refusal, logprobs, and every other message field, top-level field and
+choice 1..n-1 as the upstream sent them), then its Usage and Finish; a
+text-only answer one Chunk (or a Completion, with the fields to keep).
+
+`n` > 1 (`supports_n`): passed on like any field; choices 1..n-1 travel in
+`Delta.choices` (the pipeline takes choice 0 only), forwarded as they came.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.providers import Batch, Chunk, Delta, Finish, ToolCallDelta, Usage
+from ..ai.providers import Batch, Chunk, Completion, Delta, Finish, ToolCallDelta, Usage
 from ..shared.deployments import config_fingerprints
 from ..upstream import UpstreamClient, UpstreamError
 from .deployment import Deployment
@@ -54,6 +59,9 @@ class OpenAIProvider:
     # The upstream's usage is the generation's: the prompt is charged at the
     # end with its count, not the server's estimate (ai/pipeline.py).
     reports_usage = True
+    # `n` > 1 reaches the upstream, and every choice it returns reaches the
+    # client (Delta.choices; its usage covers them all)
+    supports_n = True
 
     def __init__(self, name: str, table: dict[str, Any], client: UpstreamClient,
                  figures: Any = None) -> None:
@@ -195,7 +203,7 @@ class OpenAIProvider:
             finally:
                 resp.close()
             for item in _whole_events(dep, doc):
-                if item.__class__ is Usage or item.__class__ is Chunk:
+                if item.__class__ is Usage or isinstance(item, Chunk):  # (or a Completion)
                     usage = doc.get("usage")
                 yield item
         except AttemptError as e:
@@ -240,7 +248,9 @@ def _stream_error(dep: Deployment, err: Any, started: bool) -> AttemptError:
 
 
 def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
-    """A chat.completion as provider events: one Delta, its Usage, its Finish;
+    """A chat.completion as provider events: one Delta (choice 0's text, tool
+    calls, refusal, logprobs; the message's other fields, the answer's
+    top-level fields and choices 1..n-1 as they came), its Usage, its Finish;
     a text-only answer as one Chunk (the pipeline's cheap path, same figures)."""
     plain = _plain_answer(doc)
     if plain is not None:
@@ -254,6 +264,7 @@ def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
     msg = c0.get("message") if type(c0) is dict else None
     if type(msg) is not dict:
         raise bad_event(dep, "the upstream's answer has no choices[0].message", False)
+    assert type(choices) is list and type(c0) is dict
     u = doc.get("usage")
     prompt = u.get("prompt_tokens") if type(u) is dict else None
     completion = u.get("completion_tokens") if type(u) is dict else None
@@ -269,27 +280,54 @@ def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
             raise bad_event(dep, "the upstream's answer has a malformed tool call",
                             False) from None
     refusal = msg.get("refusal")
-    logprobs = c0.get("logprobs") if type(c0) is dict else None
+    logprobs = c0.get("logprobs")
+    # the message's other fields as they came (content too when it is not text)
+    own = _MESSAGE_OWN if calls is None else _MESSAGE_OWN_CALLS
+    fields = {k: v for k, v in msg.items() if k not in own
+              or (k == "content" and v is not None and type(v) is not str)} or None
+    others = [c for c in choices[1:] if type(c) is dict] or None
     out: list[Any] = [Delta(content if type(content) is str else None, calls,
                             refusal if type(refusal) is str else None,
-                            logprobs if type(logprobs) is dict else None,
-                            tokens=0 if counted else None)]
+                            logprobs if type(logprobs) is dict else None, fields,
+                            _top_fields(doc), 0 if counted else None, others)]
+    if others is not None and not counted:  # no usage: the other choices' text counted here
+        out.append(Delta(tokens=sum(_text_tokens(c.get("message")) for c in others)))
     if type(prompt) is int or counted:
         out.append(Usage(prompt if type(prompt) is int else None,
                          completion if counted else None))
-    reason = c0.get("finish_reason") if type(c0) is dict else None
+    reason = c0.get("finish_reason")
     if type(reason) is str:
         out.append(Finish(reason))
     return out
 
 
-# the message fields of a text-only answer (annotations are not kept either way)
-_PLAIN_MESSAGE = frozenset({"role", "content", "refusal", "annotations"})
+# The fields of an answer the server makes itself: the top-level ones (its
+# id, object, created, public model name, choices and usage), and a message's
+# role, text and refusal (with its tool calls when they are read: the pipeline
+# puts them together). Every other field is kept as the upstream sent it.
+_TOP_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_MESSAGE_OWN = frozenset({"role", "content", "refusal"})
+_MESSAGE_OWN_CALLS = _MESSAGE_OWN | {"tool_calls"}
+
+
+def _top_fields(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """An answer's top-level fields the server keeps as they came
+    (system_fingerprint, service_tier, ...)."""
+    if doc.keys() <= _TOP_OWN:
+        return None
+    return {k: v for k, v in doc.items() if k not in _TOP_OWN}
+
+
+def _text_tokens(msg: Any) -> int:
+    """The cl100k tokens of a message's text (an answer without usage)."""
+    content = msg.get("content") if type(msg) is dict else None
+    return tokenizer.count(content) if type(content) is str and content else 0
 
 
 def _plain_answer(doc: Any) -> Chunk | None:
     """A text-only chat.completion (one choice, content a string, no tool calls,
-    refusal or logprobs) as one chunk: its text, usage and finish reason."""
+    refusal or logprobs) as one chunk: its text, usage and finish reason; a
+    Completion when it has other message or top-level fields to keep."""
     if type(doc) is not dict or "error" in doc:
         return None
     choices = doc.get("choices")
@@ -297,14 +335,18 @@ def _plain_answer(doc: Any) -> Chunk | None:
         return None
     c0 = choices[0]
     msg = c0.get("message") if type(c0) is dict else None
-    if type(msg) is not dict or not msg.keys() <= _PLAIN_MESSAGE or c0.get("logprobs") \
-            or msg.get("refusal") is not None:
+    if type(msg) is not dict or c0.get("logprobs") or msg.get("refusal") is not None \
+            or msg.get("tool_calls"):
         return None
     content = msg.get("content")
     if type(content) is not str:
         return None
     u = doc.get("usage")
     counted = type(u) is dict and type(u.get("completion_tokens")) is int
-    return Chunk({"choices": [{"delta": {"content": content},
-                               "finish_reason": c0.get("finish_reason")}],
-                  "usage": u if type(u) is dict else None}, 0 if counted else None)
+    data = {"choices": [{"delta": {"content": content}, "finish_reason": c0.get("finish_reason")}],
+            "usage": u if type(u) is dict else None}
+    if msg.keys() <= _MESSAGE_OWN and doc.keys() <= _TOP_OWN:  # nothing else to keep
+        return Chunk(data, 0 if counted else None)
+    return Completion(data, 0 if counted else None,
+                      {k: v for k, v in msg.items() if k not in _MESSAGE_OWN} or None,
+                      _top_fields(doc))

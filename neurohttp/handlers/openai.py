@@ -90,8 +90,6 @@ def parse_request(body: Any) -> tuple[str, list[dict[str, Any]], dict[str, Any],
     n = params.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise BadInput("'n' must be a positive integer", "n")
-    if n is not None and n > 1:
-        raise BadInput("only n=1 is supported", "n")
     for key, lo, hi in _RANGES:
         v = params.get(key)
         if v is not None and (type(v) not in _NUM or not lo <= v <= hi):
@@ -133,10 +131,35 @@ def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _upstream_fields(obj: dict[str, Any], fields: dict[str, Any]) -> None:
+    """Add an upstream's top-level fields (system_fingerprint, service_tier,
+    ...) to a chunk or an answer: the id, object, created, model, choices and
+    usage stay the server's."""
+    for k, v in fields.items():
+        if k not in obj or k == "system_fingerprint":
+            obj[k] = v
+
+
+def n_refused(name: str, provider: Any, filters: bool) -> BadInput | None:
+    """The 400 for `n` > 1 where it cannot be honoured: a provider that does
+    not give several choices (`supports_n`: the echo model, a plugin's), or
+    plugins' token filters (they see one text: the other choices would pass
+    unfiltered)."""
+    if not getattr(provider, "supports_n", False):
+        return BadInput(f"n > 1 is not supported by the model '{name}': it answers one "
+                        "choice; send n=1", "n")
+    if filters:
+        return BadInput("n > 1 is not supported while plugins filter the answer's tokens "
+                        "(on_token): send n=1", "n")
+    return None
+
+
 class CompletionFrames:
     """A chat completion as OpenAI streams it: one id, the role first, a chunk
     per piece (a Delta's tool calls, refusal, logprobs and other fields as they
-    came), the finish_reason, the usage chunk if asked for, then [DONE]."""
+    came; with n > 1 the other choices' chunks as the upstream sent them, their
+    role and finish_reason included), the finish_reason, the usage chunk if
+    asked for, then [DONE]."""
 
     batch = BATCH
     streaming = True
@@ -169,11 +192,14 @@ class CompletionFrames:
         # the id, object, created and model are the server's
         obj = dict(self.head)
         if d.chunk:
-            for k, v in d.chunk.items():
-                if k not in obj or k == "system_fingerprint":
-                    obj[k] = v
-        obj["choices"] = [{"index": 0, "delta": delta, "logprobs": d.logprobs,
-                           "finish_reason": None}]
+            _upstream_fields(obj, d.chunk)
+        others = d.choices
+        if others is None:
+            obj["choices"] = [{"index": 0, "delta": delta, "logprobs": d.logprobs,
+                               "finish_reason": None}]
+        else:  # n > 1: the other choices' deltas as they came (choice 0 when it has one)
+            obj["choices"] = ([{"index": 0, "delta": delta, "logprobs": d.logprobs,
+                                "finish_reason": None}] if delta or d.logprobs else []) + others
         return _event(obj)
 
     def end(self, gen: Generation) -> bytes:
@@ -227,6 +253,10 @@ class OpenAIHandlers:
         if found.__class__ is Response:
             return found
         name, provider = found  # type: ignore[misc]  # a Response was returned above
+        if params and (params.get("n") or 1) > 1:
+            refused = n_refused(name, provider, bool(pipeline.filters))
+            if refused is not None:
+                return error_response(req, 400, refused.message, param=refused.param)
         if "max_tokens" in params:
             too_many = pipeline.max_tokens_error(
                 name, params, "max_completion_tokens" if body.get("max_completion_tokens")
@@ -273,21 +303,28 @@ class OpenAIHandlers:
     def _answer(self, model: str, text: str, finish: str, usage: dict[str, int],
                 gen: Generation | None = None) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        logprobs = None
-        headers = None
+        logprobs = headers = more = top = None
         if gen is not None:
             if gen.cache is not None:  # a model that caches: hit or miss
                 headers = {CACHE_HEADER: gen.cache.status}
+            if gen.fields:  # the upstream's other message fields, as they came
+                message.update(gen.fields)
             message.update(gen.message_extras())
-            if not text and "tool_calls" in message:
-                message["content"] = None  # OpenAI's shape for a tool-calling answer
+            if not text and message["content"] == "" and (
+                    message.get("tool_calls") or message.get("function_call")
+                    or message.get("audio")):
+                message["content"] = None  # OpenAI's shape for an answer that is not text
             logprobs = gen.logprobs
-        return Response(orjson.dumps({
-            "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                         "finish_reason": finish}],
-            "usage": usage, "system_fingerprint": None}), 200, headers, "application/json")
+            more = gen.choices  # n > 1: the upstream's other choices, as they came
+            top = gen.top
+        choices = [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}]
+        if more:
+            choices += more
+        doc = {"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
+               "model": model, "choices": choices, "usage": usage, "system_fingerprint": None}
+        if top:
+            _upstream_fields(doc, top)
+        return Response(orjson.dumps(doc), 200, headers, "application/json")
 
     async def _collect(self, req: Request, gen: Generation) -> Response:
         await gen.run_to_end()

@@ -6,10 +6,13 @@ iterator (an `async def` generator, or any object with `__anext__`) of:
 - `str` (or a `str` subclass): the next piece of the answer's text;
 - `Delta`: a structured piece of one choice: text, tool-call deltas, a
   refusal, logprobs, other delta fields to forward as they are, and how many
-  completion tokens it is when the provider knows;
+  completion tokens it is when the provider knows; with `n` > 1, the other
+  choices as they came;
 - `Chunk`: a whole OpenAI `chat.completion.chunk` object (a dict), handed
   over as the upstream sent it; the pipeline reads its delta, finish reason
-  and usage, and forwards the rest;
+  and usage, and forwards the rest (its other choices too);
+- `Completion`: a whole answer's text as a `Chunk`, with the answer's other
+  message and top-level fields to keep (a whole answer's cheap path);
 - `Finish(reason)`: why the answer ended ("stop", "length", "tool_calls",
   "content_filter"); without one the server infers it;
 - `Usage(prompt_tokens, completion_tokens)`: the counts an upstream
@@ -33,7 +36,11 @@ whole answer (an upstream asked without streaming), used instead of
 `stream()` then; `applies_stop = True` when the model applies `stop` itself
 (the server does not cut the text again); `reports_usage = True` when its
 `Usage` is the truth: the prompt is then charged once, with the reported
-count (the server's estimate when none comes), when the generation ends.
+count (the server's estimate when none comes), when the generation ends;
+`supports_n = True` when it answers OpenAI's `n` > 1 itself (the choices
+other than 0 in `Delta.choices`, their tokens in its `Usage`; the server's
+stop cutter and max_tokens guard see choice 0 only): without it,
+/v1/chat/completions refuses `n` > 1 with a 400 naming `n`.
 """
 
 from __future__ import annotations
@@ -118,17 +125,24 @@ class Delta:
     this piece (OpenAI's `{"content": [...], "refusal": [...]}`); `extra`:
     other fields of the delta, forwarded as they are (e.g. an upstream's
     `reasoning_content`); `chunk`: fields of the whole chunk to forward with
-    it (`system_fingerprint`, `service_tier`, ...); `tokens`: how many
+    it (`system_fingerprint`, `service_tier`, ...; in a whole answer, its
+    top-level fields); `tokens`: how many
     completion tokens this piece is, when the provider knows (an upstream's
     chunk is at least one: give 1; 0 defers the count to a final `Usage`);
-    None counts its text with cl100k."""
+    None counts its text with cl100k. `choices`: the other choices (index
+    1..n-1, a provider that `supports_n`) as the upstream sent them: chunk
+    choices ({"index", "delta", ...}) in a stream, forwarded as they are;
+    whole choices ({"index", "message", ...}) in a whole answer, kept. Their
+    tokens are the provider's to count (in `tokens` or its `Usage`)."""
 
-    __slots__ = ("content", "tool_calls", "refusal", "logprobs", "extra", "chunk", "tokens")
+    __slots__ = ("content", "tool_calls", "refusal", "logprobs", "extra", "chunk", "tokens",
+                 "choices")
 
     def __init__(self, content: str | None = None, tool_calls: list[ToolCallDelta] | None = None,
                  refusal: str | None = None, logprobs: dict[str, Any] | None = None,
                  extra: dict[str, Any] | None = None, chunk: dict[str, Any] | None = None,
-                 tokens: int | None = None) -> None:
+                 tokens: int | None = None, choices: list[dict[str, Any]] | None = None
+                 ) -> None:
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
@@ -136,6 +150,7 @@ class Delta:
         self.extra = extra
         self.chunk = chunk
         self.tokens = tokens
+        self.choices = choices
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__
@@ -186,6 +201,27 @@ class Batch(list[Any]):
 
     def __repr__(self) -> str:
         return f"Batch({len(self)} items)"
+
+
+class Completion(Chunk):
+    """A whole (non-streamed) answer whose one choice is text: the text,
+    finish reason and usage as a Chunk (`data`, `tokens`), and the answer's
+    other fields to keep beside them, as the upstream sent them: `message`,
+    the message's fields but role, content and refusal (`annotations`,
+    `reasoning_content`, ...); `top`, the top-level fields but id, object,
+    created, model, choices and usage (`system_fingerprint`, ...). One event
+    where a Delta, its Usage and Finish would be three: the common answer's
+    cheap path (gateway/openai_provider.py)."""
+
+    __slots__ = ("message", "top")
+
+    def __init__(self, data: dict[str, Any], tokens: int | None = None,
+                 message: dict[str, Any] | None = None, top: dict[str, Any] | None = None
+                 ) -> None:
+        self.data = data
+        self.tokens = tokens
+        self.message = message
+        self.top = top
 
 
 # A ProviderError's kind -> the HTTP status the client gets (DESIGN.md §4:
