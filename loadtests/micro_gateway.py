@@ -107,7 +107,7 @@ def main() -> None:
     up = FakeUpstream(tmp).start()
     os.environ["MICRO_GW_KEY"] = "sk-bench"
     try:
-        up.set_behaviour("chat;content=Hello there, world")
+        up.set_behaviour("chat;content=Hello there, world;echo=0")  # a real answer: no echo object
         cfg = config.from_dict({"models": {
             "echo": {"provider": "echo"},
             "up": {"provider": "openai", "base_url": up.url + "/v1", "model": "bench",
