@@ -81,7 +81,7 @@ sys.path.insert(0, str(ROOT / "loadtests"))
 
 from bench import SHARED_BENCH  # noqa: E402
 from metrics_cost import children, cpu_seconds  # noqa: E402
-from nginx_server import NGINX, Nginx, chat_stream_body, free_port  # noqa: E402
+from nginx_server import NGINX, Nginx, chat_stream_body, config_head, free_port  # noqa: E402
 from stream_bench import DONE, TOKEN, gather_bounded, pct  # noqa: E402
 from stream_bench import run as run_on_uvloop  # noqa: E402
 
@@ -298,26 +298,8 @@ def nginx_proxy_conf(d: Path, ports: dict[str, int], upstreams: dict[str, int],
       proxy_read_timeout 600s;
     }}
   }}"""
-    return f"""
-worker_processes {workers};
-worker_rlimit_nofile 16384;
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  keepalive_timeout 75s;
-  keepalive_requests 1000000;
-{servers}
-}}
-"""
+    return config_head(d, workers, 8192, main_extra="worker_rlimit_nofile 16384;\n") \
+        + servers + "\n}\n"
 
 
 # ------------------------------------------------------------ one request

@@ -41,6 +41,28 @@ def chat_stream_body(events: int) -> str:
     return "".join(f"data: {c}\\n\\n" for c in chunks) + "data: [DONE]\\n\\n"
 
 
+def config_head(d: Path, workers: int, connections: int, keepalive_timeout: str = "75s",
+                keepalive_requests: int = 1000000, main_extra: str = "") -> str:
+    """An nginx.conf up to the server blocks: foreground, files under `d`, no
+    access log (the caller adds its servers and the closing brace of http)."""
+    return f"""
+worker_processes {workers};
+{main_extra}daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections {connections}; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_timeout {keepalive_timeout};
+  keepalive_requests {keepalive_requests};"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,23 +96,8 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     def _config(self) -> str:
-        d = self.dir
-        return f"""
-worker_processes {self.worker_processes};
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  keepalive_timeout {self.keepalive_timeout};
-  keepalive_requests {self.keepalive_requests};
+        return config_head(self.dir, self.worker_processes, 4096, self.keepalive_timeout,
+                           self.keepalive_requests) + f"""
   server {{
     listen 127.0.0.1:{self.port} reuseport;
     location = /v1/chat/completions {{

@@ -183,25 +183,13 @@ class Meter:
                       tokens_in: int, tokens_out: int, error: bool) -> None:
         """model_request() of `model` and, when `ttfb` (seconds to the first
         event) is not None, one request of `first` with that latency: a
-        gateway deployment's total and time to first byte in one call, one
-        clock read (gateway/figures.py)."""
-        us = int((monotonic() - started) * 1e6)
-        s = self.slot
-        off = self._model_off
-        other = self._other
-        cur = self.cur
-        base = cur + off.get(model, other)
-        s[base + (0 if us < _CB0 else bisect_right(_BOUNDS, us) >> 1)] += 1
-        if tokens_in:
-            s[base + L.MB_TOKENS_IN] += tokens_in
-        if tokens_out:
-            s[base + L.MB_TOKENS_OUT] += tokens_out
-        if error:
-            s[base + L.MB_ERRORS] += 1
+        gateway deployment's total and time to first byte in one call
+        (gateway/figures.py)."""
+        self.model_request(model, started, tokens_in, tokens_out, error)
         if ttfb is not None:
             us = int(ttfb * 1e6)
-            s[cur + off.get(first, other)
-              + (0 if us < _CB0 else bisect_right(_BOUNDS, us) >> 1)] += 1
+            self.slot[self.cur + self._model_off.get(first, self._other)
+                      + (0 if us < _CB0 else bisect_right(_BOUNDS, us) >> 1)] += 1
 
 
 def _words(values: Any) -> memoryview:
