@@ -193,5 +193,12 @@ def test_n_above_1_is_refused_while_a_plugin_filters_tokens(tmp_path, up):
         assert up.state()["requests"] == sent  # nothing went upstream
         r = client.chat.completions.create(model="up-n", messages=ASK)
         assert r.choices[0].message.content == "YOU SAID: HELLO"
+        # streamed (each upstream event a provider-counted Text): filtered, and
+        # the usage still the upstream's
+        chunks = list(client.chat.completions.create(
+            model="up-n", messages=ASK, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            "TOK0 TOK1 TOK2 TOK3 TOK4 "
+        assert chunks[-1].usage.completion_tokens == 5
     finally:
         s.stop()

@@ -21,7 +21,8 @@ KINDS_PLUGIN = r'''
 import asyncio
 import json
 
-from neurohttp.ai.providers import Chunk, Delta, Finish, ProviderError, ToolCallDelta, Usage
+from neurohttp.ai.providers import (Chunk, Delta, Finish, ProviderError, Text, ToolCallDelta,
+                                    Usage)
 
 
 class Shout(str):
@@ -84,6 +85,10 @@ def kinds(prompt, params):
         return ["Hello", " world", Usage(prompt_tokens=50, completion_tokens=30)]
     if prompt == "subclass":
         return [Shout("Loud"), Shout(" noise")]
+    if prompt == "counted":  # text the provider counted: 3 + 4 tokens (cl100k says 5)
+        return [Text("Counted", 3), Text(" by the provider", 4)]
+    if prompt == "badtext":
+        return [Text(b"not str")]
     if prompt == "bytes":
         return ["ok", b"raw bytes"]
     if prompt == "none":
@@ -302,6 +307,26 @@ def test_str_subclasses_and_async_iterators_are_text(srv, client):
     assert [x.get("token") for x in lines[:-1]] == ["one", " two"]
     assert lines[-1]["finish_reason"] == "stop"
     assert [m.get("token") for m in ws_answer(srv, "subclass")[:-1]] == ["Loud", " noise"]
+
+
+def test_text_a_provider_counted_is_sent_and_charged_as_counted(srv, client):
+    """Text(text, tokens): the text, whole, streamed and on the WebSocket chat,
+    with the provider's counts as the completion tokens (7: cl100k would say
+    5); a Text that is not text stops the request
+    naming the provider."""
+    r = client.chat.completions.create(model="k", messages=ask("counted"))
+    assert r.choices[0].message.content == "Counted by the provider"
+    assert r.usage.completion_tokens == 3 + 4
+    chunks = list(client.chat.completions.create(
+        model="k", messages=ask("counted"), stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        "Counted by the provider"
+    assert chunks[-1].usage.completion_tokens == 7
+    assert [m.get("token") for m in ws_answer(srv, "counted")[:-1]] == \
+        ["Counted", " by the provider"]
+    r = seed(srv, "badtext")
+    assert r.status_code == 500 and "provider 'kinds'" in r.json()["error"]["message"]
+    assert "Text" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("prompt,what", [("bytes", "bytes"), ("none", "NoneType"),

@@ -58,6 +58,7 @@ from . import tokenizer
 from .cache import HIT, MISS, Answer, ResponseCache, Ticket, deterministic, figures, request_key
 from .models import UnknownModel
 from .providers import (
+    CHUNK_OWN,
     STATUS,
     Batch,
     Chunk,
@@ -65,6 +66,7 @@ from .providers import (
     Delta,
     Finish,
     ProviderError,
+    Text,
     ToolCallDelta,
     Usage,
 )
@@ -96,7 +98,7 @@ _KEPT = frozenset({"stop", "length", "tool_calls"})
 # An upstream chunk with only these top-level fields and a choice-0 delta of
 # only these is plain text (Generation._chunk's fast path): the server's own
 # id, object, created and model replace the upstream's.
-_PLAIN_TOP = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_PLAIN_TOP = CHUNK_OWN
 _PLAIN_DELTA = frozenset({"role", "content"})
 
 
@@ -606,12 +608,12 @@ class Generation:
         charged once for the batch, not per item."""
         out: list[str | Delta] = []
         feed = self._feed
-        chunk = self._chunk
+        text = self._text
         charged = self.charged
         self.batching = True
         try:
             for item in batch:
-                piece = (chunk(item.data, item.tokens) if item.__class__ is Chunk
+                piece = (text(item.text, item.tokens) if item.__class__ is Text
                          else feed(item))
                 if piece is not None:
                     out.append(piece)
@@ -644,7 +646,9 @@ class Generation:
 
     def _item(self, item: Any) -> str | Delta | None:
         """Everything but a plain str (the slow path)."""
-        if item.__class__ is Chunk:  # (an upstream's stream: first, one test per event)
+        if item.__class__ is Text:  # (an upstream's stream: first, one test per event)
+            return self._text(item.text, item.tokens)
+        if item.__class__ is Chunk:
             return self._chunk(item.data, item.tokens)
         if isinstance(item, Delta):
             return self._delta(item)
@@ -779,6 +783,24 @@ class Generation:
             if self.choices is None:
                 self.choices = []
             self.choices.extend(choices)
+
+    def _text(self, text: Any, tokens: Any) -> str | Delta | None:
+        """Text a provider counted: as _chunk's plain path does with a
+        content-only chunk, or through the rules as that chunk's Delta."""
+        if text.__class__ is not str or tokens.__class__ is not int or tokens < 0:
+            raise BadOutput(f"{self._who()} yielded a Text whose text is not str "
+                            "or whose tokens are not a count")
+        if self.rules is not None:
+            return self._delta(Delta(text, tokens=tokens))
+        if not text:
+            return None
+        if self.parts:
+            self._settle(everything=True)
+        if not self.streaming:
+            self.kept.append(text)
+        self.other_tokens += tokens
+        self._charge(tokens)
+        return text
 
     def _chunk(self, data: Any, tokens: int | None = None) -> str | Delta | None:
         """A whole OpenAI chunk: choice 0's delta (every field kept), its finish

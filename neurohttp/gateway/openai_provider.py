@@ -39,7 +39,17 @@ from typing import Any
 import orjson
 
 from ..ai import tokenizer
-from ..ai.providers import Batch, Chunk, Completion, Delta, Finish, ToolCallDelta, Usage
+from ..ai.providers import (
+    CHUNK_OWN,
+    Batch,
+    Chunk,
+    Completion,
+    Delta,
+    Finish,
+    Text,
+    ToolCallDelta,
+    Usage,
+)
 from ..shared.deployments import config_fingerprints
 from ..upstream import UpstreamClient, UpstreamError
 from .deployment import Deployment
@@ -167,6 +177,17 @@ class OpenAIProvider:
                                     text = d.get("content")
                                     if text and text.__class__ is str:
                                         texts.append(text)
+                                        # most events: one choice's text and nothing
+                                        # else to forward (its role at most), not the
+                                        # last: the text alone (Text), no chunk to check
+                                        if (not u and len(choices) == 1
+                                                and (len(d) == 1 or (len(d) == 2 and "role" in d))
+                                                and c0.get("finish_reason") is None
+                                                and not c0.get("logprobs")
+                                                and c0.get("index", 0) == 0
+                                                and data.keys() <= CHUNK_OWN):
+                                            out.append(Text(text))
+                                            continue
                         out.append(Chunk(data, 1))
                     if out:
                         sent = True

@@ -19,6 +19,8 @@ iterator (an `async def` generator, or any object with `__anext__`) of:
   reported; they become the generation's figures (see the pipeline);
 - `ProviderError(kind, ...)`, yielded or raised: the request fails with the
   status its kind maps to (STATUS below);
+- `Text(text, tokens)`: text the provider counted itself (an upstream's
+  content-only chunk): the cheapest way to send it;
 - `Batch([...])`: several of the above that arrived together (the events of
   one upstream read), forwarded to the client in one write.
 
@@ -189,6 +191,30 @@ class Chunk:
 
     def __repr__(self) -> str:
         return f"Chunk({self.data!r:.200})"
+
+
+# A chunk's fields the server writes itself (its id, the public model name,
+# the choices it frames, the usage it settles): a chunk with no others has
+# nothing to forward beside its delta.
+CHUNK_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+
+
+class Text:
+    """A piece of text the provider has counted (`tokens` completion tokens):
+    an upstream's content-only chunk, sent as text by the pipeline's cheapest
+    path, charged as it streams, never tokenized again; the provider's final
+    usage settles the count. The same answer as Chunk(data, tokens) of that
+    chunk, without the chunk: what the `openai` provider yields for most of
+    a stream's events."""
+
+    __slots__ = ("text", "tokens")
+
+    def __init__(self, text: str, tokens: int = 1) -> None:
+        self.text = text
+        self.tokens = tokens
+
+    def __repr__(self) -> str:
+        return f"Text({self.text!r:.60}, {self.tokens})"
 
 
 class Batch(list[Any]):
