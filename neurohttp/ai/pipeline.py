@@ -792,8 +792,11 @@ class Generation:
                             "or whose tokens are not a count")
         if self.rules is not None:
             return self._delta(Delta(text, tokens=tokens))
-        if not text:
-            return None
+        return self._counted(text, tokens) if text else None
+
+    def _counted(self, text: str, tokens: int) -> str:
+        """Text the provider counted, with no rules to apply: charged and sent
+        as is (the text before it settled first, so counts add up)."""
         if self.parts:
             self._settle(everything=True)
         if not self.streaming:
@@ -835,13 +838,7 @@ class Generation:
                         return None
                     if tokens is None:
                         return self._feed(content)
-                    if self.parts:
-                        self._settle(everything=True)
-                    if not self.streaming:
-                        self.kept.append(content)
-                    self.other_tokens += tokens
-                    self._charge(tokens)
-                    return content
+                    return self._counted(content, tokens)
         u = data.get("usage")
         if type(u) is dict:
             self._usage(u.get("prompt_tokens"), u.get("completion_tokens"))
