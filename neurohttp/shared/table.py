@@ -295,8 +295,9 @@ class KeyTable:
                 w[e + E_EXP] = NEVER  # kept while not 0 (set before the value)
                 w[e + E_V0] = value
             else:
-                w[e + E_V0] = 0
-                w[e + E_EXP] = 0  # 0 is what an absent counter reads: droppable
+                # 0 is what an absent counter reads: dropped now, not left for a
+                # sweep (a table of live counters under its limit never refuses a key)
+                self._delete((e - TABLE_HEAD) // ENTRY_WORDS)
         finally:
             unlock(a)
         return value
@@ -317,8 +318,7 @@ class KeyTable:
                 w[e + E_EXP] = NEVER
                 w[e + E_V0] = value
             else:
-                w[e + E_V0] = 0
-                w[e + E_EXP] = 0
+                self._delete((e - TABLE_HEAD) // ENTRY_WORDS)  # (as add's)
         finally:
             unlock(self.addr)
         return old
