@@ -858,7 +858,7 @@ class Generation:
         if choice is None and others is None:
             return None
         top = {k: v for k, v in data.items()
-               if k not in ("id", "object", "created", "model", "choices", "usage")} or None
+               if k not in CHUNK_OWN} or None
         if choice is None:
             if tokens and not any(_says(c) for c in others):  # type: ignore[union-attr]
                 tokens = 0  # a role or finish chunk is no token (as choice 0's are not)

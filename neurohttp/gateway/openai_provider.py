@@ -326,7 +326,7 @@ def _whole_events(dep: Deployment, doc: Any) -> list[Any]:
 # id, object, created, public model name, choices and usage), and a message's
 # role, text and refusal (with its tool calls when they are read: the pipeline
 # puts them together). Every other field is kept as the upstream sent it.
-_TOP_OWN = frozenset({"id", "object", "created", "model", "choices", "usage"})
+_TOP_OWN = CHUNK_OWN
 _MESSAGE_OWN = frozenset({"role", "content", "refusal"})
 _MESSAGE_OWN_CALLS = _MESSAGE_OWN | {"tool_calls"}
 
