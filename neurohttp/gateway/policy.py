@@ -77,30 +77,17 @@ class Weighted:
         return best
 
 
-class LeastOutstanding:
+class _Lowest:
+    """The candidate with the lowest score, scanned from a rotating start so
+    that ties are shared out; a score of None picks that candidate at once."""
+
     __slots__ = ("rr",)
 
     def __init__(self) -> None:
         self.rr = RoundRobin()
 
-    def pick(self, deps: Sequence[DeploymentState], candidates: Sequence[int], now: int) -> int:
-        n = len(candidates)
-        start = self.rr.start(n)
-        best = candidates[start]
-        low = deps[best].outstanding()
-        for k in range(1, n):
-            c = candidates[(start + k) % n]
-            o = deps[c].outstanding()
-            if o < low:
-                best, low = c, o
-        return best
-
-
-class LowestLatency:
-    __slots__ = ("rr",)
-
-    def __init__(self) -> None:
-        self.rr = RoundRobin()
+    def score(self, d: DeploymentState, now: int) -> int | None:
+        raise NotImplementedError
 
     def pick(self, deps: Sequence[DeploymentState], candidates: Sequence[int], now: int) -> int:
         n = len(candidates)
@@ -109,13 +96,31 @@ class LowestLatency:
         low = 0
         for k in range(n):
             c = candidates[(start + k) % n]
-            d = deps[c]
-            t = d.ttfb_us()
-            if t == 0 or now - d.ttfb_at() > STALE_US:
-                return c  # unmeasured or stale: measure it
+            t = self.score(deps[c], now)
+            if t is None:
+                return c
             if best < 0 or t < low:
                 best, low = c, t
         return best
+
+
+class LeastOutstanding(_Lowest):
+    """Fewest requests in flight, summed across every worker (shared memory)."""
+
+    __slots__ = ()
+
+    def score(self, d: DeploymentState, now: int) -> int | None:
+        return d.outstanding()
+
+
+class LowestLatency(_Lowest):
+    """Lowest recent time to first byte; an unmeasured or stale one first (to measure it)."""
+
+    __slots__ = ()
+
+    def score(self, d: DeploymentState, now: int) -> int | None:
+        t = d.ttfb_us()
+        return None if t == 0 or now - d.ttfb_at() > STALE_US else t
 
 
 def make_strategy(name: str, weights: Sequence[int]) -> Strategy:
